@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make run`  and  `make test`.
+# TORCH_SPEC picks the torch build; the default is the CPU wheel available on this machine.
+# Users with a GPU: `make run TORCH_SPEC="torch>=2.2"` (or install torch first, then `make run`).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moelab-installed
+
+.PHONY: run test install lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/moelab run digits-jacobs
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+bench: $(STAMP)
+	$(BIN)/moelab bench layer
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+A :class:`MoelabError` is a mistake in the user's input (a file, a key, a value):
+the CLI prints its message as one paragraph and exits with status 2, no traceback.
+Anything else is a bug and keeps its traceback.
+"""
+
+
+class MoelabError(Exception):
+    """An error in user input: the message names the file/key/value, what was expected and what was found."""
+
+
+class DataError(MoelabError):
+    """A data set is missing, corrupted, or in an unexpected format."""
+
+
+class ConfigError(MoelabError):
+    """An experiment config has an unknown key or a wrongly typed value."""
