@@ -1,0 +1,114 @@
+"""Experiments: one module per family, built-in TOML configs in ``configs/``.
+
+A family module registers itself with :func:`family`, giving its default config
+(the schema of every key it reads) and a ``run(cfg, run)`` function that trains,
+evaluates and returns the summary dict (``test_accuracy`` and, when it trains
+several models, ``models: {name: {"test_accuracy": ...}}``).
+
+Family modules are imported lazily, so ``moelab list`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moelab.config import apply_overrides, merge, read_toml
+from moelab.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# family name -> module that defines it
+FAMILY_MODULES: dict[str, str] = {
+    "jacobs": "moelab.experiments.jacobs",
+    "cifar_experts": "moelab.experiments.cifar_experts",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    defaults: dict
+    run: Callable[[dict, Any], dict]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def family(name: str, defaults: dict) -> Callable:
+    """Decorator registering ``run(cfg, run_ctx) -> summary`` as experiment family ``name``."""
+
+    def deco(fn: Callable) -> Callable:
+        _FAMILIES[name] = Family(name, defaults, fn)
+        return fn
+
+    return deco
+
+
+def get_family(name: str) -> Family:
+    if name not in _FAMILIES:
+        if name not in FAMILY_MODULES:
+            raise ConfigError(f"unknown experiment family '{name}'. Known families: {', '.join(sorted(FAMILY_MODULES))}.")
+        importlib.import_module(FAMILY_MODULES[name])
+    return _FAMILIES[name]
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Built-in experiment name -> its TOML file."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.toml"))}
+
+
+def describe_builtins() -> list[tuple[str, str]]:
+    """(name, one-line description) of each built-in experiment."""
+    return [(name, str(read_toml(path).get("description", "")).strip()) for name, path in builtin_configs().items()]
+
+
+def _resolve_file(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
+    """Resolve a config file's ``base``/``family`` chain into a full, checked config."""
+    body = {k: v for k, v in raw.items() if k not in ("family", "base", "description")}
+    if "base" in raw:
+        base = raw["base"]
+        builtins = builtin_configs()
+        if not isinstance(base, str) or base not in builtins:
+            raise ConfigError(
+                f"{where}: 'base' must name a built-in experiment ({', '.join(builtins)}), got {base!r}."
+            )
+        if base in seen:
+            raise ConfigError(f"{where}: 'base' chain loops through '{base}'.")
+        parent = _resolve_file(read_toml(builtins[base]), str(builtins[base]), seen + (base,))
+        fam = parent["family"]
+        if "family" in raw and raw["family"] != fam:
+            raise ConfigError(f"{where}: family {raw['family']!r} contradicts base '{base}' (family {fam!r}).")
+        defaults = {k: v for k, v in parent.items() if k not in ("family", "description")}
+    elif "family" in raw:
+        fam = raw["family"]
+        if not isinstance(fam, str):
+            raise ConfigError(f"{where}: 'family' must be a string, got {fam!r}.")
+        defaults = get_family(fam).defaults
+    else:
+        raise ConfigError(
+            f"{where}: a config must name its experiment family (family = \"...\", one of "
+            f"{', '.join(sorted(FAMILY_MODULES))}) or a built-in it extends (base = \"...\")."
+        )
+    cfg = merge(defaults, body, where)
+    return {"family": fam, "description": str(raw.get("description", "")), **cfg}
+
+
+def resolve_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[str, dict]:
+    """Experiment name (built-in) or path to a TOML file -> (run name, resolved config)."""
+    builtins = builtin_configs()
+    if name_or_path in builtins:
+        name, path = name_or_path, builtins[name_or_path]
+    elif name_or_path.endswith(".toml") or Path(name_or_path).is_file():
+        path = Path(name_or_path)
+        name = path.stem
+    else:
+        raise ConfigError(
+            f"unknown experiment '{name_or_path}'. Built-in experiments: {', '.join(builtins)}; "
+            f"or give the path to a .toml config file."
+        )
+    cfg = _resolve_file(read_toml(path), str(path))
+    return name, apply_overrides(cfg, overrides or [])

@@ -1,0 +1,148 @@
+"""The training loop: plain epochs, a checkpoint after each, resumable.
+
+One *phase* is one model trained for some epochs (an experiment may have several:
+the mixture, then the single-network baseline). ``train_phase`` checkpoints the
+model, optimizer, scheduler, RNG state and epoch atomically at the end of each
+epoch; started again on the same run directory it continues after the last
+finished epoch, and skips a phase that had finished. Batch order must come from
+``run.generator(phase, epoch)`` so a resumed epoch sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from moelab.errors import MoelabError
+from moelab.train.checkpoint import (
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+from moelab.train.run import Run
+
+
+class NonFiniteLoss(MoelabError):
+    """Training produced a NaN/inf loss."""
+
+
+def check_finite(loss: torch.Tensor, phase: str, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(
+            f"phase '{phase}': the loss became {loss.item()} at epoch {epoch + 1}, step {step}; training stopped. "
+            f"The last good checkpoint (end of the previous epoch) is kept. Lower the learning rate or check the data."
+        )
+
+
+def _sched_state(sched) -> dict:
+    if sched is None:
+        return {}
+    return {k: v for k, v in sched.state_dict().items() if _is_json(v)}
+
+
+def _is_json(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def save_phase(run: Run, phase: str, model: nn.Module, opt, sched, epoch: int, done: bool, extra: dict | None = None):
+    if not run.is_main:
+        return
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    otensors, ometa = optimizer_to_tensors(opt) if opt is not None else ({}, {})
+    tensors.update(otensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "phase": phase,
+        "epoch": epoch,
+        "done": done,
+        "optim": ometa,
+        "sched": _sched_state(sched),
+        "metrics_lines": run.metrics_lines,
+        "extra": extra or {},
+    }
+    save_checkpoint(run.checkpoint_path(phase), tensors, meta)
+
+
+def load_phase(run: Run, phase: str, model: nn.Module, opt, sched) -> dict | None:
+    """Restore a phase's checkpoint into model/opt/sched; returns its meta, or None if there is none."""
+    path = run.checkpoint_path(phase)
+    if not path.is_file():
+        return None
+    tensors, meta = load_checkpoint(path)
+    msd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(msd)
+    except RuntimeError as e:
+        raise MoelabError(f"checkpoint '{path}' does not fit this model (another config?): {e}") from None
+    if opt is not None and meta.get("optim"):
+        optimizer_from_tensors(opt, tensors, meta["optim"])
+    if sched is not None and meta.get("sched"):
+        sched.load_state_dict({**sched.state_dict(), **meta["sched"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta
+
+
+def train_phase(
+    run: Run,
+    phase: str,
+    model: nn.Module,
+    opt: torch.optim.Optimizer | None,
+    epochs: int,
+    train_epoch: Callable[[int], dict],
+    evaluate: Callable[[int], dict] | None = None,
+    sched=None,
+    log_every: int = 1,
+    checkpoint_every: int = 1,
+) -> dict:
+    """Run ``train_epoch(epoch) -> metrics`` for ``epochs`` epochs with per-epoch checkpoints.
+
+    ``evaluate(epoch) -> metrics`` (validation) runs after each epoch whose number is a multiple of
+    ``log_every`` and after the last one; a checkpoint is written every ``checkpoint_every`` epochs and
+    after the last (full-batch training, where an epoch is one step, sets it higher). Returns the last row.
+    """
+    meta = load_phase(run, phase, model, opt, sched) if run.resumed else None
+    start = 0
+    last: dict = {}
+    if meta is not None:
+        start = meta["epoch"] + 1
+        last = meta.get("extra", {}).get("last", {})
+        if meta.get("done"):
+            run.log(f"[{phase}] already finished (epoch {meta['epoch'] + 1}); restored from checkpoint.")
+            return last
+        run.log(f"[{phase}] resuming after epoch {start}.")
+    for epoch in range(start, epochs):
+        row = {"phase": phase, "epoch": epoch + 1}
+        row.update(train_epoch(epoch))
+        for k, v in row.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise NonFiniteLoss(
+                    f"phase '{phase}': metric '{k}' became {v} at epoch {epoch + 1}; training stopped. "
+                    f"The last good checkpoint (end of the previous epoch) is kept."
+                )
+        if evaluate is not None and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
+            model.eval()
+            with torch.no_grad():
+                row.update(evaluate(epoch))
+        if (epoch + 1) % log_every == 0 or epoch + 1 == epochs:
+            run.metric(**row)
+            run.log("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+        last = row
+        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
+            save_phase(run, phase, model, opt, sched, epoch, done=epoch + 1 == epochs, extra={"last": row})
+    if start >= epochs:  # zero epochs asked for: still mark the phase done
+        save_phase(run, phase, model, opt, sched, epochs - 1, done=True, extra={"last": last})
+    return last
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
