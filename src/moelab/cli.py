@@ -50,7 +50,9 @@ def _cmd_data_check(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
-    if a.what == "layer":
+    if a.what == "layer" and any(r == "--ep" or r.startswith("--ep=") for r in rest):
+        from moelab.bench.ep import main
+    elif a.what == "layer":
         from moelab.bench.layer import main
     else:
         from moelab.bench.conv import main
