@@ -10,8 +10,10 @@ finished epoch, and skips a phase that had finished. Batch order must come from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,9 @@ from torch import nn
 
 from moelab.errors import MoelabError
 from moelab.train.checkpoint import (
+    KILL_ENV,
     load_checkpoint,
+    maybe_test_kill,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_checkpoint,
@@ -122,7 +126,8 @@ def train_phase(
         run.log(f"[{phase}] resuming after epoch {start}.")
     for epoch in range(start, epochs):
         row = {"phase": phase, "epoch": epoch + 1}
-        row.update(train_epoch(epoch))
+        with _kill_on_forward(model, phase, epoch + 1, "mid_epoch", nth=2):
+            row.update(train_epoch(epoch))
         for k, v in row.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise NonFiniteLoss(
@@ -131,7 +136,7 @@ def train_phase(
                 )
         if evaluate is not None and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), _kill_on_forward(model, phase, epoch + 1, "evaluate", nth=1):
                 row.update(evaluate(epoch))
         if (epoch + 1) % log_every == 0 or epoch + 1 == epochs:
             run.metric(**row)
@@ -142,6 +147,28 @@ def train_phase(
     if start >= epochs:  # zero epochs asked for: still mark the phase done
         save_phase(run, phase, model, opt, sched, epochs - 1, done=True, extra={"last": last})
     return last
+
+
+@contextlib.contextmanager
+def _kill_on_forward(model: nn.Module, phase: str, epoch: int, point: str, nth: int):
+    """Test hook (``$MOELAB_TEST_KILL_AT``, see ``checkpoint.maybe_test_kill``): die at the model's
+    ``nth`` forward call inside the block, or at its end if there were fewer."""
+    if os.environ.get(KILL_ENV) != f"{phase}:{epoch}:{point}":
+        yield
+        return
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+        if calls[0] >= nth:
+            maybe_test_kill(phase, epoch, point)
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    maybe_test_kill(phase, epoch, point)
 
 
 def _fmt(v: Any) -> str:

@@ -98,6 +98,8 @@ class Run:
         if not cfg_path.is_file():
             raise MoelabError(f"cannot resume: '{self.dir}' is not a moelab run directory (no config.toml).")
         self._lock()
+        for tmp in self.dir.rglob(".*.tmp"):  # temp files of writes a killed process never finished
+            tmp.unlink(missing_ok=True)
         saved = read_toml(cfg_path)
         want = self.full_config()
         diff = sorted(

@@ -1,0 +1,78 @@
+"""Routers: one per module, all on :class:`~moelab.moe.routers.base.Router`.
+
+``make_router(name, dim, num_experts, **options)`` builds one by name; ``ROUTERS`` maps names to
+classes. Names are case-insensitive and ``-`` equals ``_`` (``"two-gates-max"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from moelab.errors import MoelabError
+from moelab.moe.routers.base import Router, Routing
+from moelab.moe.routers.dense import DenseRouter
+from moelab.moe.routers.expert_choice import ExpertChoiceRouter
+from moelab.moe.routers.hash import HashRouter
+from moelab.moe.routers.multi_gate import MultiGateRouter
+from moelab.moe.routers.noisy_topk import NoisyTopKRouter, noisy_topk_load
+from moelab.moe.routers.soft import SoftMoERouter
+from moelab.moe.routers.switch import SwitchRouter
+from moelab.moe.routers.topk import TopKRouter
+from moelab.moe.routers.uniform import UniformRouter
+
+__all__ = [
+    "ROUTERS", "ALIASES", "make_router", "Router", "Routing", "DenseRouter", "TopKRouter", "NoisyTopKRouter",
+    "SwitchRouter", "ExpertChoiceRouter", "SoftMoERouter", "MultiGateRouter", "UniformRouter", "HashRouter",
+    "noisy_topk_load",
+]
+
+ROUTERS: dict[str, type[Router]] = {
+    cls.name: cls
+    for cls in (DenseRouter, TopKRouter, NoisyTopKRouter, SwitchRouter, ExpertChoiceRouter, SoftMoERouter,
+                MultiGateRouter, UniformRouter, HashRouter)
+}
+
+#: extra names -> (router name, preset options)
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "softmax": ("dense", {}),
+    "sparse": ("topk", {}),
+    "random": ("hash", {"mode": "random"}),
+    "two_gates": ("multi_gate", {"num_gates": 2, "mode": "sum"}),
+    "two_gates_max": ("multi_gate", {"num_gates": 2, "mode": "max"}),
+}
+
+
+def router_names() -> list[str]:
+    return sorted([*ROUTERS, *ALIASES])
+
+
+def resolve(name: str) -> tuple[type[Router], dict[str, Any]]:
+    """Router name or alias -> (class, preset options); MoelabError listing valid names otherwise."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key in ROUTERS:
+        return ROUTERS[key], {}
+    if key in ALIASES:
+        base, preset = ALIASES[key]
+        return ROUTERS[base], dict(preset)
+    raise MoelabError(f"unknown router {name!r}; valid routers: {', '.join(router_names())}")
+
+
+def router_options(cls: type[Router]) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "dim", "num_experts")]
+
+
+def make_router(name: str | Router, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
+                **options: Any) -> Router:
+    """Build a router by name. ``options`` the router does not take raise a MoelabError naming them."""
+    if isinstance(name, Router):
+        return name
+    cls, preset = resolve(name)
+    allowed = router_options(cls)
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise MoelabError(f"router {cls.name!r} does not take option(s) {bad}; it takes {allowed}")
+    return cls(dim, num_experts, gate=gate, **{**preset, **options})

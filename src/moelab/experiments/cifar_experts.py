@@ -1,0 +1,675 @@
+"""Seed experiment 1: ten CNN experts pretrained on pairs of similar CIFAR-10 classes, frozen, and a
+CNN gate trained on top (four gating variants of the seed + ``expert-aware``), with baselines.
+
+Pipeline (one ``moelab run cifar10-experts``):
+
+1. Data: CIFAR-10, ``data.val_size`` validation images carved from train (stratified).
+2. Experts (phase ``expert<i>``): each a :class:`Seed1CNN` trained on its pair's images only (10-way
+   softmax head, as in the seed), random shift + horizontal flip, Adam, learning rate halved on a
+   validation plateau, early stopping, best checkpoint by validation accuracy. The ten trained experts
+   are stacked into one :class:`ConvExperts` and cached by content (expert config + data checksum +
+   seed) as ``<cache>/experts/<key>.safetensors``; a later run with the same key reuses them.
+3. Expert outputs (softmax probabilities + pooled trunk features) for the plain and the flipped
+   training images, the validation and the test images are computed once (bf16, channels_last) and
+   cached too (``<cache>/expert-outputs/<key>.safetensors``): the gate phase never runs an expert.
+4. Gate (phase ``gate``): the experts are frozen, so a gate step is one gate forward/backward. The
+   gate sees a randomly flipped (and, with ``gate.shift``, shifted) image; the experts' outputs are
+   the cached ones of the same image flipped the same way but not shifted (a shift moves an object
+   by at most 3 pixels; it regularises the gate without running the experts).
+5. Optional joint fine-tuning of experts + gate (``gate.finetune_epochs``).
+6. Baselines (``baselines = true``): the uniform average of the experts (always reported: it is
+   free), the gate trunk alone as a 10-way classifier (gate recipe), one CNN of the expert
+   architecture trained on all ten classes (``baseline.*``).
+
+``summary.json`` ``models``: every trained model's test accuracy, each expert's accuracy on its own
+pair's test images, and the oracle-pair upper bound (each image routed to the experts of its class).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.data.transforms import random_translate, train_val_split
+from moelab.errors import ConfigError
+from moelab.experiments import family
+from moelab.models.cifar_cnn import Seed1CNN, conv_l2_penalty
+from moelab.models.gating import (
+    SEED_LR,
+    GateNet,
+    check_kind,
+    combine,
+    effective_weights,
+    num_heads,
+    oracle_routing_loss,
+)
+from moelab.moe.conv_experts import ConvExperts
+from moelab.train.checkpoint import load_checkpoint, save_checkpoint
+from moelab.train.evaluation import routing_stats, save_eval
+from moelab.train.loop import train_phase
+from moelab.train.run import Run
+
+CACHE_VERSION = 1
+# The seed's pairs: experts 0-4 as coded, experts 5-9 as intended (the seed's code gave them all class
+# 5 as second class and never loaded them).
+SEED_PAIRS = [[0, 8], [1, 9], [2, 6], [3, 5], [4, 7], [0, 9], [1, 8], [2, 7], [3, 6], [4, 5]]
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+DEFAULTS = {
+    "data": {
+        "name": "cifar10",
+        "val_size": 5000,  # validation images carved (stratified) from the training set
+        "train_per_class": 0,  # >0: keep only this many training images per class (test slices)
+        "test_per_class": 0,  # >0: likewise for the test set
+        "pairs": SEED_PAIRS,  # one expert per pair of class indices
+    },
+    "augment": {"max_shift": 3, "hflip": True},  # random shift up to 3 px (10% of 32) + flip, as the seed
+    "compute": {"bf16": True, "channels_last": True, "threads": 0, "eval_batch": 500, "impl": "auto"},
+    "experts": {
+        "epochs": 12,
+        "batch": 128,
+        "lr": 1e-3,
+        "l2": 1e-4,  # Keras kernel_regularizer on the conv kernels
+        "plateau_patience": 2,
+        "plateau_factor": 0.5,
+        "min_lr": 1e-6,
+        "early_stop_patience": 10,
+        "cache": True,
+        "cache_flipped": True,  # also cache the experts' outputs for the mirrored training images
+    },
+    "gate": {
+        "kind": "standard",  # standard | sparse | two-gates | two-gates-max | expert-aware | none
+        "epochs": 10,
+        "batch": 128,
+        "lr": 0.0,  # 0: the seed's learning rate for this kind (standard 1e-3, sparse 1e-4, two gates 5e-4)
+        "schedule": "onecycle",  # onecycle | plateau (the seed's: halve after 4 epochs without gain)
+        "shift": True,  # gate-side random shift (the experts' cached outputs are of the unshifted image)
+        "l2": 1e-4,
+        "weight_decay": 0.0,
+        "label_smoothing": 0.0,
+        "aux_weight": 0.0,  # weight of the oracle-pair routing loss (softmax of gate values vs. true pair)
+        "top_k": 2,  # sparse gating
+        "trunk": True,  # expert-aware: false = no conv trunk, the gate reads only the experts' outputs
+        "hidden": 256,  # expert-aware: width of the layer reading the experts' outputs/features
+        "extra_dropout": 0.3,
+        "finetune_epochs": 0,  # >0: then fine-tune experts + gate jointly
+        "finetune_lr": 1e-4,
+    },
+    "baselines": False,
+    "baseline": {"epochs": 30, "batch": 128, "lr": 2e-3, "schedule": "onecycle", "trunk_epochs": 0},
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cache_root() -> Path:
+    try:
+        from moelab.data.location import cache_dir
+
+        return Path(cache_dir())
+    except ImportError:  # pragma: no cover - the data package always has it
+        env = os.environ.get("MOELAB_CACHE_DIR")
+        return Path(env) if env else Path.home() / ".cache" / "moelab"
+
+
+class Images:
+    """uint8 NHWC images on the CPU -> normalised float NCHW (channels_last) batches, augmented on the
+    whole batch at once (no per-image Python work)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, channels_last: bool):
+        self.x = torch.from_numpy(np.ascontiguousarray(x))  # (N, 32, 32, 3) uint8
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        self.channels_last = channels_last
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None, shift: int = 0,
+              gen: torch.Generator | None = None) -> torch.Tensor:
+        x = self.x[idx].permute(0, 3, 1, 2).float().div_(255.0)  # NCHW view of NHWC = channels_last
+        x = (x - self.mean) / self.std
+        if flip is not None:
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if shift > 0:
+            x = random_translate(x, shift, gen, fill="edge")
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x
+
+
+def _load() -> float:
+    """The 1-minute load average (the CPU is shared: timings are only comparable at similar load)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        return float("nan")
+
+
+def _autocast(cfg: dict):
+    if cfg["compute"]["bf16"]:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_memory_format(model: nn.Module, cfg: dict) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if cfg["compute"]["channels_last"] else model
+
+
+def _limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
+    keep = []
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        keep.append(idx[:per_class] if per_class > 0 else idx)
+    return np.sort(np.concatenate(keep))
+
+
+def _check_cfg(cfg: dict, num_classes: int) -> None:
+    pairs = cfg["data"]["pairs"]
+    if not pairs or any(len(p) != 2 or not all(0 <= c < num_classes for c in p) or p[0] == p[1] for p in pairs):
+        raise ConfigError(f"data.pairs must be a non-empty list of [a, b] pairs of distinct class indices 0..{num_classes - 1}; got {pairs!r}")
+    kind = cfg["gate"]["kind"]
+    if kind != "none":
+        check_kind(kind)
+    for key, allowed in (("gate.schedule", ("onecycle", "plateau")), ("baseline.schedule", ("onecycle", "plateau"))):
+        sec, name = key.split(".")
+        if cfg[sec][name] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {cfg[sec][name]!r}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Data:
+    def __init__(self, cfg: dict, run: Run):
+        from moelab.data import load_dataset
+
+        ds = load_dataset(cfg["data"]["name"], data_dir=run.data_dir)
+        self.classes = list(ds.classes)
+        self.checksum = ds.checksum
+        _check_cfg(cfg, len(self.classes))
+        self.pairs = [list(p) for p in cfg["data"]["pairs"]]
+        used = sorted({c for p in self.pairs for c in p})
+        self.used_classes = used
+        tr_keep = _limit_per_class(ds.train_y, used, cfg["data"]["train_per_class"])
+        te_keep = _limit_per_class(ds.test_y, used, cfg["data"]["test_per_class"])
+        train_x, train_y = ds.train_x[tr_keep], ds.train_y[tr_keep]
+        tr, va = train_val_split(train_y, cfg["data"]["val_size"], seed=run.seed, stratified=True)
+        cl = cfg["compute"]["channels_last"]
+        self.train = Images(train_x[tr], train_y[tr], cl)
+        self.val = Images(train_x[va], train_y[va], cl)
+        self.test = Images(ds.test_x[te_keep], ds.test_y[te_keep], cl)
+        k, e = len(self.classes), len(self.pairs)
+        self.cover = torch.zeros(k, e)  # class k is in expert e's pair
+        for i, (a, b) in enumerate(self.pairs):
+            self.cover[a, i] = self.cover[b, i] = 1.0
+        self.key = {"checksum": self.checksum, "data": cfg["data"], "train": len(self.train), "val": len(self.val)}
+
+
+# ----------------------------------------------------------------------------- generic training
+
+
+def _epoch_batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i : i + batch] for i in range(0, n, batch)]
+
+
+@torch.no_grad()
+def _predict(model_fn, images: Images, cfg: dict, flip: bool = False) -> list[torch.Tensor]:
+    """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches; concatenated float outputs."""
+    bs = cfg["compute"]["eval_batch"]
+    outs: list[list[torch.Tensor]] = []
+    for i in range(0, len(images), bs):
+        idx = torch.arange(i, min(i + bs, len(images)))
+        x = images.batch(idx, flip=torch.ones(len(idx), dtype=torch.bool) if flip else None)
+        with _autocast(cfg):
+            o = model_fn(x)
+        o = o if isinstance(o, tuple) else (o,)
+        outs.append([t.float() for t in o])
+    return [torch.cat(parts, dim=-2 if parts[0].dim() == 3 else 0) for parts in zip(*outs)]
+
+
+def _make_sched(kind: str, opt, lr: float, epochs: int, steps: int, patience: int = 4, factor: float = 0.5,
+                min_lr: float = 1e-6):
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps),
+                                                   pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=factor, patience=patience,
+                                                      min_lr=min_lr)
+
+
+def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: dict, *,
+                     epochs: int, batch: int, lr: float, schedule: str, l2: float, shift: int,
+                     plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
+                     early_stop: int = 0, keep_best: bool = False) -> dict:
+    """A 10-way CNN classifier (an expert on its pair, or a baseline): cross-entropy + conv L2, random
+    shift + flip, Adam; one-cycle or plateau schedule; optional early stopping and best checkpoint
+    by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``). Returns speed + best stats."""
+    model = _to_memory_format(model, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = math.ceil(len(images) / batch)
+    sched = _make_sched(schedule, opt, lr, epochs, steps, plateau_patience, plateau_factor, min_lr)
+    best_path = run.dir / "ckpt" / f"{phase}-best.safetensors"
+    state = {"best": -1.0, "best_epoch": -1, "images": 0, "seconds": 0.0}
+    if run.resumed and best_path.is_file():
+        _, meta = load_checkpoint(best_path)
+        state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
+
+    def train_epoch(epoch: int) -> dict:
+        if early_stop and state["best_epoch"] >= 0 and epoch - state["best_epoch"] > early_stop:
+            return {"stopped": 1}
+        model.train()
+        gen = run.generator(phase, epoch)
+        t0, tot, n = time.perf_counter(), 0.0, 0
+        for idx in _epoch_batches(len(images), batch, gen):
+            flip = torch.rand(len(idx), generator=gen) < 0.5 if cfg["augment"]["hflip"] else None
+            x, y = images.batch(idx, flip, shift, gen), images.y[idx]
+            with _autocast(cfg):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if schedule == "onecycle":
+                sched.step()
+            tot += loss.item() * len(idx)
+            n += len(idx)
+        dt = time.perf_counter() - t0
+        state["images"] += n
+        state["seconds"] += dt
+        return {"loss": tot / max(n, 1), "lr": opt.param_groups[0]["lr"], "img_per_s": n / dt}
+
+    def evaluate(epoch: int) -> dict:
+        logits = _predict(model, val, cfg)[0]
+        acc = (logits.argmax(1) == val.y).float().mean().item()
+        if schedule == "plateau":
+            sched.step(acc)
+        if keep_best and acc > state["best"]:
+            state["best"], state["best_epoch"] = acc, epoch
+            save_checkpoint(best_path, model.state_dict(), {"best": acc, "best_epoch": epoch})
+        return {"val_acc": acc}
+
+    last = train_phase(run, phase, model, opt, epochs, train_epoch, evaluate, sched=sched)
+    if keep_best and best_path.is_file():
+        tensors, meta = load_checkpoint(best_path)
+        model.load_state_dict(tensors)
+        state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
+    model.eval()
+    speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
+    return {"last": last, "best_val": state["best"], "best_epoch": state["best_epoch"] + 1, "train_img_per_s": speed,
+            "train_s": state["seconds"]}
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def expert_key(cfg: dict, data: Data, seed: int) -> str:
+    return _hash({"v": CACHE_VERSION, "experts": {k: v for k, v in cfg["experts"].items() if k not in ("cache", "cache_flipped")},
+                  "augment": cfg["augment"], "bf16": cfg["compute"]["bf16"], "data": data.key, "seed": seed})
+
+
+def pretrain_experts(cfg: dict, run: Run, data: Data) -> tuple[ConvExperts, dict]:
+    """Train (or load from the cache) one expert per class pair -> (stacked ConvExperts, info)."""
+    key = expert_key(cfg, data, run.seed)
+    path = _cache_root() / "experts" / f"{key}.safetensors"
+    E = len(data.pairs)
+    experts = ConvExperts(E, len(data.classes), impl=cfg["compute"]["impl"])
+    if cfg["experts"]["cache"] and path.is_file():
+        tensors, meta = load_checkpoint(path)
+        experts.load_state_dict(tensors)
+        run.log(f"[experts] loaded from cache {path} (trained in {meta.get('train_s', 0):.0f} s)")
+        return experts.eval(), {"cached": True, "key": key, "path": str(path), **meta}
+    ec = cfg["experts"]
+    infos, t0 = [], time.perf_counter()
+    for i, (a, b) in enumerate(data.pairs):
+        tr = _subset(data.train, [a, b])
+        va = _subset(data.val, [a, b])
+        torch.manual_seed(run.generator("init", f"expert{i}").initial_seed())
+        m = Seed1CNN(len(data.classes))
+        run.log(f"[expert{i}] pair ({data.classes[a]}, {data.classes[b]}): {len(tr)} train, {len(va)} val images")
+        info = train_classifier(run, f"expert{i}", m, tr, va, cfg, epochs=ec["epochs"], batch=ec["batch"],
+                                lr=ec["lr"], schedule="plateau", l2=ec["l2"], shift=cfg["augment"]["max_shift"],
+                                plateau_patience=ec["plateau_patience"], plateau_factor=ec["plateau_factor"],
+                                min_lr=ec["min_lr"], early_stop=ec["early_stop_patience"], keep_best=True)
+        experts.load_expert_state_dict(i, m.to(memory_format=torch.contiguous_format).state_dict())
+        infos.append(info)
+    train_s = time.perf_counter() - t0
+    imgs = sum(i["train_img_per_s"] * i["train_s"] for i in infos)
+    meta = {"train_s": train_s, "train_img_per_s": imgs / max(sum(i["train_s"] for i in infos), 1e-9),
+            "best_val": [i["best_val"] for i in infos], "best_epoch": [i["best_epoch"] for i in infos]}
+    if ec["cache"]:
+        save_checkpoint(path, experts.state_dict(), meta)
+        run.log(f"[experts] cached as {path}")
+    return experts.eval(), {"cached": False, "key": key, "path": str(path), **meta}
+
+
+def _subset(images: Images, classes: list[int]) -> Images:
+    keep = torch.isin(images.y, torch.tensor(classes))
+    out = Images.__new__(Images)
+    out.x, out.y, out.channels_last = images.x[keep], images.y[keep], images.channels_last
+    out.mean, out.std = images.mean, images.std
+    return out
+
+
+def _expert_fn(modules: nn.ModuleList):
+    """x -> (probs (E, N, K), pooled features (N, E*C)). The experts run one after the other: the
+    ``separate`` form of ConvExperts, the fastest measured in bf16 on this CPU (conv_experts.AUTO_TABLE)."""
+
+    def fn(x):
+        probs, feats = [], []
+        for m in modules:
+            h = m.trunk(x)
+            feats.append(h.float().mean((2, 3)))
+            probs.append(torch.softmax(m.head(h.flatten(1)).float(), dim=1))
+        return torch.stack(probs), torch.cat(feats, dim=1)
+
+    return fn
+
+
+def expert_outputs(cfg: dict, run: Run, data: Data, experts: ConvExperts, key: str) -> tuple[dict, dict]:
+    """Cached expert probabilities/features for train (plain + flipped), val and test."""
+    flipped = cfg["experts"]["cache_flipped"]
+    path = _cache_root() / "expert-outputs" / f"{key}{'-flip' if flipped else ''}.safetensors"
+    if cfg["experts"]["cache"] and path.is_file():
+        tensors, meta = load_checkpoint(path)
+        run.log(f"[experts] outputs loaded from cache {path}")
+        return tensors, {"cached": True, **meta}
+    modules = experts.to_modules().eval()
+    for m in modules:
+        _to_memory_format(m, cfg)
+    fn = _expert_fn(modules)
+    t0 = time.perf_counter()
+    out: dict[str, torch.Tensor] = {}
+    n = 0
+    splits = [("train", data.train, False), ("val", data.val, False), ("test", data.test, False)]
+    if flipped:
+        splits.insert(1, ("train_flip", data.train, True))
+    for name, images, flip in splits:
+        probs, feats = _predict(fn, images, cfg, flip=flip)
+        out[f"{name}.probs"], out[f"{name}.feats"] = probs.to(torch.bfloat16), feats.to(torch.bfloat16)
+        n += len(images)
+    dt = time.perf_counter() - t0
+    meta = {"infer_s": dt, "infer_img_per_s": n / dt, "images": n}
+    run.log(f"[experts] outputs of {n} images in {dt:.1f} s ({n / dt:.0f} images/s for the {experts.num_experts} experts)")
+    if cfg["experts"]["cache"]:
+        save_checkpoint(path, out, meta)
+    return out, {"cached": False, **meta}
+
+
+def expert_reports(data: Data, cache: dict) -> dict:
+    """Each expert on its own pair's test images; uniform average; oracle pair routing."""
+    probs = cache["test.probs"].float()  # (E, N, K)
+    y = data.test.y
+    models = {}
+    for i, (a, b) in enumerate(data.pairs):
+        m = (y == a) | (y == b)
+        acc = (probs[i][m].argmax(1) == y[m]).float().mean().item()
+        models[f"expert{i}-{data.classes[a]}-{data.classes[b]}"] = {"test_accuracy": acc, "scope": "own pair"}
+    uni = probs.mean(0)
+    models["baseline-uniform"] = {"test_accuracy": (uni.argmax(1) == y).float().mean().item()}
+    oracle = torch.einsum("ne,enk->nk", data.cover[y], probs)
+    models["oracle-pair"] = {"test_accuracy": (oracle.argmax(1) == y).float().mean().item(),
+                             "scope": "upper bound: each image routed to the experts of its true class"}
+    return models, uni
+
+
+# ----------------------------------------------------------------------------- gate
+
+
+def _extra(cache: dict, split: str, idx: torch.Tensor | None = None, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """The expert-aware gate's extra input: experts' log-probabilities and pooled features (N, E*K + E*C)."""
+
+    def pick(name):
+        t = cache[f"{split}.{name}"]
+        if name == "probs":
+            t = t[:, idx] if idx is not None else t
+            return t.float().clamp_min(1e-6).log().permute(1, 0, 2).flatten(1)
+        return (t[idx] if idx is not None else t).float()
+
+    e = torch.cat([pick("probs"), pick("feats")], dim=1)
+    if flip is not None and f"{split}_flip.probs" in cache:
+        split_f = split + "_flip"
+        ef = _extra(cache, split_f, idx)
+        e = torch.where(flip.view(-1, 1), ef, e)
+    return e
+
+
+def _gate_probs(cache: dict, split: str, idx: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    p = cache[f"{split}.probs"][:, idx].float()
+    if flip is not None and f"{split}_flip.probs" in cache:  # else: the gate alone sees the mirrored image
+        pf = cache[f"{split}_flip.probs"][:, idx].float()
+        p = torch.where(flip.view(1, -1, 1), pf, p)
+    return p
+
+
+def train_gate(cfg: dict, run: Run, data: Data, cache: dict) -> tuple[GateNet, dict]:
+    gc, kind = cfg["gate"], cfg["gate"]["kind"]
+    E, K = len(data.pairs), len(data.classes)
+    extra_dim = E * K + cache["train.feats"].shape[1] if kind == "expert-aware" else 0
+    torch.manual_seed(run.generator("init", "gate").initial_seed())
+    use_trunk = gc["trunk"] or kind != "expert-aware"
+    gate = _to_memory_format(GateNet(E, num_heads(kind), extra_dim=extra_dim, hidden=gc["hidden"],
+                                     extra_dropout=gc["extra_dropout"], trunk=use_trunk), cfg)
+    lr = gc["lr"] if gc["lr"] > 0 else SEED_LR[kind]
+    opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc["weight_decay"])
+    steps = math.ceil(len(data.train) / gc["batch"])
+    sched = _make_sched(gc["schedule"], opt, lr, gc["epochs"], steps, patience=4)
+    cover = data.cover
+    shift = cfg["augment"]["max_shift"] if gc["shift"] else 0
+    state = {"images": 0, "seconds": 0.0}
+
+    def forward(x, split, idx, flip):
+        extra = _extra(cache, split, idx, flip) if extra_dim else None
+        with _autocast(cfg):
+            g = gate(x, extra)
+        g = [t.float() for t in g]
+        return g, combine(kind, g, _gate_probs(cache, split, idx, flip), gc["top_k"])
+
+    def train_epoch(epoch: int) -> dict:
+        gate.train()
+        gen = run.generator("gate", epoch)
+        t0, tot, n = time.perf_counter(), 0.0, 0
+        for idx in _epoch_batches(len(data.train), gc["batch"], gen):
+            flip = torch.rand(len(idx), generator=gen) < 0.5 if cfg["augment"]["hflip"] else None
+            x = data.train.batch(idx, flip, shift, gen) if use_trunk else None
+            y = data.train.y[idx]
+            g, logits = forward(x, "train", idx, flip)
+            loss = F.cross_entropy(logits, y, label_smoothing=gc["label_smoothing"]) + conv_l2_penalty(gate, gc["l2"])
+            if gc["aux_weight"] > 0:
+                loss = loss + gc["aux_weight"] * oracle_routing_loss(effective_weights(kind, g, gc["top_k"]), y, cover)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if gc["schedule"] == "onecycle":
+                sched.step()
+            tot += loss.item() * len(idx)
+            n += len(idx)
+        dt = time.perf_counter() - t0
+        state["images"] += n
+        state["seconds"] += dt
+        return {"loss": tot / max(n, 1), "lr": opt.param_groups[0]["lr"], "img_per_s": n / dt}
+
+    def evaluate(epoch: int) -> dict:
+        logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", extra_dim)
+        acc = (logits.argmax(1) == data.val.y).float().mean().item()
+        if gc["schedule"] == "plateau":
+            sched.step(acc)
+        return {"val_acc": acc}
+
+    last = train_phase(run, "gate", gate, opt, gc["epochs"], train_epoch, evaluate, sched=sched)
+    gate.eval()
+    speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
+    return gate, {"last": last, "lr": lr, "train_img_per_s": speed, "train_s": state["seconds"]}
+
+
+@torch.no_grad()
+def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, experts_fn=None):
+    """Mixture logits and effective gate weights on ``images`` (cached expert outputs of ``split``,
+    or ``experts_fn(x) -> probs`` when the experts were fine-tuned)."""
+    gate.eval()
+    bs = cfg["compute"]["eval_batch"]
+    logits, weights = [], []
+    for i in range(0, len(images), bs):
+        idx = torch.arange(i, min(i + bs, len(images)))
+        x = images.batch(idx) if gate.trunk is not None else None
+        extra = _extra(cache, split, idx) if extra_dim else None
+        with _autocast(cfg):
+            g = [t.float() for t in gate(x, extra)]
+            probs = experts_fn(x) if experts_fn is not None else cache[f"{split}.probs"][:, idx].float()
+        logits.append(combine(kind, g, probs.float(), cfg["gate"]["top_k"]))
+        weights.append(effective_weights(kind, g, cfg["gate"]["top_k"]))
+    return torch.cat(logits), torch.cat(weights)
+
+
+def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNet, cache: dict) -> dict:
+    """Experts and gate trained jointly (full augmentation; the experts run in every step)."""
+    gc, kind = cfg["gate"], cfg["gate"]["kind"]
+    if kind == "expert-aware":
+        raise ConfigError("gate.finetune_epochs: joint fine-tuning is not implemented for the expert-aware gate")
+    params = list(gate.parameters()) + list(experts.parameters())
+    opt = torch.optim.Adam(params, lr=gc["finetune_lr"])
+    steps = math.ceil(len(data.train) / gc["batch"])
+    sched = _make_sched("onecycle", opt, gc["finetune_lr"], gc["finetune_epochs"], steps)
+    both = nn.ModuleDict({"gate": gate, "experts": experts})
+    state = {"images": 0, "seconds": 0.0}
+
+    def train_epoch(epoch: int) -> dict:
+        both.train()
+        gen = run.generator("finetune", epoch)
+        t0, tot, n = time.perf_counter(), 0.0, 0
+        for idx in _epoch_batches(len(data.train), gc["batch"], gen):
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x, y = data.train.batch(idx, flip, cfg["augment"]["max_shift"], gen), data.train.y[idx]
+            with _autocast(cfg):
+                g = [t.float() for t in gate(x)]
+                probs = torch.softmax(experts(x).float(), dim=-1)
+            logits = combine(kind, g, probs, gc["top_k"])
+            loss = F.cross_entropy(logits, y) + conv_l2_penalty(both, gc["l2"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(idx)
+            n += len(idx)
+        dt = time.perf_counter() - t0
+        state["images"] += n
+        state["seconds"] += dt
+        return {"loss": tot / max(n, 1), "img_per_s": n / dt}
+
+    def experts_fn(x):
+        return torch.softmax(experts(x).float(), dim=-1)
+
+    def evaluate(epoch: int) -> dict:
+        experts.eval()
+        logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", 0, experts_fn)
+        return {"val_acc": (logits.argmax(1) == data.val.y).float().mean().item()}
+
+    last = train_phase(run, "finetune", both, opt, gc["finetune_epochs"], train_epoch, evaluate, sched=sched)
+    both.eval()
+    return {"last": last, "experts_fn": experts_fn, "train_img_per_s": state["images"] / max(state["seconds"], 1e-9)}
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+@family("cifar_experts", DEFAULTS)
+def run_cifar_experts(cfg: dict, run: Run) -> dict:
+    if cfg["compute"]["threads"] > 0:
+        torch.set_num_threads(cfg["compute"]["threads"])
+    t_start = time.perf_counter()
+    data = Data(cfg, run)
+    run.log(f"data: {cfg['data']['name']} (checksum {data.checksum[:12]}), train {len(data.train)}, "
+            f"val {len(data.val)}, test {len(data.test)}; {len(data.pairs)} experts; torch threads "
+            f"{torch.get_num_threads()}; bf16 {cfg['compute']['bf16']}, channels_last {cfg['compute']['channels_last']}")
+    experts, einfo = pretrain_experts(cfg, run, data)
+    cache, oinfo = expert_outputs(cfg, run, data, experts, einfo["key"])
+    models, uniform = expert_reports(data, cache)
+    y = data.test.y
+    save_eval(run, "baseline-uniform", y, uniform, None, data.classes)
+    timings = {"data_and_experts_s": round(time.perf_counter() - t_start, 1),
+               "experts": {k: einfo.get(k) for k in ("cached", "train_s", "train_img_per_s")},
+               "expert_outputs": {k: oinfo.get(k) for k in ("cached", "infer_s", "infer_img_per_s")},
+               "load_1min_after_experts": _load(), "torch_threads": torch.get_num_threads()}
+    summary: dict = {"dataset": "CIFAR-10 (JPEG-75 copy)" if cfg["data"]["name"] == "cifar10" else cfg["data"]["name"],
+                     "expert_key": einfo["key"], "pairs": [[data.classes[a], data.classes[b]] for a, b in data.pairs]}
+    kind = cfg["gate"]["kind"]
+    if kind != "none":
+        t0 = time.perf_counter()
+        gate, ginfo = train_gate(cfg, run, data, cache)
+        extra_dim = gate.extra_dim
+        logits, weights = gate_predict(cfg, gate, kind, data.test, cache, "test", extra_dim)
+        acc = (logits.argmax(1) == y).float().mean().item()
+        name = f"moe-{kind}"
+        models[name] = {"test_accuracy": acc, "val_accuracy": ginfo["last"].get("val_acc")}
+        save_eval(run, name, y, torch.softmax(logits, 1), weights, data.classes)
+        summary["routing"] = routing_stats(y, weights, len(data.classes))
+        timings["gate"] = {"train_s": round(time.perf_counter() - t0, 1), "train_img_per_s": ginfo["train_img_per_s"],
+                           "lr": ginfo["lr"], "load_1min": _load()}
+        summary["test_accuracy"] = acc
+        if cfg["gate"]["finetune_epochs"] > 0:
+            t0 = time.perf_counter()
+            finfo = finetune(cfg, run, data, experts, gate, cache)
+            logits, weights = gate_predict(cfg, gate, kind, data.test, cache, "test", 0, finfo["experts_fn"])
+            acc = (logits.argmax(1) == y).float().mean().item()
+            models[f"{name}-finetuned"] = {"test_accuracy": acc}
+            save_eval(run, f"{name}-finetuned", y, torch.softmax(logits, 1), weights, data.classes)
+            timings["finetune"] = {"train_s": round(time.perf_counter() - t0, 1),
+                                   "train_img_per_s": finfo["train_img_per_s"], "load_1min": _load()}
+            summary["test_accuracy"] = acc
+        timings["pipeline_s"] = round(time.perf_counter() - t_start, 1)
+    if cfg["baselines"]:
+        bc = cfg["baseline"]
+        full = _full_classes(data)
+        for name, epochs, lr, schedule in (
+            ("baseline-gate-trunk", bc["trunk_epochs"] or cfg["gate"]["epochs"], SEED_LR["standard"],
+             cfg["gate"]["schedule"]),
+            ("baseline-single-cnn", bc["epochs"], bc["lr"], bc["schedule"]),
+        ):
+            t0 = time.perf_counter()
+            torch.manual_seed(run.generator("init", name).initial_seed())
+            m = Seed1CNN(len(data.classes))
+            is_trunk = name == "baseline-gate-trunk"
+            shift = (cfg["augment"]["max_shift"] if cfg["gate"]["shift"] else 0) if is_trunk else cfg["augment"]["max_shift"]
+            info = train_classifier(run, name, m, full, data.val, cfg, epochs=epochs,
+                                    batch=cfg["gate"]["batch"] if is_trunk else bc["batch"], lr=lr, schedule=schedule,
+                                    l2=cfg["experts"]["l2"], shift=shift, keep_best=schedule == "plateau",
+                                    early_stop=cfg["experts"]["early_stop_patience"] if schedule == "plateau" else 0)
+            logits = _predict(m, data.test, cfg)[0]
+            acc = (logits.argmax(1) == y).float().mean().item()
+            models[name] = {"test_accuracy": acc, "epochs": epochs}
+            save_eval(run, name, y, torch.softmax(logits, 1), None, data.classes)
+            timings[name] = {"train_s": round(time.perf_counter() - t0, 1), "train_img_per_s": info["train_img_per_s"],
+                             "load_1min": _load()}
+        if kind == "none":
+            summary["test_accuracy"] = models["baseline-single-cnn"]["test_accuracy"]
+    if "test_accuracy" not in summary:
+        summary["test_accuracy"] = models["baseline-uniform"]["test_accuracy"]
+    summary["models"] = models
+    summary["timings"] = timings
+    run.log("timings: " + json.dumps(timings, default=str))
+    return summary
+
+
+def _full_classes(data: Data) -> Images:
+    if len(data.used_classes) == len(data.classes):
+        return data.train
+    return _subset(data.train, data.used_classes)
+
+
+__all__ = ["DEFAULTS", "run_cifar_experts"]

@@ -1,0 +1,360 @@
+"""Expert stacks: all E experts behind one interface, batched where the experts are.
+
+Shapes (E experts, N tokens, M routed rows, C slots per expert):
+
+    forward_dense(x (N, *in))              -> (E, N, *out)  every expert on every token
+    forward_slots(xs (E, C, *in))          -> (E, C, *out)  expert e on its own batch xs[e]
+    forward_groups(xs (M, *in), plan)      -> (M, *out)     rows grouped by expert (``DispatchPlan``)
+    forward_sparse(x, indices (N, k), weights (N, k), mask=None) -> (N, *out)
+                                           y[n] = sum_j weights[n, j] * expert_{indices[n, j]}(x[n])
+
+:class:`MLPExperts` keeps stacked weights ``(E, in, hidden)`` / ``(E, hidden, out)``: the dense
+path is one GEMM for the first layer and one ``baddbmm`` for the second; the sparse path is
+sort -> gather once -> batched GEMMs -> weighted combine (:mod:`moelab.moe.dispatch`), the GEMMs
+being either ``torch._grouped_mm`` over the unpadded expert-sorted rows or one ``baddbmm`` per
+load bucket (:mod:`moelab.moe.bucketed_mlp`).
+:class:`ModuleExperts` wraps any list of modules and loops over them: the slow reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.errors import MoelabError
+from moelab.moe import dispatch as D
+from moelab.moe.bucketed_mlp import bucketed_mlp
+
+__all__ = ["Experts", "MLPExperts", "ModuleExperts", "CallableExperts", "ACTIVATIONS", "get_activation"]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "identity": lambda t: t,
+    "softmax": lambda t: F.softmax(t, dim=-1),
+    "log_softmax": lambda t: F.log_softmax(t, dim=-1),
+}
+
+
+def get_activation(act: str | Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor] | None:
+    """Name (see ``ACTIVATIONS``), callable/module, or None (identity)."""
+    if act is None or callable(act):
+        return act
+    if act not in ACTIVATIONS:
+        raise MoelabError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)} or a callable")
+    return None if act == "identity" else ACTIVATIONS[act]
+
+
+def regular_plan(num_experts: int, per_expert: int, device: torch.device) -> D.DispatchPlan:
+    """Plan for ``E * C`` rows where expert e owns rows ``[e*C, (e+1)*C)``."""
+    counts = torch.full((num_experts,), per_expert, dtype=torch.long, device=device)
+    rows = torch.arange(num_experts * per_expert, device=device)
+    return D.DispatchPlan(
+        order=rows, token=rows, expert=rows // max(per_expert, 1), counts=counts,
+        offsets=counts.cumsum(0).to(torch.int32), inverse=rows, num_tokens=rows.numel(), k=1,
+    )
+
+
+class Experts(nn.Module):
+    """Base class of expert stacks. Subclasses implement :meth:`forward_groups` at least."""
+
+    num_experts: int
+
+    def forward_groups(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:  # (M, *in) -> (M, *out)
+        raise NotImplementedError
+
+    def forward_slots(self, xs: Tensor) -> Tensor:  # (E, C, *in) -> (E, C, *out)
+        e, c = xs.shape[:2]
+        ys = self.forward_groups(xs.reshape(e * c, *xs.shape[2:]), regular_plan(e, c, xs.device))
+        return ys.view(e, c, *ys.shape[1:])
+
+    def forward_dense(self, x: Tensor) -> Tensor:  # (N, *in) -> (E, N, *out)
+        return self.forward_slots(x.unsqueeze(0).expand(self.num_experts, *x.shape))
+
+    def forward_sparse(self, x: Tensor, indices: Tensor, weights: Tensor | None = None,
+                       mask: Tensor | None = None) -> Tensor:
+        """x (N, *in), indices (N, k) -> (N, *out) combined with weights (N, k); (N, k, *out) if weights is None."""
+        plan = D.sort_by_expert(indices, self.num_experts, mask)
+        ys = self.forward_groups(D.gather_sorted(x, plan), plan)  # (M, *out)
+        if weights is None:
+            n, k = indices.shape
+            rows = D._pad_rows(ys, n * k).index_select(0, plan.inverse)
+            return rows.view(n, k, *ys.shape[1:])
+        return D.scatter_combine(ys, plan, weights)
+
+    def forward(self, x: Tensor, indices: Tensor | None = None, weights: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        if indices is None:
+            return self.forward_dense(x)
+        return self.forward_sparse(x, indices, weights, mask)
+
+
+class MLPExperts(Experts):
+    """E two-layer MLPs ``out_act(act(x W1_e + b1_e) W2_e + b2_e)`` with stacked weights.
+
+    w1: (E, in_dim, hidden_dim), b1: (E, hidden_dim), w2: (E, hidden_dim, out_dim), b2: (E, out_dim).
+    ``hidden_dim=None`` gives linear experts ``out_act(x W1_e + b1_e)`` with w1: (E, in_dim, out_dim).
+    ``sparse_impl`` (the top-k path, :meth:`forward_sparse`): "grouped" (``torch._grouped_mm`` over the
+    expert-sorted rows, no padding), "bucketed" (experts sorted by load into <= 8 padded batches, one
+    ``baddbmm`` each), "padded" (one batch padded to the busiest expert) or "auto" (see :meth:`_impl`).
+    """
+
+    def __init__(self, num_experts: int, in_dim: int, hidden_dim: int | None, out_dim: int | None = None, *,
+                 activation: str | Callable | None = "gelu", output_activation: str | Callable | None = None,
+                 bias: bool = True, sparse_impl: str = "auto"):
+        super().__init__()
+        if num_experts < 1 or in_dim < 1 or (hidden_dim is not None and hidden_dim < 1):
+            raise MoelabError(f"MLPExperts needs num_experts, in_dim, hidden_dim >= 1; got "
+                              f"{num_experts}, {in_dim}, {hidden_dim}")
+        if sparse_impl not in SPARSE_IMPLS:
+            raise MoelabError(f"sparse_impl must be one of {', '.join(map(repr, SPARSE_IMPLS))}, got {sparse_impl!r}")
+        out_dim = in_dim if out_dim is None else out_dim
+        self.num_experts, self.in_dim, self.hidden_dim, self.out_dim = num_experts, in_dim, hidden_dim, out_dim
+        self.activation, self.output_activation = get_activation(activation), get_activation(output_activation)
+        self.sparse_impl = sparse_impl
+        self.max_buckets = 8  # bucketed layout: at most this many padded bmm batches per layer
+        self.grouped_min_rows = 512  # "auto" on CPU: grouped_mm when the average group has this many rows
+        first = hidden_dim if hidden_dim is not None else out_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, in_dim, first))
+        self.b1 = nn.Parameter(torch.empty(num_experts, first)) if bias else None
+        if hidden_dim is not None:
+            self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, out_dim))
+            self.b2 = nn.Parameter(torch.empty(num_experts, out_dim)) if bias else None
+        else:
+            self.register_parameter("w2", None)
+            self.register_parameter("b2", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            if w is None:
+                continue
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, "
+                f"out_dim={self.out_dim}, bias={self.b1 is not None}, sparse_impl={self.sparse_impl!r}")
+
+    def _check(self, x: Tensor) -> None:
+        if x.shape[-1] != self.in_dim:
+            raise MoelabError(f"MLPExperts expected inputs of width in_dim={self.in_dim}, got shape {tuple(x.shape)}")
+
+    def _act(self, h: Tensor, last: bool) -> Tensor:
+        f = self.output_activation if last else self.activation
+        return h if f is None else f(h)
+
+    def _layers(self):
+        yield self.w1, self.b1, self.w2 is None
+        if self.w2 is not None:
+            yield self.w2, self.b2, True
+
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """x (N, in) -> (E, N, out): layer 1 as one (N, in) x (in, E*h) GEMM, layer 2 as a baddbmm."""
+        self._check(x)
+        e, n = self.num_experts, x.shape[0]
+        w1 = self.w1.permute(1, 0, 2).reshape(self.in_dim, -1)  # (in, E*h)
+        h = x @ w1 if self.b1 is None else torch.addmm(self.b1.reshape(-1), x, w1)  # (N, E*h)
+        h = self._act(h, self.w2 is None).view(n, e, -1).transpose(0, 1)  # (E, N, h)
+        if self.w2 is None:
+            return h
+        return self._act(self._bmm(h, self.w2, self.b2), True)  # (E, N, out)
+
+    @staticmethod
+    def _bmm(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # (E, C, a) x (E, a, o) -> (E, C, o)
+        return torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
+
+    def forward_slots(self, xs: Tensor) -> Tensor:
+        """xs (E, C, in) -> (E, C, out), one baddbmm per layer."""
+        self._check(xs)
+        h = xs
+        for w, b, last in self._layers():
+            h = self._act(self._bmm(h, w, b), last)
+        return h
+
+    def forward_groups(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:
+        """xs (M, in) sorted by expert -> (M, out) (generic path; ``forward_sparse`` has the fast one)."""
+        self._check(xs)
+        if not self._grouped_ok(D.autocast_dtype(xs)):
+            cap = int(plan.counts.max()) if plan.num_rows else 0
+            return D.unpad_by_expert(self.forward_slots(D.pad_by_expert(xs, plan, cap)), plan)
+        h = xs
+        for w, b, last in self._layers():
+            h = D.grouped_mm(h, w, plan.offsets, plan.counts)  # (M, h)
+            if b is not None:
+                h = h + b.to(h.dtype).index_select(0, plan.expert)
+            h = self._act(h, last)
+        return h
+
+    def forward_sparse(self, x: Tensor, indices: Tensor, weights: Tensor | None = None,
+                       mask: Tensor | None = None) -> Tensor:
+        """x (N, in), indices/weights (N, k) -> (N, out): sort once, gather once, batched GEMMs, combine.
+
+        "bucketed": experts sorted by load into a few padded (E_b, C_b, in) batches, one ``baddbmm``
+        per layer and bucket (bias fused). "grouped": one ``grouped_mm`` per layer over the unpadded
+        sorted rows; b1 rides in the GEMM as extra input columns of ones (x | 1) @ (W1 ; b1), and b2
+        (without an output activation) is added after the combine as gates (N, E) @ b2 (E, out).
+        """
+        self._check(x)
+        if weights is None:
+            return super().forward_sparse(x, indices, weights, mask)
+        dt = D.autocast_dtype(x)
+        plan = D.sort_by_expert(indices, self.num_experts, mask)
+        if self._impl(dt, plan) == "grouped":
+            return self._sparse_grouped(x, plan, indices, weights, mask, dt)
+        layout = D.bucket_layout(plan, max_buckets=1 if self.sparse_impl == "padded" else self.max_buckets)
+        if not layout.groups:  # every assignment dropped
+            return x.new_zeros(x.shape[0], self.out_dim, dtype=dt) + 0 * weights.sum().to(dt)
+        groups = [(experts.shape[0], cap) for experts, cap in layout.groups]
+        xe = D.gather_rows(x.to(dt), layout)  # (R, in)
+        acts = [self.activation, self.output_activation] if self.w2 is not None else [self.output_activation]
+        params = [self.w1, self.b1] + ([self.w2, self.b2] if self.w2 is not None else [])
+        ye = bucketed_mlp(xe, groups, layout.expert_order, acts, dt, params)  # (R, out)
+        return D.combine_rows(ye, layout, weights)  # (N, out)
+
+    def _sparse_grouped(self, x: Tensor, plan: D.DispatchPlan, indices: Tensor, weights: Tensor,
+                        mask: Tensor | None, dt: torch.dtype) -> Tensor:
+        layout = D.flat_layout(plan)
+        xa, w1 = x.to(dt), self.w1.to(dt)
+        if self.b1 is not None:  # ones columns (a of them keep rows 16-byte aligned), bias row, zero rows
+            a = _align(dt)
+            xa = F.pad(xa, (0, a), value=1.0)  # (N, in+a)
+            w1 = torch.cat([w1, self.b1.to(dt).unsqueeze(1), w1.new_zeros(self.num_experts, a - 1, w1.shape[2])],
+                           dim=1)  # (E, in+a, h)
+        h = D.grouped_mm(D.gather_rows(xa, layout), w1, plan.offsets, plan.counts)  # (M, h)
+        if self.w2 is None:
+            return D.combine_rows(self._act(h, True), layout, weights)
+        h = D.grouped_mm(self._act(h, False), self.w2.to(dt), plan.offsets, plan.counts)  # (M, out)
+        late_bias = self.b2 is not None and self.output_activation is None
+        if self.b2 is not None and not late_bias:
+            h = h + self.b2.to(h.dtype).index_select(0, plan.expert)
+        y = D.combine_rows(self._act(h, True), layout, weights)  # (N, out)
+        if late_bias:
+            w = weights if mask is None else weights * mask
+            gates = w.new_zeros(x.shape[0], self.num_experts).scatter_add(1, indices, w)  # (N, E)
+            y = torch.addmm(y, gates.to(y.dtype), self.b2.to(y.dtype))
+        return y
+
+    def _grouped_ok(self, dt: torch.dtype) -> bool:
+        """``torch._grouped_mm`` can run these shapes in ``dt`` (float dtype, 16-byte aligned rows)."""
+        a = _align(dt)
+        widths = (self.in_dim, self.w1.shape[2], self.out_dim)
+        return D.has_native_grouped_mm() and dt in D._GROUPED_MM_DTYPES and all(w % a == 0 for w in widths)
+
+    def _impl(self, dt: torch.dtype, plan: D.DispatchPlan) -> str:
+        """"grouped" or "bucketed" for this call. "auto": grouped on accelerators and, on CPU, for big
+        groups (>= ``grouped_min_rows`` rows per expert on average), where one BLAS call per expert is
+        cheap beside the GEMM itself and nothing is padded; bucketed bmm for many small experts, where
+        per-call overhead dominates (measured with ``moelab bench layer``)."""
+        if self.sparse_impl in ("padded", "bucketed") or not self._grouped_ok(dt):
+            return "bucketed"
+        if self.sparse_impl == "grouped" or self.w1.device.type != "cpu":
+            return "grouped"
+        return "grouped" if plan.num_rows >= self.grouped_min_rows * self.num_experts else "bucketed"
+
+    def to_module_experts(self) -> ModuleExperts:
+        """An equivalent :class:`ModuleExperts` (copies of the weights as nn.Linear stacks): the oracle."""
+        mods = []
+        for e in range(self.num_experts):
+            layers: list[nn.Module] = []
+            for w, b, last in self._layers():
+                lin = nn.Linear(w.shape[1], w.shape[2], bias=b is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(w[e].t())
+                    if b is not None:
+                        lin.bias.copy_(b[e])
+                layers.append(lin)
+                f = self.output_activation if last else self.activation
+                if f is not None:
+                    layers.append(_Lambda(f))
+            mods.append(nn.Sequential(*layers))
+        return ModuleExperts(mods)
+
+
+SPARSE_IMPLS = ("auto", "grouped", "bucketed", "padded")
+
+
+def _align(dt: torch.dtype) -> int:
+    """Elements per 16 bytes (``_grouped_mm`` needs 16-byte aligned strides)."""
+    return max(1, 16 // torch.empty((), dtype=dt).element_size())
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+class CallableExperts(Experts):
+    """Adapter for a stack module whose ``forward(x (N, ...))`` returns all experts' outputs (E, N, ...)
+    (e.g. ``ConvExperts``). Sparse paths run every expert on the routed rows and keep each row's own
+    expert's output: correct, not sparse in compute."""
+
+    def __init__(self, stack: nn.Module):
+        super().__init__()
+        self.stack = stack
+        self.num_experts = int(stack.num_experts)
+
+    def forward_dense(self, x: Tensor) -> Tensor:
+        return self.stack(x)
+
+    def forward_groups(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:
+        ys = self.stack(xs)  # (E, M, ...)
+        return ys[plan.expert, torch.arange(xs.shape[0], device=xs.device)]
+
+
+class ModuleExperts(Experts):
+    """Any list of modules as experts; every path loops over experts in Python (the reference).
+
+    ``forward_sparse`` is the naive MoE: per expert, ``index_select`` its tokens, run it, and
+    ``index_add`` the weighted outputs back.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        super().__init__()
+        experts = list(experts)
+        if not experts:
+            raise MoelabError("ModuleExperts needs at least one expert module, got an empty list")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(experts)
+
+    def forward_dense(self, x: Tensor) -> Tensor:
+        return torch.stack([m(x) for m in self.experts])
+
+    def forward_slots(self, xs: Tensor) -> Tensor:
+        return torch.stack([m(xe) for m, xe in zip(self.experts, xs)])
+
+    def forward_groups(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:
+        parts = xs.split(plan.counts.tolist())
+        return torch.cat([m(p) for m, p in zip(self.experts, parts)])
+
+    def forward_sparse(self, x: Tensor, indices: Tensor, weights: Tensor | None = None,
+                       mask: Tensor | None = None) -> Tensor:
+        n, k = indices.shape
+        keep = torch.ones_like(indices, dtype=torch.bool) if mask is None else mask
+        y = None
+        for e, m in enumerate(self.experts):
+            tok, slot = torch.nonzero((indices == e) & keep, as_tuple=True)
+            out = m(x.index_select(0, tok))  # (n_e, *out)
+            if y is None:
+                shape = (n, *out.shape[1:]) if weights is not None else (n * k, *out.shape[1:])
+                y = out.new_zeros(shape)
+            if weights is None:
+                y = y.index_add(0, tok * k + slot, out)
+            else:
+                w = weights[tok, slot].to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+                y = y.index_add(0, tok, w * out)
+        return y if weights is not None else y.view(n, k, *y.shape[1:])

@@ -1,0 +1,180 @@
+"""The MoE layer: a router plus an expert stack.
+
+    layer = MoE(dim=256, num_experts=8, hidden_dim=1024, router="topk", k=2)
+    y, aux = layer(x)        # x (..., dim) -> y (..., out_dim); aux: MoEAux
+
+Execution by routing kind (N tokens = prod of x's leading dims, E experts):
+    dense / multi    experts.forward_dense(x) (E, N, out) mixed by gates (N, E) (or G gate sets)
+    sparse (top-k)   sort -> gather -> grouped GEMMs -> weighted scatter (``experts.forward_sparse``)
+    expert_choice    x[expert_tokens] (E, C, d) -> experts.forward_slots -> weighted index_add
+    soft             slots = dispatch^T x (B, S, d) -> forward_slots -> combine @ slot outputs
+
+``aux.loss`` is the weighted sum of the router's auxiliary losses (router defaults overridden by
+``aux_loss_weights``); ``aux.losses`` holds every loss the router computed, unweighted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moelab.errors import MoelabError
+from moelab.moe.experts import CallableExperts, Experts, MLPExperts, ModuleExperts
+from moelab.moe.routers import Router, Routing, make_router
+
+__all__ = ["MoE", "MoEAux", "LOSS_NAMES"]
+
+LOSS_NAMES = ("balance", "z", "importance", "load", "entropy")
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary outputs of :class:`MoE` (N = number of tokens, leading dims flattened)."""
+
+    loss: Tensor  # () weighted sum of the auxiliary losses
+    losses: dict[str, Tensor]  # name -> () unweighted
+    logits: Tensor | None  # (N, E) router logits (float32)
+    expert_counts: Tensor  # (E,) tokens (or slots) each expert processed
+    dropped: Tensor  # () long, assignments/tokens dropped by capacity
+    indices: Tensor | None = None  # (N, k) for top-k style routers
+    expert_outputs: Tensor | None = None  # (E, N, out) for dense routers (Jacobs-style losses)
+    routing: Routing | None = field(default=None, repr=False)
+
+    @property
+    def gates(self) -> Tensor:
+        """(N, E) combine weights, dense view (built on first access for sparse routers)."""
+        return self.routing.dense_gates()
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts layer.
+
+    Args:
+        dim: input width (``x`` is ``(..., dim)``). May be None with custom ``experts`` and ``gate``;
+            then ``x`` is ``(N, *features)`` and routing is per sample.
+        num_experts: E.
+        hidden_dim: expert MLP hidden width (default 4 * dim); ignored with ``experts=``.
+        router: a name from ``moelab.moe.routers.ROUTERS`` (or alias) or a ``Router`` instance.
+        k: experts per token for top-k style routers (router default when None).
+        out_dim: output width (default dim).
+        experts: an ``Experts`` stack or a list of modules (wrapped in ``ModuleExperts``).
+        gate: custom gating network x -> logits (N, E) replacing the default linear projection.
+        activation / output_activation / bias: for the default ``MLPExperts``.
+        capacity_factor: switch / expert_choice / top-k capacity; noise_epsilon: noisy_topk;
+        slots_per_expert: soft; num_gates / gate_mode: multi_gate. Only passed when given.
+        aux_loss_weights: name -> weight for "balance", "z", "importance", "load", "entropy".
+        router_kwargs: further router options.
+    """
+
+    def __init__(self, dim: int | None = None, num_experts: int = 8, hidden_dim: int | None = None,
+                 router: str | Router = "topk", k: int | None = None, *, out_dim: int | None = None,
+                 experts: Experts | Sequence[nn.Module] | None = None, gate: nn.Module | None = None,
+                 activation: str | Callable | None = "gelu", output_activation: str | Callable | None = None,
+                 bias: bool = True, capacity_factor: float | None = None, noise_epsilon: float | None = None,
+                 slots_per_expert: int | None = None, num_gates: int | None = None, gate_mode: str | None = None,
+                 aux_loss_weights: Mapping[str, float] | None = None, router_kwargs: Mapping | None = None,
+                 sparse_impl: str = "auto"):
+        super().__init__()
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise MoelabError(f"MoE: dim must be a positive int, got {dim!r}")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise MoelabError(f"MoE: num_experts must be a positive int, got {num_experts!r}")
+        self.dim, self.num_experts = dim, num_experts
+        if experts is None:
+            if dim is None:
+                raise MoelabError("MoE: dim is required unless you pass experts= (and gate=)")
+            experts = MLPExperts(num_experts, dim, 4 * dim if hidden_dim is None else hidden_dim, out_dim,
+                                 activation=activation, output_activation=output_activation, bias=bias,
+                                 sparse_impl=sparse_impl)
+        elif not isinstance(experts, nn.Module) or isinstance(experts, nn.ModuleList):
+            experts = ModuleExperts(list(experts))
+        elif not isinstance(experts, Experts) and hasattr(experts, "num_experts"):
+            experts = CallableExperts(experts)  # forward(x) -> (E, N, ...), e.g. ConvExperts
+        if not hasattr(experts, "forward_dense"):
+            raise MoelabError(f"MoE: experts must be an Experts stack (MLPExperts, ModuleExperts, ConvExperts) or a "
+                              f"list of modules, got {type(experts).__name__}")
+        if getattr(experts, "num_experts", num_experts) != num_experts:
+            raise MoelabError(f"MoE: num_experts={num_experts} but the experts stack has {experts.num_experts}")
+        self.experts = experts
+        self.out_dim = getattr(experts, "out_dim", out_dim)
+
+        opts = dict(router_kwargs or {})
+        for key, val in (("k", k), ("capacity_factor", capacity_factor), ("noise_epsilon", noise_epsilon),
+                         ("slots_per_expert", slots_per_expert), ("num_gates", num_gates), ("mode", gate_mode)):
+            if val is not None:
+                opts[key] = val
+        self.router = make_router(router, dim, num_experts, gate=gate, **opts)
+
+        weights = dict(self.router.default_loss_weights)
+        for name, w in (aux_loss_weights or {}).items():
+            if name not in LOSS_NAMES:
+                raise MoelabError(f"MoE: unknown auxiliary loss {name!r} in aux_loss_weights; "
+                                  f"valid: {', '.join(LOSS_NAMES)}")
+            if w and name not in self.router.loss_names:
+                raise MoelabError(f"MoE: router {self.router.name!r} does not produce the {name!r} loss "
+                                  f"(it produces {list(self.router.loss_names) or 'none'}); remove it from "
+                                  f"aux_loss_weights instead of having it ignored")
+            weights[name] = float(w)
+        self.aux_loss_weights = {n: w for n, w in weights.items() if w}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, aux_loss_weights={self.aux_loss_weights}"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        if self.dim is not None:
+            if x.dim() < 1 or x.shape[-1] != self.dim:
+                raise MoelabError(f"MoE expected input of shape (..., {self.dim}), got {tuple(x.shape)}")
+            lead = x.shape[:-1]
+            soft = self.router.name == "soft"
+            xr = (x.reshape(-1, x.shape[-2], self.dim) if x.dim() >= 3 else x.reshape(-1, 1, self.dim)) if soft \
+                else x.reshape(-1, self.dim)
+        else:
+            lead, xr = x.shape[:1], x
+        r = self.router(xr)
+        xf = xr.reshape(-1, *xr.shape[2:]) if r.kind == "soft" else xr
+        expert_outputs = None
+        if r.kind == "dense" or (r.kind == "sparse" and r.mask is None and r.indices.shape[1] == self.num_experts):
+            expert_outputs = self.experts.forward_dense(xf)  # (E, N, *out)
+            y = torch.einsum("ne,en...->n...", r.dense_gates().to(expert_outputs.dtype), expert_outputs)
+        elif r.kind == "sparse":
+            y = self.experts.forward_sparse(xf, r.indices, r.weights, r.mask)
+        elif r.kind == "multi":
+            expert_outputs = self.experts.forward_dense(xf)
+            mix = torch.einsum("gne,en...->gn...", r.multi_gates.to(expert_outputs.dtype), expert_outputs)
+            y = mix.sum(0) if r.multi_mode == "sum" else mix.amax(0)
+        elif r.kind == "expert_choice":
+            y = self._expert_choice(xf, r)
+        elif r.kind == "soft":
+            y = self._soft(xr, r)
+        else:  # pragma: no cover - a Router subclass with an unknown kind
+            raise MoelabError(f"router {self.router.name!r} returned unknown routing kind {r.kind!r}")
+
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for name, w in self.aux_loss_weights.items():
+            loss = loss + w * r.losses[name]
+        aux = MoEAux(loss=loss, losses=r.losses, logits=r.logits, expert_counts=r.expert_counts,
+                     dropped=r.dropped, indices=r.indices, expert_outputs=expert_outputs, routing=r)
+        return y.reshape(*lead, *y.shape[1:]), aux
+
+    def _expert_choice(self, x: Tensor, r: Routing) -> Tensor:
+        e, c = r.expert_tokens.shape
+        tok = r.expert_tokens.reshape(-1)  # (E*C,)
+        ys = self.experts.forward_slots(x.index_select(0, tok).view(e, c, *x.shape[1:]))  # (E, C, *out)
+        w = r.expert_weights.to(ys.dtype).view(e, c, *([1] * (ys.dim() - 2)))
+        contrib = (w * ys).reshape(e * c, *ys.shape[2:])
+        return contrib.new_zeros(x.shape[0], *ys.shape[2:]).index_add(0, tok, contrib)
+
+    def _soft(self, x: Tensor, r: Routing) -> Tensor:
+        b, m, d = x.shape
+        e = self.num_experts
+        disp, comb = r.dispatch.to(x.dtype), r.combine
+        slots = torch.einsum("bms,bmd->bsd", disp, x)  # (B, S, d)
+        p = slots.shape[1] // e
+        xs = slots.view(b, e, p, d).transpose(0, 1).reshape(e, b * p, d)  # (E, B*p, d)
+        ys = self.experts.forward_slots(xs)  # (E, B*p, out)
+        ys = ys.view(e, b, p, -1).transpose(0, 1).reshape(b, e * p, -1)  # (B, S, out)
+        y = torch.einsum("bms,bso->bmo", comb.to(ys.dtype), ys)  # (B, m, out)
+        return y.reshape(b * m, -1)

@@ -1,0 +1,78 @@
+"""Top-k softmax gating, the "sparse gating" of the seed code (as in Shazeer et al. 2017 without
+noise): keep the k largest logits, softmax over them.
+
+    x (N, d) -> logits (N, E) -> indices (N, k) = topk(logits)
+    weights (N, k) = softmax(logits[indices])   (sums to 1 over the selected experts)
+    y = sum_j weights[:, j] * expert_{indices[:, j]}(x)
+
+Optional ``capacity_factor``: expert capacity C = ceil(cf * N * k / E); assignments beyond it
+are dropped (mask), first choices before second choices.
+Losses: Switch balance (f from the top-k assignments), z-loss, importance CV^2, gate entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moelab.moe import losses as L
+from moelab.moe.routers.base import (
+    Router,
+    Routing,
+    capacity_mask,
+    check_capacity_factor,
+    check_k,
+    counts_of,
+    expert_capacity,
+    topk,
+    zero_long,
+)
+
+
+def sparse_routing(logits: Tensor, probs: Tensor, indices: Tensor, weights: Tensor,
+                   capacity_factor: float | None, extra: dict[str, Tensor] | None = None,
+                   lse: Tensor | None = None) -> Routing:
+    """Build a "sparse" Routing (applying capacity) from (N, E) logits/probs and (N, k) choices.
+
+    Losses, each a few passes over (N, E) at most: balance (f before capacity), z, importance
+    (sum of kept gate values per expert), entropy of ``probs``. lse: optional (N,) logsumexp(logits).
+    """
+    n, e = probs.shape
+    k = indices.shape[1]
+    mask = None
+    dropped = zero_long(probs.device)
+    counts_all = counts_of(indices, e)  # (E,) before capacity: Switch's f_i
+    counts = counts_all
+    if capacity_factor is not None:
+        mask = capacity_mask(indices, e, expert_capacity(n, e, k, capacity_factor))  # (N, k)
+        counts = counts_of(indices, e, mask)
+        dropped = (~mask).sum()
+    w_kept = weights if mask is None else weights * mask
+    importance = w_kept.new_zeros(e).index_add(0, indices.reshape(-1), w_kept.reshape(-1))  # (E,) = gates.sum(0)
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse  # (N,)
+    losses = {"balance": L.switch_balance_loss(probs, counts_all), "z": lse.square().mean(),
+              "importance": L.cv_squared(importance),
+              "entropy": (lse - (probs * logits).sum(-1)).mean()}  # -sum p log p with log p = logits - lse
+    losses.update(extra or {})
+    return Routing("sparse", gates=None, logits=logits, indices=indices, weights=weights, mask=mask,
+                   expert_counts=counts, dropped=dropped, losses=losses)
+
+
+class TopKRouter(Router):
+    name = "topk"
+    loss_names = ("balance", "z", "importance", "entropy")
+    default_loss_weights = {"balance": 0.01}
+
+    def __init__(self, dim: int | None, num_experts: int, k: int = 2, *, gate: nn.Module | None = None,
+                 capacity_factor: float | None = None, normalize: bool = True):
+        super().__init__(dim, num_experts, gate=gate)
+        self.k = check_k(self.name, k, num_experts)
+        self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
+        self.normalize = normalize
+
+    def route(self, x: Tensor) -> Routing:
+        logits = self.logits(x)  # (N, E)
+        probs = torch.softmax(logits, dim=-1)  # (N, E)
+        top, indices = topk(logits, self.k)  # (N, k)
+        weights = torch.softmax(top, dim=-1) if self.normalize else probs.gather(1, indices)
+        return sparse_routing(logits, probs, indices, weights, self.capacity_factor)

@@ -1,0 +1,71 @@
+"""`moelab compare`: grouping by config, mean +- std over seeds, CSV, parent folders, bad input."""
+
+import csv
+import statistics
+
+import pytest
+
+from moelab.analysis.compare import mean_std
+from moelab.analysis.rundir import read_summary
+from moelab.cli import main
+
+
+@pytest.fixture
+def seeds(make_run, tmp_path):
+    """Three seeds of one config, one run of another lr, one unfinished run, in one parent folder."""
+    parent = tmp_path / "runs"
+    runs = [make_run(parent / f"seed-{s}", s) for s in range(3)]
+    make_run(parent / "other-lr", 0, lr=0.5)
+    make_run(parent / "nested" / "unfinished", 7, finished=False)
+    return parent, runs
+
+
+def test_compare_three_seeds_mean_std(seeds, tmp_path, capsys):
+    parent, runs = seeds
+    out_csv = tmp_path / "table.csv"
+    assert main(["compare", *map(str, runs), "--csv", str(out_csv)]) == 0
+    out = capsys.readouterr().out
+    accs = [read_summary(r)["models"]["moe"]["test_accuracy"] for r in runs]
+    m, s = statistics.fmean(accs), statistics.stdev(accs)
+    assert f"{100 * m:.2f} +- {100 * s:.2f}" in out
+    lines = out.splitlines()
+    assert lines[0].split() == ["config", "model", "runs", "test", "acc", "%", "specialisation", "wall", "s"]
+    assert [ln.split()[:3] for ln in lines[2:4]] == [["synth", "moe", "3"], ["synth", "single", "3"]]
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["model"] for r in rows] == ["moe", "single"] and rows[0]["seeds"] == "0 1 2"
+    assert float(rows[0]["test_accuracy_mean"]) == pytest.approx(m)
+    assert float(rows[0]["test_accuracy_std"]) == pytest.approx(s)
+    assert 0 < float(rows[0]["specialisation_mean"]) <= 1 and rows[1]["specialisation_mean"] == ""
+    assert float(rows[0]["wall_time_s_mean"]) == pytest.approx(2.5)
+
+
+def test_compare_parent_folder_groups_by_config(seeds, tmp_path, capsys, monkeypatch):
+    parent, _ = seeds
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", str(parent)]) == 0
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "unfinished" in captured.err
+    assert "synth [train.lr=0.1]  moe" in captured.out and "synth [train.lr=0.5]  moe" in captured.out
+    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))  # the default CSV path
+    assert [(r["config"], r["runs"]) for r in rows if r["model"] == "moe"] == [
+        ("synth [train.lr=0.1]", "3"), ("synth [train.lr=0.5]", "1")]
+    single = next(r for r in rows if r["runs"] == "1")
+    assert single["test_accuracy_std"] == ""  # one run: no std
+
+
+def test_compare_bad_input(make_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty")]) == 2
+    assert f"moelab: error: '{tmp_path / 'empty'}' is not a moelab run directory (no config.toml) and holds none" in (
+        capsys.readouterr().err)
+    make_run(tmp_path / "u", finished=False)
+    assert main(["compare", str(tmp_path / "u")]) == 2
+    assert "moelab: error: no finished run among" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    m, s = mean_std([float("nan"), 4.0])
+    assert m == 4.0 and s != s

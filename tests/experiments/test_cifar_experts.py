@@ -1,0 +1,95 @@
+"""The seed-1 CIFAR-10 experts pipeline end to end on a small slice of the real data."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelab.errors import ConfigError
+from moelab.experiments import resolve_config
+from moelab.experiments.runner import run_experiment
+from moelab.models.gating import GATE_KINDS
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+
+# two pairs (airplane/ship, automobile/truck): 4 classes x 250 = 1000 training images, one epoch each
+SLICE = [
+    "data.pairs=[[0, 8], [1, 9]]",
+    "data.train_per_class=250",
+    "data.test_per_class=50",
+    "data.val_size=200",
+    "experts.epochs=1",
+    "gate.epochs=1",
+    "baseline.epochs=1",
+    "compute.eval_batch=200",
+]
+
+
+@pytest.fixture
+def cifar_dir() -> Path:
+    d = Path(os.environ.get("MOELAB_DATA_DIR", SHARED))
+    if not (d / "cifar10-jpeg75.tar.gz").is_file() and not (d / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 not found in {d} (set MOELAB_DATA_DIR)")
+    return d
+
+
+def test_builtin_configs_resolve():
+    _, cfg = resolve_config("cifar10-experts", ["gate.kind=sparse"])
+    assert cfg["gate"]["kind"] == "sparse" and len(cfg["data"]["pairs"]) == 10
+    # experts 5-9 get the pairs the seed intended, not class 5 as every second class
+    assert cfg["data"]["pairs"][5:] == [[0, 9], [1, 8], [2, 7], [3, 6], [4, 5]]
+    _, base = resolve_config("cifar10-baselines")
+    assert base["baselines"] is True and base["gate"]["kind"] == "none"
+    with pytest.raises(ConfigError):
+        resolve_config("cifar10-experts", ["gate.kind=3"])
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_expert_cache(cifar_dir, tmp_path):
+    cache = Path(os.environ["MOELAB_CACHE_DIR"])  # per-test tmp folder (conftest)
+    s1 = run_experiment("cifar10-experts", SLICE + ["baselines=true"], out=tmp_path / "a",
+                        data_dir=str(cifar_dir), quiet=True)
+    models = s1["models"]
+    for name in ("moe-standard", "baseline-uniform", "baseline-single-cnn", "baseline-gate-trunk", "oracle-pair",
+                 "expert0-airplane-ship", "expert1-automobile-truck"):
+        assert 0.0 <= models[name]["test_accuracy"] <= 1.0, name
+    assert s1["dataset"] == "CIFAR-10 (JPEG-75 copy)"
+    assert not s1["timings"]["experts"]["cached"]
+    files = list((cache / "experts").glob("*.safetensors"))
+    assert len(files) == 1 and files[0].stem == s1["expert_key"]
+    out = tmp_path / "a"
+    assert (out / "eval" / "moe-standard.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in rows} >= {"expert0", "expert1", "gate", "baseline-single-cnn"}
+
+    # every other variant reuses the cached experts (and their cached outputs): no expert phase runs
+    for kind in [k for k in GATE_KINDS if k != "standard"]:
+        s = run_experiment("cifar10-experts", SLICE + [f"gate.kind={kind}"], out=tmp_path / kind,
+                           data_dir=str(cifar_dir), quiet=True)
+        assert s["timings"]["experts"]["cached"] and s["timings"]["expert_outputs"]["cached"], kind
+        assert s["expert_key"] == s1["expert_key"]
+        assert 0.0 <= s["models"][f"moe-{kind}"]["test_accuracy"] <= 1.0
+        phases = {json.loads(line)["phase"] for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()}
+        assert phases == {"gate"}, phases
+        # identical expert outputs -> identical expert reports
+        assert s["models"]["expert0-airplane-ship"] == models["expert0-airplane-ship"]
+
+    # the trunk-less expert-aware gate (reads only the cached expert outputs), without mirrored outputs
+    s = run_experiment("cifar10-experts", SLICE + ["gate.kind=expert-aware", "gate.trunk=false",
+                                                   "experts.cache_flipped=false"],
+                       out=tmp_path / "mlp", data_dir=str(cifar_dir), quiet=True)
+    assert s["timings"]["experts"]["cached"] and not s["timings"]["expert_outputs"]["cached"]
+    assert 0.0 <= s["models"]["moe-expert-aware"]["test_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_finetune_and_resume(cifar_dir, tmp_path):
+    args = SLICE + ["gate.finetune_epochs=1"]
+    s = run_experiment("cifar10-experts", args, out=tmp_path / "r", data_dir=str(cifar_dir), quiet=True)
+    assert "moe-standard-finetuned" in s["models"]
+    # resuming a finished run restores every phase from its checkpoint and gives the same result
+    s2 = run_experiment(None, [], resume=tmp_path / "r", data_dir=str(cifar_dir), quiet=True)
+    assert s2["models"]["moe-standard"] == s["models"]["moe-standard"]
+    assert torch.isfinite(torch.tensor(s2["test_accuracy"]))

@@ -1,0 +1,244 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import moelab
+from moelab import MoE, MoEAux
+from moelab.errors import MoelabError
+from moelab.moe import losses as L
+from tests.moe.moe_helpers import assert_close, seeded  # noqa: F401
+
+D, E, H = 8, 4, 16
+ROUTER_NAMES = ["dense", "topk", "noisy_topk", "switch", "expert_choice", "soft", "uniform", "hash", "two-gates",
+                "two-gates-max"]
+
+
+def _pair(router, **kw):
+    """Our layer and the naive reference: same router weights, experts as a ModuleExperts loop."""
+    ours = MoE(dim=D, num_experts=kw.pop("num_experts", E), hidden_dim=H, router=router, **kw)
+    ref = MoE(dim=D, num_experts=ours.num_experts, router=router, experts=ours.experts.to_module_experts(), **kw)
+    ref.router.load_state_dict(ours.router.state_dict())
+    return ours, ref
+
+
+def _run(layer, x, seed=0):
+    torch.manual_seed(seed)  # same noise / random routing draws for both layers
+    return layer(x)
+
+
+def _assert_equivalent(ours, ref, x, tol=1e-5):
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y1, a1 = _run(ours, x1)
+    y2, a2 = _run(ref, x2)
+    assert_close(y1, y2, tol, "output")
+    assert_close(a1.loss, a2.loss, tol, "aux loss")
+    assert_close(a1.gates, a2.gates, tol, "gates")
+    g = torch.randn_like(y1)
+    (y1 * g).sum().add(a1.loss).backward()
+    (y2 * g).sum().add(a2.loss).backward()
+    assert_close(x1.grad, x2.grad, tol, "grad x")
+    for (n1, p1), (_, p2) in zip(ours.router.named_parameters(), ref.router.named_parameters()):
+        if p1.grad is not None or p2.grad is not None:
+            assert_close(p1.grad, p2.grad, tol, f"grad router.{n1}")
+
+
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+def test_every_router_matches_naive_reference(router):
+    ours, ref = _pair(router)
+    _assert_equivalent(ours, ref, torch.randn(3, 5, D))
+
+
+@pytest.mark.parametrize("router,kw", [("topk", {"k": E}), ("topk", {"k": 1}), ("switch", {"capacity_factor": 0.5}),
+                                       ("topk", {"k": 2, "capacity_factor": 0.6}), ("noisy_topk", {"k": 3})])
+def test_router_options_match_naive(router, kw):
+    ours, ref = _pair(router, **kw)
+    _assert_equivalent(ours, ref, torch.randn(20, D))
+
+
+@pytest.mark.parametrize("router", ["topk", "dense", "switch", "expert_choice", "soft", "hash"])
+@pytest.mark.parametrize("n,e", [(1, E), (6, 1)])
+def test_edge_shapes(router, n, e):
+    kw = {"k": 1} if router == "topk" else {}
+    ours, ref = _pair(router, num_experts=e, **kw)
+    _assert_equivalent(ours, ref, torch.randn(n, D))
+
+
+def test_api_contract_and_aux():
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="topk", k=2)
+    x = torch.randn(2, 3, D)
+    y, aux = layer(x)
+    assert isinstance(aux, MoEAux) and y.shape == (2, 3, D)
+    assert aux.gates.shape == (6, E) and aux.logits.shape == (6, E) and aux.indices.shape == (6, 2)
+    assert aux.expert_counts.shape == (E,) and aux.expert_counts.sum().item() == 12
+    assert aux.dropped.dtype == torch.long and aux.dropped.item() == 0
+    assert aux.loss.dim() == 0 and set(aux.losses) == {"balance", "z", "importance", "entropy"}
+    assert_close(aux.loss, 0.01 * aux.losses["balance"], 1e-7, "default weighted aux loss")
+    assert MoE(dim=D, num_experts=E, out_dim=5)(x)[0].shape == (2, 3, 5)
+    assert MoE(dim=D, num_experts=E).experts.hidden_dim == 4 * D
+
+
+def test_aux_loss_weights_and_no_silent_drop():
+    layer = MoE(dim=D, num_experts=E, router="topk", k=2, aux_loss_weights={"balance": 0.5, "z": 0.1, "entropy": 0})
+    _, aux = layer(torch.randn(10, D))
+    assert_close(aux.loss, 0.5 * aux.losses["balance"] + 0.1 * aux.losses["z"], 1e-6, "weighted sum")
+    x = torch.randn(10, D)
+    aux.loss.backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0  # the aux loss reaches the router
+    with pytest.raises(MoelabError, match="unknown auxiliary loss 'balanse'"):
+        MoE(dim=D, num_experts=E, aux_loss_weights={"balanse": 1.0})
+    with pytest.raises(MoelabError, match="router 'dense' does not produce the 'load' loss"):
+        MoE(dim=D, num_experts=E, router="dense", aux_loss_weights={"load": 1.0})
+    _, aux = MoE(dim=D, num_experts=E, router="noisy_topk", k=2)(x)
+    assert {"importance", "load"} <= set(aux.losses)
+    assert_close(aux.loss, 0.1 * aux.losses["importance"] + 0.1 * aux.losses["load"], 1e-6, "paper weights")
+
+
+def test_bad_inputs():
+    layer = MoE(dim=D, num_experts=E)
+    with pytest.raises(MoelabError, match=r"MoE expected input of shape \(\.\.\., 8\), got \(3, 7\)"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(MoelabError, match=r"router 'topk': k must be an int in \[1, num_experts=4\], got 5"):
+        MoE(dim=D, num_experts=E, k=5)
+    with pytest.raises(MoelabError, match="capacity_factor must be > 0"):
+        MoE(dim=D, num_experts=E, router="switch", capacity_factor=0)
+    with pytest.raises(MoelabError, match=r"unknown router 'topq'; valid routers: .*expert_choice.*topk"):
+        MoE(dim=D, num_experts=E, router="topq")
+    x = torch.randn(4, D)
+    x[1, 2] = float("inf")
+    with pytest.raises(MoelabError, match="router 'topk' produced"):
+        layer(x)
+    with pytest.raises(MoelabError, match="dim is required"):
+        MoE(num_experts=E)
+
+
+def test_custom_gate_experts_and_activations():
+    gate = nn.Sequential(nn.Linear(D, 12), nn.Tanh(), nn.Linear(12, E))
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="topk", k=2, gate=gate, activation="relu",
+                output_activation="sigmoid")
+    y, aux = layer(torch.randn(5, D))
+    assert layer.router.gate is gate and ((y > 0) & (y < 1)).all()
+    mods = [nn.Linear(D, 3) for _ in range(E)]
+    layer = MoE(dim=D, num_experts=E, router="dense", experts=mods)
+    x = torch.randn(5, D)
+    y, aux = layer(x)
+    want = sum(aux.gates[:, i : i + 1] * mods[i](x) for i in range(E))
+    assert_close(y, want, 1e-5, "list of modules as experts")
+    with pytest.raises(MoelabError, match="num_experts=3 but the experts stack has 4"):
+        MoE(dim=D, num_experts=3, experts=mods)
+
+
+def test_jacobs_style_dense_outputs_for_losses():
+    layer = MoE(dim=196, num_experts=4, hidden_dim=25, out_dim=10, router="dense", activation="sigmoid",
+                output_activation="sigmoid")
+    x, t = torch.randn(6, 196), torch.rand(6, 10)
+    y, aux = layer(x)
+    assert aux.expert_outputs.shape == (4, 6, 10)
+    assert_close(y, torch.einsum("ne,eno->no", aux.gates, aux.expert_outputs), 1e-6, "mixture")
+    loss = L.jacobs_loglik_loss(aux.expert_outputs, t, aux.gates) + aux.loss
+    loss.backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_two_gates_max_is_elementwise_max_of_mixtures():
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="two-gates-max")
+    x = torch.randn(7, D)
+    y, aux = layer(x)
+    mg = aux.routing.multi_gates
+    mixes = torch.einsum("gne,eno->gno", mg, aux.expert_outputs)
+    assert_close(y, torch.maximum(mixes[0], mixes[1]), 1e-6, "max of mixtures")
+    y2, aux2 = MoE(dim=D, num_experts=E, hidden_dim=H, router="two-gates")(x)
+    assert_close(aux2.gates.sum(-1), torch.full((7,), 2.0), 1e-5, "summed gate weights")
+
+
+def test_soft_moe_groups_tokens_per_example():
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="soft", slots_per_expert=2)
+    x = torch.randn(3, 6, D)
+    y, _ = layer(x)
+    y_first, _ = layer(x[:1])
+    assert_close(y[:1], y_first, 1e-5, "examples do not mix")
+    x2 = x.clone()
+    x2[0, 0] += 1.0  # changing one token changes its example's other tokens (through the slots)
+    assert not torch.allclose(layer(x2)[0][0, 1], y[0, 1])
+
+
+def test_switch_drops_reported_in_aux():
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="switch", capacity_factor=0.5)
+    x = torch.randn(40, D)
+    y, aux = layer(x)
+    cap = 5  # ceil(0.5 * 40 / 4)
+    assert (aux.expert_counts <= cap).all() and aux.dropped.item() == 40 - aux.expert_counts.sum().item() > 0
+    dropped_rows = aux.gates.sum(-1) == 0
+    assert (y[dropped_rows] == 0).all() and int(dropped_rows.sum()) == aux.dropped.item()
+
+
+@pytest.mark.parametrize("router", ["topk", "dense", "expert_choice", "soft", "switch"])
+def test_autocast_bf16(router):
+    layer = MoE(dim=32, num_experts=E, hidden_dim=64, router=router)
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    y32, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, aux = layer(x)
+    assert y16.dtype == torch.bfloat16 and aux.gates.dtype == torch.float32
+    assert (y16.float() - y32).abs().max() <= 5e-2 * max(1.0, y32.abs().max().item())
+    (y16.float().sum() + aux.loss).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_public_exports():
+    assert moelab.__version__ == "0.1.0"
+    assert {"MoE", "MoEAux", "MLPExperts", "ModuleExperts", "ConvExperts", "make_router", "losses"} <= set(moelab.__all__)
+    from moelab.moe import MLPExperts, ModuleExperts, losses, routers  # noqa: F401
+    from moelab.moe.routers import ROUTERS, TopKRouter, make_router  # noqa: F401
+
+    assert ROUTERS["topk"] is TopKRouter
+
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import torch, torch._dynamo
+    from moelab import MoE
+    torch.set_num_threads(1)
+    layer = MoE(dim=16, num_experts=4, hidden_dim=32, router="dense")
+    x = torch.randn(5, 16)
+    f = torch.compile(lambda t: layer(t), fullgraph=True, backend="eager")
+    y, aux = f(x)
+    y0, aux0 = layer(x)
+    assert (y - y0).abs().max() < 1e-5 and (aux.loss - aux0.loss).abs() < 1e-6
+    expl = torch._dynamo.explain(lambda t: layer(t))(x)
+    assert expl.graph_break_count == 0, expl.break_reasons
+    print("OK")
+""")
+
+
+def test_torch_compile_dense_path_fullgraph():
+    try:
+        out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.skip("torch.compile took more than 60 s on this machine")
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_dim_none_with_stack_experts_and_custom_gate():
+    class Stack(nn.Module):  # like ConvExperts: forward(x (N, ...)) -> (E, N, classes)
+        num_experts = 3
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 12, 5))
+
+        def forward(self, x):
+            return torch.einsum("nd,edo->eno", x.flatten(1), self.w)
+
+    stack = Stack()
+    gate = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.randn(4, 3, 4)  # per-sample "images"
+    for router in ["dense", "topk"]:
+        layer = MoE(num_experts=3, router=router, experts=stack, gate=gate)
+        y, aux = layer(x)
+        assert y.shape == (4, 5)
+        want = torch.einsum("ne,eno->no", aux.gates, stack(x))
+        assert_close(y, want, 1e-5, router)
