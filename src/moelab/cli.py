@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from moelab.errors import MoelabError
+from moelab.runtime import tune_allocator
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    tune_allocator()  # keep freed tensors in the heap: see moelab.runtime
     parser = build_parser()
     try:
         if argv[:1] == ["bench"]:

@@ -24,6 +24,7 @@ from torch import nn
 from moelab.bench.common import amp_context, format_table, time_interleaved
 from moelab.errors import MoelabError
 from moelab.moe.layer import MoE
+from moelab.runtime import allocator_state
 
 #: (d, h, E, k, tokens)
 CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
@@ -91,7 +92,8 @@ def bench_layer(configs: Sequence[tuple[int, int, int, int, int]] | None = None,
             fns = {name: _step(models[name], x, g, amp) for name in impls}
             secs = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device, cpu_time=cpu_time)
             row: dict = {"d": d, "h": h, "E": e, "k": k, "tokens": n, "dtype": dt,
-                         "threads": torch.get_num_threads(), "timer": "cpu" if cpu_time else "wall"}
+                         "threads": torch.get_num_threads(), "timer": "cpu" if cpu_time else "wall",
+                         "allocator": allocator_state()}
             for name, s in secs.items():
                 row[f"{name}_ms"] = s * 1e3
                 row[f"{name}_tok_s"] = n / s
@@ -118,7 +120,8 @@ def format_rows(rows: Sequence[dict]) -> str:
                      (f"{name}_gflops", f"{name} GFLOP/s", ".1f")]
     cols += [("ours_vs_dense", "ours/dense", ".2f"), ("ours_vs_naive", "ours/naive", ".2f")]
     cols = [c for c in cols if c[0] in out[0]]
-    return format_table(out, cols) + "\n(ratios are throughput ratios; target ours/dense >= 0.80)"
+    note = f"(ratios are throughput ratios; target ours/dense >= 0.80; heap allocator: {rows[0]['allocator']})"
+    return format_table(out, cols) + "\n" + note
 
 
 def main(argv: Sequence[str] | None = None) -> int:
