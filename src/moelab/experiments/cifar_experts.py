@@ -230,6 +230,27 @@ def _epoch_batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tenso
     return [perm[i : i + batch] for i in range(0, n, batch)]
 
 
+def _train_epoch(n: int, batch: int, gen: torch.Generator, hflip: bool, loss_fn, opt, sched, state: dict) -> dict:
+    """One epoch of Adam steps over shuffled batches: ``loss_fn(idx, flip) -> loss`` per batch (``flip``
+    a random half of the batch when ``hflip``, else None); ``sched`` (or None) steps per batch.
+    Adds the images and seconds to ``state``; returns the epoch's metrics."""
+    t0, tot, seen = time.perf_counter(), 0.0, 0
+    for idx in _epoch_batches(n, batch, gen):
+        flip = torch.rand(len(idx), generator=gen) < 0.5 if hflip else None
+        loss = loss_fn(idx, flip)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        tot += loss.item() * len(idx)
+        seen += len(idx)
+    dt = time.perf_counter() - t0
+    state["images"] += seen
+    state["seconds"] += dt
+    return {"loss": tot / max(seen, 1), "lr": opt.param_groups[0]["lr"], "img_per_s": seen / dt}
+
+
 @torch.no_grad()
 def _predict(model_fn, images: Images, cfg: dict, flip: bool = False) -> list[torch.Tensor]:
     """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches; concatenated float outputs."""
@@ -276,24 +297,15 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
             return {"stopped": 1}
         model.train()
         gen = run.generator(phase, epoch)
-        t0, tot, n = time.perf_counter(), 0.0, 0
-        for idx in _epoch_batches(len(images), batch, gen):
-            flip = torch.rand(len(idx), generator=gen) < 0.5 if cfg["augment"]["hflip"] else None
+
+        def loss_fn(idx, flip):
             x, y = images.batch(idx, flip, shift, gen), images.y[idx]
             with _autocast(cfg):
                 out = model(x)
-            loss = F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if schedule == "onecycle":
-                sched.step()
-            tot += loss.item() * len(idx)
-            n += len(idx)
-        dt = time.perf_counter() - t0
-        state["images"] += n
-        state["seconds"] += dt
-        return {"loss": tot / max(n, 1), "lr": opt.param_groups[0]["lr"], "img_per_s": n / dt}
+            return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2)
+
+        return _train_epoch(len(images), batch, gen, cfg["augment"]["hflip"], loss_fn, opt,
+                            sched if schedule == "onecycle" else None, state)
 
     def evaluate(epoch: int) -> dict:
         logits = _predict(model, val, cfg)[0]
@@ -484,26 +496,18 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict) -> tuple[GateNet, d
     def train_epoch(epoch: int) -> dict:
         gate.train()
         gen = run.generator("gate", epoch)
-        t0, tot, n = time.perf_counter(), 0.0, 0
-        for idx in _epoch_batches(len(data.train), gc["batch"], gen):
-            flip = torch.rand(len(idx), generator=gen) < 0.5 if cfg["augment"]["hflip"] else None
+
+        def loss_fn(idx, flip):
             x = data.train.batch(idx, flip, shift, gen) if use_trunk else None
             y = data.train.y[idx]
             g, logits = forward(x, "train", idx, flip)
             loss = F.cross_entropy(logits, y, label_smoothing=gc["label_smoothing"]) + conv_l2_penalty(gate, gc["l2"])
             if gc["aux_weight"] > 0:
                 loss = loss + gc["aux_weight"] * oracle_routing_loss(effective_weights(kind, g, gc["top_k"]), y, cover)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if gc["schedule"] == "onecycle":
-                sched.step()
-            tot += loss.item() * len(idx)
-            n += len(idx)
-        dt = time.perf_counter() - t0
-        state["images"] += n
-        state["seconds"] += dt
-        return {"loss": tot / max(n, 1), "lr": opt.param_groups[0]["lr"], "img_per_s": n / dt}
+            return loss
+
+        return _train_epoch(len(data.train), gc["batch"], gen, cfg["augment"]["hflip"], loss_fn, opt,
+                            sched if gc["schedule"] == "onecycle" else None, state)
 
     def evaluate(epoch: int) -> dict:
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", extra_dim)
@@ -552,25 +556,15 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
     def train_epoch(epoch: int) -> dict:
         both.train()
         gen = run.generator("finetune", epoch)
-        t0, tot, n = time.perf_counter(), 0.0, 0
-        for idx in _epoch_batches(len(data.train), gc["batch"], gen):
-            flip = torch.rand(len(idx), generator=gen) < 0.5
+
+        def loss_fn(idx, flip):
             x, y = data.train.batch(idx, flip, cfg["augment"]["max_shift"], gen), data.train.y[idx]
             with _autocast(cfg):
                 g = [t.float() for t in gate(x)]
                 probs = torch.softmax(experts(x).float(), dim=-1)
-            logits = combine(kind, g, probs, gc["top_k"])
-            loss = F.cross_entropy(logits, y) + conv_l2_penalty(both, gc["l2"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item() * len(idx)
-            n += len(idx)
-        dt = time.perf_counter() - t0
-        state["images"] += n
-        state["seconds"] += dt
-        return {"loss": tot / max(n, 1), "img_per_s": n / dt}
+            return F.cross_entropy(combine(kind, g, probs, gc["top_k"]), y) + conv_l2_penalty(both, gc["l2"])
+
+        return _train_epoch(len(data.train), gc["batch"], gen, True, loss_fn, opt, sched, state)
 
     def experts_fn(x):
         return torch.softmax(experts(x).float(), dim=-1)
