@@ -41,3 +41,38 @@ def test_failing_rank_stops_the_job(tmp_path):
     assert "the 2-process run failed" in p.stderr
     assert took < 30, f"took {took:.1f} s"
     assert not any(tmp_path.iterdir()), "nothing may be written"
+
+
+# The balance loss is a batch statistic, computed per rank under DDP (as in every DDP code base): off here,
+# so that the sharded run must equal the single-process one.
+DIGITS = ["digits-jacobs", "--set", "train.epochs=2", "--set", "train.bf16=false", "--set", "train.balance_weight=0",
+          "--set", "threads=1", "--quiet"]
+
+
+def test_builtin_modern_jacobs_runs_data_parallel(tmp_path):
+    """`moelab run digits-jacobs --nproc 2` trains with DDP on sharded batches: same result as one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = subprocess.run([sys.executable, "-m", "moelab", "run", *DIGITS, "--out", str(one)], env=_env(),
+                        capture_output=True, text=True, timeout=120)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = subprocess.run([sys.executable, "-m", "moelab", "run", *DIGITS, "--out", str(two), "--nproc", "2"],
+                        env=_env(), capture_output=True, text=True, timeout=180)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (s1["protocol"]["world_size"], s2["protocol"]["world_size"]) == (1, 2)
+    assert "data-parallel: 2 ranks" in (two / "run.log").read_text()
+    for model in ("moe", "single"):
+        assert s2["models"][model]["test_accuracy"] == pytest.approx(s1["models"][model]["test_accuracy"], abs=1e-9)
+    m1, m2 = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [(r["phase"], r["epoch"]) for r in m1] == [(r["phase"], r["epoch"]) for r in m2]
+    for a, b in zip(m1, m2):  # epoch losses are means over the global batches, all-reduced over the ranks
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 1 wrote nothing
+
+
+def test_single_process_experiment_refuses_nproc(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "moelab", "run", "mnist-jacobs-faithful", "--nproc", "2",
+                        "--out", str(tmp_path / "r")], env=_env(MOELAB_DATA_DIR=str(tmp_path)), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0
+    assert "runs in one process only; it does not shard its work over the 2 ranks" in p.stderr

@@ -54,6 +54,7 @@ from moelab.models.gating import (
     oracle_routing_loss,
 )
 from moelab.moe.conv_experts import ConvExperts
+from moelab.parallel import ddp
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import routing_stats, save_eval
 from moelab.train.loop import train_phase
@@ -584,6 +585,7 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
 
 @family("cifar_experts", DEFAULTS)
 def run_cifar_experts(cfg: dict, run: Run) -> dict:
+    ddp.require_single_process(run.name)
     if cfg["compute"]["threads"] > 0:
         torch.set_num_threads(cfg["compute"]["threads"])
     t_start = time.perf_counter()

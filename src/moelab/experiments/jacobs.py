@@ -60,6 +60,7 @@ from moelab.models.mlp_mixture import (
     seed_mixture_gradients,
     seed_mlp_gradients,
 )
+from moelab.parallel import ddp
 from moelab.train.evaluation import routing_stats, save_eval
 from moelab.train.loop import train_phase
 from moelab.train.run import Run
@@ -430,13 +431,24 @@ def balance_loss(kind: str, gate_logits: Tensor, gates: Tensor) -> Tensor:
 def _batches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int, norm: tuple[float, float],
              raw: Tensor | None = None, augment: Augment | None = None):
     """This epoch's shuffled minibatches (``run.generator(phase, epoch)`` orders and augments them): rows of
-    ``x``, or, with ``augment``, the augmented ``raw`` images."""
+    ``x``, or, with ``augment``, the augmented ``raw`` images. Yields ``(x, y, loss_weight)``.
+
+    Under torch.distributed every rank draws and augments the same global batch (so the data are those
+    of one process) and keeps its contiguous part (``ddp.local_share``); ``loss_weight`` makes DDP's
+    gradient average the gradient of the global-batch mean loss (1.0 in one process)."""
     g = run.generator(phase, epoch)
     perm = torch.randperm(y.shape[0], generator=g)
     for i in range(0, y.shape[0], bs):
         idx = perm[i:i + bs]
         xb = augment(raw.index_select(0, idx), g) if augment is not None else x.index_select(0, idx)
-        yield (xb - norm[0]) / norm[1], y.index_select(0, idx)
+        xb, yb = ddp.local_share(xb), ddp.local_share(y.index_select(0, idx))
+        yield (xb - norm[0]) / norm[1], yb, ddp.loss_weight(len(yb), len(idx))
+
+
+def _epoch_means(tot: Tensor) -> list[float]:
+    """(k + 1,) sums of k per-example quantities and the example count, summed over ranks -> k means."""
+    tot = ddp.all_reduce_sum(tot)
+    return [float(v / tot[-1]) for v in tot[:-1]]
 
 
 @torch.no_grad()
@@ -498,12 +510,17 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
     opt = _make_opt(t, moe.parameters(), t["lr"])
     sched = _make_sched(t, opt, t["epochs"] * steps)
 
+    moe_ddp = ddp.wrap_model(moe)  # DDP under torchrun, else moe itself
+    world = ddp.current().world_size
+    if world > 1:
+        run.log(f"data-parallel: {world} ranks, each trains on its part of every global batch of {bs}")
+
     def moe_epoch(epoch: int) -> dict:
         moe.train()
         tot = torch.zeros(3, dtype=torch.float64)
-        for xb, yb in _batches(run, "moe", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
+        for xb, yb, w in _batches(run, "moe", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits, gate_logits = moe(xb)
+                logits, gate_logits = moe_ddp(xb)
             lg = moe.log_gates(gate_logits)
             loss = mixture_loss(t["loss"], logits, lg, yb, t["label_smoothing"])
             aux = torch.zeros(())
@@ -511,12 +528,13 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
                 aux = balance_loss(t["balance"], gate_logits.float(), lg.exp())
                 loss = loss + t["balance_weight"] * aux
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * w).backward()
             opt.step()
             sched.step()
             tot += torch.stack([loss.detach().double() * len(yb), aux.detach().double() * len(yb),
                                 torch.tensor(float(len(yb)), dtype=torch.float64)])
-        return {"loss": float(tot[0] / tot[2]), "aux": float(tot[1] / tot[2]), "lr": opt.param_groups[0]["lr"]}
+        mean_loss, mean_aux = _epoch_means(tot)
+        return {"loss": mean_loss, "aux": mean_aux, "lr": opt.param_groups[0]["lr"]}
 
     t0 = time.perf_counter()
     train_phase(run, "moe", moe, opt, t["epochs"], moe_epoch, evaluate=evaluator(moe), sched=sched,
@@ -538,19 +556,21 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
     opt = _make_opt(t, single.parameters(), t["single_lr"] or t["lr"])
     sched = _make_sched(t, opt, s_epochs * steps)
 
+    single_ddp = ddp.wrap_model(single)
+
     def single_epoch(epoch: int) -> dict:
         single.train()
         tot = torch.zeros(2, dtype=torch.float64)
-        for xb, yb in _batches(run, "single", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
+        for xb, yb, w in _batches(run, "single", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = single(xb)
+                logits = single_ddp(xb)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * w).backward()
             opt.step()
             sched.step()
             tot += torch.stack([loss.detach().double() * len(yb), torch.tensor(float(len(yb)), dtype=torch.float64)])
-        return {"loss": float(tot[0] / tot[1]), "lr": opt.param_groups[0]["lr"]}
+        return {"loss": _epoch_means(tot)[0], "lr": opt.param_groups[0]["lr"]}
 
     t0 = time.perf_counter()
     train_phase(run, "single", single, opt, s_epochs, single_epoch, evaluate=evaluator(single), sched=sched,
@@ -568,7 +588,7 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
             "protocol": {"mode": "modern", "loss": t["loss"], "balance": t["balance"],
-                         "val_size": d["val_size"]}}
+                         "val_size": d["val_size"], "world_size": world}}
 
 
 # ======================================================================== entry points
@@ -578,6 +598,8 @@ def run(cfg: dict, run_ctx: Run) -> dict:
         raise ConfigError(f"mode must be 'faithful' or 'modern', got {cfg['mode']!r}.")
     if cfg["seed_protocol"]["train_on_test"] and cfg["mode"] != "faithful":
         raise ConfigError("seed_protocol.train_on_test applies to mode = \"faithful\" only.")
+    if cfg["mode"] == "faithful":
+        ddp.require_single_process(f"{run_ctx.name} (mode = \"faithful\": full-batch gradient descent)")
     threads = torch.get_num_threads()
     try:
         if cfg["threads"] > 0:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from moelab.errors import MoelabError
 from moelab.config import apply_overrides, read_toml
+from moelab.errors import MoelabError
 from moelab.experiments import _resolve_file, get_family, resolve_config
 from moelab.train.run import Run
 

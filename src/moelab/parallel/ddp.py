@@ -109,6 +109,17 @@ def _maybe_inject_failure(ctx: DistContext) -> None:
 
 
 # ------------------------------------------------------------------ model
+def require_single_process(what: str) -> None:
+    """Raise a MoelabError naming ``what`` when running under torch.distributed with world > 1: for
+    experiments that do not shard their work (every rank would repeat the whole job)."""
+    ctx = current()
+    if ctx.enabled and ctx.world_size > 1:
+        raise MoelabError(f"{what} runs in one process only; it does not shard its work over the "
+                          f"{ctx.world_size} ranks (each would repeat the whole job). Run it without --nproc / "
+                          f"torchrun. Data-parallel built-ins: the modern jacobs experiments (digits-jacobs, "
+                          f"mnist-jacobs).")
+
+
 def wrap_model(model: nn.Module, *, ignore: list[str] | None = None, **ddp_kwargs) -> nn.Module:
     """``DistributedDataParallel(model)`` when world > 1, ``model`` itself otherwise.
 
