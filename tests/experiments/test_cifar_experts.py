@@ -9,6 +9,7 @@ import torch
 
 from moelab.errors import ConfigError
 from moelab.experiments import resolve_config
+from moelab.experiments.cifar_experts import _check_cfg
 from moelab.experiments.runner import run_experiment
 from moelab.models.gating import GATE_KINDS
 
@@ -40,6 +41,11 @@ def test_builtin_configs_resolve():
     assert cfg["gate"]["kind"] == "sparse" and len(cfg["data"]["pairs"]) == 10
     # experts 5-9 get the pairs the seed intended, not class 5 as every second class
     assert cfg["data"]["pairs"][5:] == [[0, 9], [1, 8], [2, 7], [3, 6], [4, 5]]
+    _, warm = resolve_config("cifar10-experts-warm")
+    assert warm["experts"]["init"] == warm["gate"]["init"] == "generalist" and warm["baseline"]["epochs"] == 0
+    _, bad = resolve_config("cifar10-experts", ["experts.init=pretrained"])
+    with pytest.raises(ConfigError, match="experts.init must be one of scratch, generalist; got 'pretrained'"):
+        _check_cfg(bad, 10)
     _, base = resolve_config("cifar10-baselines")
     assert base["baselines"] is True and base["gate"]["kind"] == "none"
     with pytest.raises(ConfigError):
@@ -93,3 +99,31 @@ def test_finetune_and_resume(cifar_dir, tmp_path):
     s2 = run_experiment(None, [], resume=tmp_path / "r", data_dir=str(cifar_dir), quiet=True)
     assert s2["models"]["moe-standard"] == s["models"]["moe-standard"]
     assert torch.isfinite(torch.tensor(s2["test_accuracy"]))
+
+
+@pytest.mark.slow
+def test_warm_start_pipeline_and_equal_budget_baseline(cifar_dir, tmp_path):
+    """cifar10-experts-warm: generalist first (cached), specialists + gate trunk start from it, and the
+    single-CNN baseline gets the mixture's measured budget in epochs."""
+    cache = Path(os.environ["MOELAB_CACHE_DIR"])
+    args = SLICE + ["generalist.epochs=1", "baselines=true", "baseline.epochs=0"]
+    s = run_experiment("cifar10-experts-warm", args, out=tmp_path / "w", data_dir=str(cifar_dir), quiet=True)
+    models, t = s["models"], s["timings"]
+    for name in ("generalist", "moe-standard", "baseline-single-cnn"):
+        assert 0.0 <= models[name]["test_accuracy"] <= 1.0, name
+    assert "baseline-gate-trunk" not in models  # trunk_epochs = -1 in the config
+    assert not t["generalist"]["cached"] and len(list((cache / "generalist").glob("*.safetensors"))) == 1
+    assert t["mixture_budget_s"] >= t["generalist"]["train_s"] + t["gate"]["train_s"]
+    want = max(1, int(t["mixture_budget_s"] * t["generalist"]["train_img_per_s"] / 800))  # 4 classes x 200 train
+    assert models["baseline-single-cnn"]["epochs"] == want
+    phases = {json.loads(line)["phase"] for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()}
+    assert {"generalist", "expert0", "gate", "baseline-single-cnn"} <= phases
+
+    # the specialists start from the generalist: their cache key depends on it, a scratch run's does not
+    s2 = run_experiment("cifar10-experts-warm", SLICE + ["generalist.epochs=1", "gate.kind=sparse"],
+                        out=tmp_path / "w2", data_dir=str(cifar_dir), quiet=True)
+    assert s2["timings"]["generalist"]["cached"] and s2["timings"]["experts"]["cached"]
+    assert s2["expert_key"] == s["expert_key"]
+    s3 = run_experiment("cifar10-experts-warm", SLICE + ["generalist.epochs=2"], out=tmp_path / "w3",
+                        data_dir=str(cifar_dir), quiet=True)
+    assert s3["expert_key"] != s["expert_key"] and not s3["timings"]["experts"]["cached"]

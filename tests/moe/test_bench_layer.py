@@ -14,10 +14,12 @@ def test_bench_layer_tiny_config_rows():
     rows = bench_layer([(16, 32, 4, 2, 64)], dtypes=("fp32", "bf16"), repeats=1, warmup=1, verbose=False)
     assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
     for r in rows:
-        for impl in ("ours", "naive", "dense"):
+        for impl in ("ours", "ours_pytorch", "naive", "dense"):
             assert r[f"{impl}_ms"] > 0 and r[f"{impl}_gflops"] > 0
             assert r[f"{impl}_tok_s"] == pytest.approx(64 / (r[f"{impl}_ms"] / 1e3))
         assert r["ours_vs_dense"] == pytest.approx(r["dense_ms"] / r["ours_ms"])
+        assert r["kernel_speedup"] == pytest.approx(r["ours_pytorch_ms"] / r["ours_ms"])
+        assert r["kernels"]
 
 
 def test_main_json(capsys):

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
+from moelab import kernels
 from moelab.moe import dispatch as D
 from tests.moe.moe_helpers import assert_close, seeded  # noqa: F401
+
+
+@pytest.fixture(autouse=True, params=["fused", "pytorch"])
+def kernel_path(request):
+    """Every dispatch test runs on the fused CPU kernels (when built) and on the PyTorch twins."""
+    with kernels.use(request.param == "fused"):
+        yield request.param
 
 
 def _routing(n, e, k, mask_p=0.0):

@@ -2,7 +2,9 @@
 
 For each config (d, h, E, k, tokens) and dtype, one run times forward + backward of
 
-* ``ours``:  ``MoE(d, E, h, router="topk", k)`` (sort -> gather -> grouped GEMMs -> weighted combine)
+* ``ours``:  ``MoE(d, E, h, router="topk", k)`` (sort -> gather -> grouped GEMMs -> weighted combine),
+  router epilogue, dispatch and combine on the fused CPU kernels (``moelab.kernels``)
+* ``ours_pytorch``: the same layer with the fused kernels off (their PyTorch twins)
 * ``naive``: the same router and weights, experts as a Python loop with index_select / index_add
   (``ModuleExperts``, the test oracle)
 * ``dense``: ``Linear(d, k*h) -> GELU -> Linear(k*h, d)``, the FFN with the same active FLOPs
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moelab import kernels
 from moelab.bench.common import amp_context, format_table, time_interleaved
 from moelab.errors import MoelabError
 from moelab.moe.layer import MoE
@@ -32,7 +35,7 @@ CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (512, 2048, 16, 2, 8192),
     (128, 256, 64, 2, 8192),
 )
-IMPLS = ("ours", "naive", "dense")
+IMPLS = ("ours", "ours_pytorch", "naive", "dense")
 
 
 def useful_flops(d: int, h: int, k: int, tokens: int) -> float:
@@ -49,11 +52,11 @@ def build(d: int, h: int, e: int, k: int, seed: int = 0) -> dict[str, nn.Module]
     return {"ours": ours, "naive": naive, "dense": dense}
 
 
-def _step(model: nn.Module, x: torch.Tensor, g: torch.Tensor, amp) -> callable:
+def _step(model: nn.Module, x: torch.Tensor, g: torch.Tensor, amp, fused: bool = True) -> callable:
     params = list(model.parameters())
 
     def step():
-        with amp():
+        with kernels.use(fused), amp():
             out = model(x)
         if isinstance(out, tuple):
             torch.autograd.backward([out[0], out[1].loss], [g.to(out[0].dtype), torch.ones_like(out[1].loss)])
@@ -89,11 +92,12 @@ def bench_layer(configs: Sequence[tuple[int, int, int, int, int]] | None = None,
         flops = useful_flops(d, h, k, n)
         for dt in dtypes:
             amp = amp_context(dt, torch.device(device).type)
-            fns = {name: _step(models[name], x, g, amp) for name in impls}
+            fns = {name: _step(models["ours" if name == "ours_pytorch" else name], x, g, amp,
+                               fused=name != "ours_pytorch") for name in impls}
             secs = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device, cpu_time=cpu_time)
             row: dict = {"d": d, "h": h, "E": e, "k": k, "tokens": n, "dtype": dt,
                          "threads": torch.get_num_threads(), "timer": "cpu" if cpu_time else "wall",
-                         "allocator": allocator_state()}
+                         "allocator": allocator_state(), "kernels": kernels.status()}
             for name, s in secs.items():
                 row[f"{name}_ms"] = s * 1e3
                 row[f"{name}_tok_s"] = n / s
@@ -102,6 +106,8 @@ def bench_layer(configs: Sequence[tuple[int, int, int, int, int]] | None = None,
                 row["ours_vs_dense"] = secs["dense"] / secs["ours"]
             if "naive" in secs:
                 row["ours_vs_naive"] = secs["naive"] / secs["ours"]
+            if "ours_pytorch" in secs:
+                row["kernel_speedup"] = secs["ours_pytorch"] / secs["ours"]
             rows.append(row)
     if verbose:
         print(json.dumps(rows, indent=1) if json_out else format_rows(rows))
@@ -118,9 +124,11 @@ def format_rows(rows: Sequence[dict]) -> str:
         if f"{name}_ms" in rows[0]:
             cols += [(f"{name}_ms", f"{name} ms", ".1f"), (f"{name}_tok_s", f"{name} tok/s", ".0f"),
                      (f"{name}_gflops", f"{name} GFLOP/s", ".1f")]
-    cols += [("ours_vs_dense", "ours/dense", ".2f"), ("ours_vs_naive", "ours/naive", ".2f")]
+    cols += [("ours_vs_dense", "ours/dense", ".2f"), ("ours_vs_naive", "ours/naive", ".2f"),
+             ("kernel_speedup", "ours/ours_pytorch", ".2f")]
     cols = [c for c in cols if c[0] in out[0]]
-    note = f"(ratios are throughput ratios; target ours/dense >= 0.80; heap allocator: {rows[0]['allocator']})"
+    note = (f"(ratios are throughput ratios; target ours/dense >= 0.80; heap allocator: {rows[0]['allocator']}; "
+            f"kernels: {rows[0]['kernels']})")
     return format_table(out, cols) + "\n" + note
 
 

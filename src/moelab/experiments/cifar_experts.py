@@ -3,6 +3,13 @@ CNN gate trained on top (four gating variants of the seed + ``expert-aware``), w
 
 Pipeline (one ``moelab run cifar10-experts``):
 
+0. Warm start (``cifar10-experts-warm``: ``experts.init`` / ``gate.init = "generalist"``): one CNN of
+   the expert architecture is trained on all classes first (phase ``generalist``, cached by content);
+   each expert then starts as a copy of it and is trained on its pair only (a specialist), and the
+   gate's trunk starts from its trunk. ``baseline.epochs = 0`` gives the single-CNN baseline the
+   mixture's whole measured training budget (``timings.mixture_budget_s``: generalist + experts +
+   expert outputs + gate, cached phases at the time they took), converted to epochs at the
+   generalist's measured speed: the comparison at equal wall-clock.
 1. Data: CIFAR-10, ``data.val_size`` validation images carved from train (stratified).
 2. Experts (phase ``expert<i>``): each a :class:`Seed1CNN` trained on its pair's images only (10-way
    softmax head, as in the seed), random shift + horizontal flip, Adam, learning rate halved on a
@@ -64,6 +71,7 @@ CACHE_VERSION = 1
 # The seed's pairs: experts 0-4 as coded, experts 5-9 as intended (the seed's code gave them all class
 # 5 as second class and never loaded them).
 SEED_PAIRS = [[0, 8], [1, 9], [2, 6], [3, 5], [4, 7], [0, 9], [1, 8], [2, 7], [3, 6], [4, 5]]
+INITS = ("scratch", "generalist")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
@@ -88,7 +96,11 @@ DEFAULTS = {
         "early_stop_patience": 10,
         "cache": True,
         "cache_flipped": True,  # also cache the experts' outputs for the mirrored training images
+        "init": "scratch",  # scratch | generalist: start each expert from the generalist CNN, then train on its pair
     },
+    # One CNN of the expert architecture trained on all classes first (only when experts.init or gate.init
+    # is "generalist"): the specialists and the gate trunk start from it. Cached by content like the experts.
+    "generalist": {"epochs": 20, "batch": 128, "lr": 2e-3, "schedule": "onecycle"},
     "gate": {
         "kind": "standard",  # standard | sparse | two-gates | two-gates-max | expert-aware | none
         "epochs": 10,
@@ -106,8 +118,11 @@ DEFAULTS = {
         "extra_dropout": 0.3,
         "finetune_epochs": 0,  # >0: then fine-tune experts + gate jointly
         "finetune_lr": 1e-4,
+        "init": "scratch",  # scratch | generalist: the gate trunk starts from the generalist CNN's trunk
     },
     "baselines": False,
+    # baseline.epochs = 0: as many single-CNN epochs as fit the mixture's whole training budget (generalist +
+    # experts + expert outputs + gate, measured in this run), i.e. the single CNN at equal wall-clock
     "baseline": {"epochs": 30, "batch": 128, "lr": 2e-3, "schedule": "onecycle", "trunk_epochs": 0},
 }
 
@@ -188,7 +203,9 @@ def _check_cfg(cfg: dict, num_classes: int) -> None:
     kind = cfg["gate"]["kind"]
     if kind != "none":
         check_kind(kind)
-    for key, allowed in (("gate.schedule", ("onecycle", "plateau")), ("baseline.schedule", ("onecycle", "plateau"))):
+    for key, allowed in (("gate.schedule", ("onecycle", "plateau")), ("baseline.schedule", ("onecycle", "plateau")),
+                         ("generalist.schedule", ("onecycle", "plateau")), ("experts.init", INITS),
+                         ("gate.init", INITS)):
         sec, name = key.split(".")
         if cfg[sec][name] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {cfg[sec][name]!r}")
@@ -332,13 +349,53 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
 # ----------------------------------------------------------------------------- experts
 
 
-def expert_key(cfg: dict, data: Data, seed: int) -> str:
-    return _hash({"v": CACHE_VERSION, "experts": {k: v for k, v in cfg["experts"].items() if k not in ("cache", "cache_flipped")},
+def generalist_key(cfg: dict, data: Data, seed: int) -> str:
+    return _hash({"v": CACHE_VERSION, "generalist": cfg["generalist"], "l2": cfg["experts"]["l2"],
                   "augment": cfg["augment"], "bf16": cfg["compute"]["bf16"], "data": data.key, "seed": seed})
 
 
-def pretrain_experts(cfg: dict, run: Run, data: Data) -> tuple[ConvExperts, dict]:
-    """Train (or load from the cache) one expert per class pair -> (stacked ConvExperts, info)."""
+def expert_key(cfg: dict, data: Data, seed: int) -> str:
+    ec = {k: v for k, v in cfg["experts"].items() if k not in ("cache", "cache_flipped")}
+    if ec.get("init", "scratch") == "scratch":
+        ec.pop("init", None)  # keys of experts trained before the option existed stay valid
+    else:
+        ec["generalist"] = generalist_key(cfg, data, seed)
+    return _hash({"v": CACHE_VERSION, "experts": ec, "augment": cfg["augment"], "bf16": cfg["compute"]["bf16"],
+                  "data": data.key, "seed": seed})
+
+
+def needs_generalist(cfg: dict) -> bool:
+    return "generalist" in (cfg["experts"]["init"], cfg["gate"]["init"])
+
+
+def train_generalist(cfg: dict, run: Run, data: Data) -> tuple[Seed1CNN, dict]:
+    """One expert-architecture CNN on all classes (phase ``generalist``), cached by content."""
+    key = generalist_key(cfg, data, run.seed)
+    path = _cache_root() / "generalist" / f"{key}.safetensors"
+    model = Seed1CNN(len(data.classes))
+    if cfg["experts"]["cache"] and path.is_file():
+        tensors, meta = load_checkpoint(path)
+        model.load_state_dict(tensors)
+        run.log(f"[generalist] loaded from cache {path} (trained in {meta.get('train_s', 0):.0f} s)")
+        return model.eval(), {"cached": True, "key": key, **meta}
+    gc = cfg["generalist"]
+    torch.manual_seed(run.generator("init", "generalist").initial_seed())
+    t0 = time.perf_counter()
+    info = train_classifier(run, "generalist", model, _full_classes(data), data.val, cfg, epochs=gc["epochs"],
+                            batch=gc["batch"], lr=gc["lr"], schedule=gc["schedule"], l2=cfg["experts"]["l2"],
+                            shift=cfg["augment"]["max_shift"], keep_best=gc["schedule"] == "plateau")
+    model = model.to(memory_format=torch.contiguous_format)
+    meta = {"train_s": time.perf_counter() - t0, "train_img_per_s": info["train_img_per_s"]}
+    if cfg["experts"]["cache"]:
+        save_checkpoint(path, model.state_dict(), meta)
+        run.log(f"[generalist] cached as {path}")
+    return model.eval(), {"cached": False, "key": key, **meta}
+
+
+def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | None = None) -> tuple[ConvExperts, dict]:
+    """Train (or load from the cache) one expert per class pair -> (stacked ConvExperts, info).
+
+    ``experts.init = "generalist"``: each expert starts as a copy of ``generalist`` (a specialist)."""
     key = expert_key(cfg, data, run.seed)
     path = _cache_root() / "experts" / f"{key}.safetensors"
     E = len(data.pairs)
@@ -355,6 +412,8 @@ def pretrain_experts(cfg: dict, run: Run, data: Data) -> tuple[ConvExperts, dict
         va = _subset(data.val, [a, b])
         torch.manual_seed(run.generator("init", f"expert{i}").initial_seed())
         m = Seed1CNN(len(data.classes))
+        if ec["init"] == "generalist":
+            m.load_state_dict(generalist.state_dict())
         run.log(f"[expert{i}] pair ({data.classes[a]}, {data.classes[b]}): {len(tr)} train, {len(va)} val images")
         info = train_classifier(run, f"expert{i}", m, tr, va, cfg, epochs=ec["epochs"], batch=ec["batch"],
                                 lr=ec["lr"], schedule="plateau", l2=ec["l2"], shift=cfg["augment"]["max_shift"],
@@ -471,7 +530,8 @@ def _gate_probs(cache: dict, split: str, idx: torch.Tensor, flip: torch.Tensor |
     return p
 
 
-def train_gate(cfg: dict, run: Run, data: Data, cache: dict) -> tuple[GateNet, dict]:
+def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
+               generalist: Seed1CNN | None = None) -> tuple[GateNet, dict]:
     gc, kind = cfg["gate"], cfg["gate"]["kind"]
     E, K = len(data.pairs), len(data.classes)
     extra_dim = E * K + cache["train.feats"].shape[1] if kind == "expert-aware" else 0
@@ -479,6 +539,8 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict) -> tuple[GateNet, d
     use_trunk = gc["trunk"] or kind != "expert-aware"
     gate = _to_memory_format(GateNet(E, num_heads(kind), extra_dim=extra_dim, hidden=gc["hidden"],
                                      extra_dropout=gc["extra_dropout"], trunk=use_trunk), cfg)
+    if gc["init"] == "generalist" and gate.trunk is not None:  # same architecture as the CNN's trunk
+        gate.trunk.load_state_dict(generalist.trunk.state_dict())
     lr = gc["lr"] if gc["lr"] > 0 else SEED_LR[kind]
     opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc["weight_decay"])
     steps = math.ceil(len(data.train) / gc["batch"])
@@ -593,13 +655,20 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
     run.log(f"data: {cfg['data']['name']} (checksum {data.checksum[:12]}), train {len(data.train)}, "
             f"val {len(data.val)}, test {len(data.test)}; {len(data.pairs)} experts; torch threads "
             f"{torch.get_num_threads()}; bf16 {cfg['compute']['bf16']}, channels_last {cfg['compute']['channels_last']}")
-    experts, einfo = pretrain_experts(cfg, run, data)
+    generalist, ginit = (train_generalist(cfg, run, data) if needs_generalist(cfg) else (None, None))
+    experts, einfo = pretrain_experts(cfg, run, data, generalist)
     cache, oinfo = expert_outputs(cfg, run, data, experts, einfo["key"])
     models, uniform = expert_reports(data, cache)
     y = data.test.y
+    if generalist is not None:
+        g_logits = _predict(_to_memory_format(generalist, cfg), data.test, cfg)[0]
+        models["generalist"] = {"test_accuracy": (g_logits.argmax(1) == y).float().mean().item(),
+                                "epochs": cfg["generalist"]["epochs"],
+                                "scope": "the single CNN the specialists / gate trunk start from"}
     save_eval(run, "baseline-uniform", y, uniform, None, data.classes)
     timings = {"data_and_experts_s": round(time.perf_counter() - t_start, 1),
                "experts": {k: einfo.get(k) for k in ("cached", "train_s", "train_img_per_s")},
+               "generalist": {k: ginit.get(k) for k in ("cached", "train_s", "train_img_per_s")} if ginit else None,
                "expert_outputs": {k: oinfo.get(k) for k in ("cached", "infer_s", "infer_img_per_s")},
                "load_1min_after_experts": _load(), "torch_threads": torch.get_num_threads()}
     summary: dict = {"dataset": "CIFAR-10 (JPEG-75 copy)" if cfg["data"]["name"] == "cifar10" else cfg["data"]["name"],
@@ -607,7 +676,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
     kind = cfg["gate"]["kind"]
     if kind != "none":
         t0 = time.perf_counter()
-        gate, ginfo = train_gate(cfg, run, data, cache)
+        gate, ginfo = train_gate(cfg, run, data, cache, generalist)
         extra_dim = gate.extra_dim
         logits, weights = gate_predict(cfg, gate, kind, data.test, cache, "test", extra_dim)
         acc = (logits.argmax(1) == y).float().mean().item()
@@ -629,14 +698,26 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
                                    "train_img_per_s": finfo["train_img_per_s"], "load_1min": _load()}
             summary["test_accuracy"] = acc
         timings["pipeline_s"] = round(time.perf_counter() - t_start, 1)
+        # the mixture's whole training budget, cached phases counted at the time they took when trained
+        budget = sum(t["train_s"] for t in (timings["generalist"], timings["experts"]) if t) \
+            + (oinfo.get("infer_s") or 0.0) + timings["gate"]["train_s"] + timings.get("finetune", {}).get("train_s", 0)
+        timings["mixture_budget_s"] = round(budget, 1)
     if cfg["baselines"]:
         bc = cfg["baseline"]
         full = _full_classes(data)
+        single_epochs = bc["epochs"]
+        if single_epochs == 0:  # equal wall-clock: epochs at the generalist's (else a nominal) speed
+            speed = (ginit or {}).get("train_img_per_s") or einfo.get("train_img_per_s")
+            single_epochs = max(1, int(timings.get("mixture_budget_s", 0) * speed / len(full)))
+            run.log(f"[baseline-single-cnn] {single_epochs} epochs: the mixture's budget of "
+                    f"{timings.get('mixture_budget_s', 0):.0f} s at {speed:.0f} images/s")
         for name, epochs, lr, schedule in (
             ("baseline-gate-trunk", bc["trunk_epochs"] or cfg["gate"]["epochs"], SEED_LR["standard"],
              cfg["gate"]["schedule"]),
-            ("baseline-single-cnn", bc["epochs"], bc["lr"], bc["schedule"]),
+            ("baseline-single-cnn", single_epochs, bc["lr"], bc["schedule"]),
         ):
+            if name == "baseline-gate-trunk" and bc["trunk_epochs"] < 0:  # -1: skip it
+                continue
             t0 = time.perf_counter()
             torch.manual_seed(run.generator("init", name).initial_seed())
             m = Seed1CNN(len(data.classes))

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moelab import kernels
+from moelab.kernels import ops as kernel_ops
+
 __all__ = [
     "DispatchPlan",
     "RowLayout",
@@ -90,10 +93,14 @@ def sort_by_expert(indices: Tensor, num_experts: int, mask: Tensor | None = None
     flat = indices.reshape(-1)  # (N*k,)
     if mask is not None:
         flat = torch.where(mask.reshape(-1), flat, torch.full_like(flat, num_experts))
-    order = torch.argsort(flat, stable=True)  # (N*k,) assignment id of each sorted row
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # (E,)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)  # (N*k,)
+    if kernels.enabled(flat):  # one counting-sort pass
+        order, counts, inverse = kernel_ops.sort_plan(flat, num_experts)
+        counts = counts[:num_experts]
+    else:
+        order = torch.argsort(flat, stable=True)  # (N*k,) assignment id of each sorted row
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # (E,)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # (N*k,)
     if mask is not None:
         m = int(counts.sum())  # host sync only for masked routing (capacity)
         order = order[:m]
@@ -199,11 +206,15 @@ def bucket_layout(plan: DispatchPlan, max_buckets: int = 8, call_cost: float = 0
     order += [ex for ex in range(e) if counts[ex] == 0]
     expert_order = None if order == list(range(e)) else torch.tensor(order, dtype=torch.long, device=dev)
     nk = plan.inverse.shape[0]
-    pos = _position_in_group(plan)  # (M,)
-    rows = torch.tensor(start, dtype=torch.long, device=dev)[plan.expert] + pos  # (M,) padded row per sorted row
-    row_token = torch.full((r,), plan.num_tokens, dtype=torch.long, device=dev).index_copy_(0, rows, plan.token)
-    row_assign = torch.full((r,), nk, dtype=torch.long, device=dev).index_copy_(0, rows, plan.order)
-    assign_row = torch.full((nk,), r, dtype=torch.long, device=dev).index_copy_(0, plan.order, rows)
+    start_t = torch.tensor(start, dtype=torch.long, device=dev)
+    if kernels.enabled(plan.order):
+        row_token, row_assign, assign_row = kernel_ops.bucket_rows(plan.order, plan.expert, start_t, r,
+                                                                   plan.num_tokens, plan.k, nk)
+    else:
+        rows = start_t[plan.expert] + _position_in_group(plan)  # (M,) padded row per sorted row
+        row_token = torch.full((r,), plan.num_tokens, dtype=torch.long, device=dev).index_copy_(0, rows, plan.token)
+        row_assign = torch.full((r,), nk, dtype=torch.long, device=dev).index_copy_(0, rows, plan.order)
+        assign_row = torch.full((nk,), r, dtype=torch.long, device=dev).index_copy_(0, plan.order, rows)
     return RowLayout(row_token, row_assign, assign_row, plan.num_tokens, plan.k, padded=r > plan.num_rows,
                      dropped=plan.has_dropped, groups=groups, expert_order=expert_order)
 
@@ -233,9 +244,13 @@ class _GatherRows(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
-def gather_rows(x: Tensor, layout: RowLayout) -> Tensor:
-    """x: (N, *f) -> (R, *f) in the layout's row order."""
-    return _GatherRows.apply(x, layout.row_token, layout.assign_row, layout.k, layout.padded, layout.dropped)
+def gather_rows(x: Tensor, layout: RowLayout, dtype: torch.dtype | None = None) -> Tensor:
+    """x: (N, *f) -> (R, *f) in the layout's row order, cast to ``dtype`` (default x's)."""
+    dtype = x.dtype if dtype is None else dtype
+    if kernels.enabled(x):  # gather + cast + zero rows in one pass
+        return kernel_ops.gather_rows(x, layout.row_token, layout.assign_row, layout.k, dtype)
+    return _GatherRows.apply(x.to(dtype), layout.row_token, layout.assign_row, layout.k, layout.padded,
+                             layout.dropped)
 
 
 class _CombineRows(torch.autograd.Function):
@@ -271,29 +286,34 @@ class _CombineRows(torch.autograd.Function):
 
 def combine_rows(ye: Tensor, layout: RowLayout, weights: Tensor) -> Tensor:
     """ye: (R, *o) expert outputs in layout order, weights: (N, k) -> (N, *o)."""
+    if kernels.enabled(ye, weights):  # one pass forward, one per gradient backward
+        return kernel_ops.combine_rows(ye, layout.assign_row, layout.row_assign, weights)
     return _CombineRows.apply(ye, layout.assign_row, layout.row_assign, weights, layout.padded, layout.dropped)
 
 
 class _PermuteExperts(torch.autograd.Function):
-    """w[perm] cast to ``dtype`` (perm a permutation of the experts); backward is a gather by the inverse."""
+    """w[perm] cast to ``dtype`` (perm a permutation of the experts); backward is a gather by the inverse.
+    ``fused``: one pass each way with the CPU kernel instead of cast + index_select."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, perm: Tensor, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, w: Tensor, perm: Tensor, dtype: torch.dtype, fused: bool) -> Tensor:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
         ctx.save_for_backward(inv)
-        ctx.wdtype = w.dtype
-        return w.to(dtype).index_select(0, perm)
+        ctx.wdtype, ctx.fused = w.dtype, fused
+        return kernel_ops.permute_cast(w, perm, dtype) if fused else w.to(dtype).index_select(0, perm)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (inv,) = ctx.saved_tensors
-        return grad.index_select(0, inv).to(ctx.wdtype), None, None
+        if ctx.fused:
+            return kernel_ops.permute_cast(grad, inv, ctx.wdtype), None, None, None
+        return grad.index_select(0, inv).to(ctx.wdtype), None, None, None
 
 
 def permute_experts(w: Tensor, perm: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """(E, ...) -> (E, ...) rows in ``perm`` order (a permutation of range(E)), cast to ``dtype``."""
-    return _PermuteExperts.apply(w, perm, w.dtype if dtype is None else dtype)
+    return _PermuteExperts.apply(w, perm, w.dtype if dtype is None else dtype, kernels.enabled(w))
 
 
 def gather_sorted(x: Tensor, plan: DispatchPlan) -> Tensor:

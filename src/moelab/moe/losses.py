@@ -153,9 +153,10 @@ def load_loss(load_probs: Tensor) -> Tensor:
 
 def switch_balance_loss(probs: Tensor, counts: Tensor) -> Tensor:
     """E * sum_i f_i P_i: f_i = counts_i / sum(counts) (fraction dispatched, no gradient),
-    P_i = mean_n probs_ni (router probability). probs (N, E), counts (E,) -> scalar; 1.0 when uniform."""
+    P_i = mean_n probs_ni (router probability). probs (N, E), or (E,) already averaged over tokens;
+    counts (E,) -> scalar; 1.0 when uniform."""
     e = probs.shape[-1]
-    p = _hi(probs).mean(0)  # (E,)
+    p = _hi(probs).mean(0) if probs.dim() == 2 else _hi(probs)  # (E,)
     f = counts.to(p.dtype) / counts.sum().clamp_min(1).to(p.dtype)  # (E,)
     return e * (f.detach() * p).sum()
 

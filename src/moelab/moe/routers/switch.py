@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moelab import kernels
 from moelab.moe.routers.base import Router, Routing, check_capacity_factor
-from moelab.moe.routers.topk import sparse_routing
+from moelab.moe.routers.topk import fused_sparse_routing, sparse_routing
 
 
 class SwitchRouter(Router):
@@ -32,6 +33,8 @@ class SwitchRouter(Router):
         if self.training and self.jitter > 0:  # multiplicative input jitter (the paper's eps = 1e-2)
             x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
         logits = self.logits(x)  # (N, E)
+        if kernels.enabled(logits):  # weights = the top-1 softmax probability (not renormalised)
+            return fused_sparse_routing(logits, 1, False, self.capacity_factor)
         probs = torch.softmax(logits, dim=-1)
         weights, indices = probs.max(dim=-1, keepdim=True)  # (N, 1)
         return sparse_routing(logits, probs, indices, weights, self.capacity_factor)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moelab import kernels
+from moelab.kernels import ops as kernel_ops
 from moelab.moe import losses as L
 from moelab.moe.routers.base import (
     Router,
@@ -29,18 +31,20 @@ from moelab.moe.routers.base import (
 )
 
 
-def sparse_routing(logits: Tensor, probs: Tensor, indices: Tensor, weights: Tensor,
+def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weights: Tensor,
                    capacity_factor: float | None, extra: dict[str, Tensor] | None = None,
-                   lse: Tensor | None = None) -> Routing:
+                   lse: Tensor | None = None, mean_probs: Tensor | None = None,
+                   entropy: Tensor | None = None) -> Routing:
     """Build a "sparse" Routing (applying capacity) from (N, E) logits/probs and (N, k) choices.
 
     Losses, each a few passes over (N, E) at most: balance (f before capacity), z, importance
     (sum of kept gate values per expert), entropy of ``probs``. lse: optional (N,) logsumexp(logits).
+    The fused router passes ``probs=None`` with ``lse``, ``mean_probs`` (E,) and ``entropy`` (N,) instead.
     """
-    n, e = probs.shape
+    n, e = logits.shape
     k = indices.shape[1]
     mask = None
-    dropped = zero_long(probs.device)
+    dropped = zero_long(logits.device)
     counts_all = counts_of(indices, e)  # (E,) before capacity: Switch's f_i
     counts = counts_all
     if capacity_factor is not None:
@@ -50,12 +54,21 @@ def sparse_routing(logits: Tensor, probs: Tensor, indices: Tensor, weights: Tens
     w_kept = weights if mask is None else weights * mask
     importance = w_kept.new_zeros(e).index_add(0, indices.reshape(-1), w_kept.reshape(-1))  # (E,) = gates.sum(0)
     lse = torch.logsumexp(logits, dim=-1) if lse is None else lse  # (N,)
-    losses = {"balance": L.switch_balance_loss(probs, counts_all), "z": lse.square().mean(),
-              "importance": L.cv_squared(importance),
-              "entropy": (lse - (probs * logits).sum(-1)).mean()}  # -sum p log p with log p = logits - lse
+    if entropy is None:
+        entropy = lse - (probs * logits).sum(-1)  # (N,) -sum p log p with log p = logits - lse
+    losses = {"balance": L.switch_balance_loss(probs if mean_probs is None else mean_probs, counts_all),
+              "z": lse.square().mean(), "importance": L.cv_squared(importance), "entropy": entropy.mean()}
     losses.update(extra or {})
     return Routing("sparse", gates=None, logits=logits, indices=indices, weights=weights, mask=mask,
                    expert_counts=counts, dropped=dropped, losses=losses)
+
+
+def fused_sparse_routing(logits: Tensor, k: int, normalize: bool, capacity_factor: float | None) -> Routing:
+    """:func:`sparse_routing` of top-k softmax gating with the fused CPU kernel: softmax, top-k,
+    weights, logsumexp, mean probabilities and entropy in one pass over the logits (the same values)."""
+    indices, weights, lse, psum, ent = kernel_ops.topk_softmax(logits, k, normalize)
+    return sparse_routing(logits, None, indices, weights, capacity_factor, lse=lse,
+                          mean_probs=psum / logits.shape[0], entropy=ent)
 
 
 class TopKRouter(Router):
@@ -72,6 +85,8 @@ class TopKRouter(Router):
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)
+        if kernels.enabled(logits):
+            return fused_sparse_routing(logits, self.k, self.normalize, self.capacity_factor)
         probs = torch.softmax(logits, dim=-1)  # (N, E)
         top, indices = topk(logits, self.k)  # (N, k)
         weights = torch.softmax(top, dim=-1) if self.normalize else probs.gather(1, indices)

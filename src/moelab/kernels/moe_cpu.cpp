@@ -1,0 +1,564 @@
+// Fused CPU kernels for the sparse MoE path (built on first use by moelab.kernels; see __init__.py).
+//
+// Each op replaces a chain of small ATen calls whose per-call cost dominates at MoE shapes
+// (N*k rows of a few hundred features, (N, E) router logits with E = 8..64):
+//
+//   topk_softmax           logits (N, E) -> top-k ids, weights, logsumexp, sum_n p (E,), entropy (N,)
+//   topk_softmax_backward  one pass per row for every gradient that reaches the logits
+//   sort_plan              counting sort of (N*k,) expert ids (stable), counts, inverse permutation
+//   bucket_rows            row maps of the padded bucketed layout
+//   gather_rows            x[row_token] with zero padding rows, cast to the compute dtype, one pass
+//   gather_sum             backward of gather_rows: sum of each token's k row gradients
+//   combine / combine_backward   y[n] = sum_j w[n, j] ye[row(n, j)] and its gradients
+//   permute_cast           w[perm] cast to a dtype in one pass (stacked expert weights)
+//
+// Index conventions follow moelab/moe/dispatch.py: a padding row has token N (reads zero), a dropped
+// assignment has row R (reads zero), a padding row has assignment N*k. Accumulation is in float
+// (double for double tensors).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// e^x for float, vectorisable (the compiler turns the loops that call it into SIMD code, unlike
+// std::exp): 2^n e^r with |r| <= ln2 / 2 and the Cephes expf polynomial, relative error ~2e-7.
+inline float exp_(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_(double x) { return std::exp(x); }
+
+template <typename A, typename B>
+using acc_of = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
+
+// Element loads/stores through the accumulation type. bf16 <-> float by bit operations (round to
+// nearest even, NaN kept) so that the loops calling them vectorise; other types by static_cast.
+template <typename A, typename T>
+inline A ld(const T* p, int64_t i) {
+  return static_cast<A>(static_cast<at::opmath_type<T>>(p[i]));
+}
+template <typename A>
+inline A ld(const c10::BFloat16* p, int64_t i) {
+  const uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return static_cast<A>(f);
+}
+template <typename T, typename A>
+inline void st(T* p, int64_t i, A v) {
+  p[i] = static_cast<T>(v);
+}
+template <typename A>
+inline void st(c10::BFloat16* p, int64_t i, A v) {
+  const float f = static_cast<float>(v);
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(f != f ? 0x7FC0u : r);
+}
+
+#define MOELAB_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// (R, *f) -> (R, prod f), also for R = 0 (where reshape(R, -1) is ambiguous)
+Tensor rows2d(const Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, "expected a tensor with a leading row dimension, got a scalar");
+  int64_t f = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) f *= t.size(d);
+  return t.reshape({t.size(0), f});
+}
+
+void check_index(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1,
+              op, ": ", name, " must be a 1-D int64 CPU tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+}
+
+void check_float(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && at::isFloatingType(t.scalar_type()),
+              op, ": ", name, " must be a floating-point CPU tensor, got ", t.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------ router
+
+// logits (N, E) float/double -> indices (N, k), weights (N, k), lse (N,), psum (E,) = sum_n p_n, ent (N,)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& logits_, int64_t k, bool normalize) {
+  TORCH_CHECK(logits_.dim() == 2, "topk_softmax: logits must be (N, E), got shape ", logits_.sizes());
+  TORCH_CHECK(logits_.scalar_type() == at::kFloat || logits_.scalar_type() == at::kDouble,
+              "topk_softmax: logits must be float32 or float64, got ", logits_.scalar_type());
+  const Tensor logits = logits_.contiguous();
+  const int64_t n = logits.size(0), e = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= e, "topk_softmax: k must be in [1, E=", e, "], got ", k);
+  auto opt = logits.options();
+  Tensor indices = at::empty({n, k}, opt.dtype(at::kLong));
+  Tensor weights = at::empty({n, k}, opt), lse = at::empty({n}, opt), ent = at::empty({n}, opt);
+  Tensor psum = at::zeros({e}, opt);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "topk_softmax", [&] {
+    using T = scalar_t;
+    const T* L = logits.data_ptr<T>();
+    int64_t* I = indices.data_ptr<int64_t>();
+    T *W = weights.data_ptr<T>(), *S = lse.data_ptr<T>(), *H = ent.data_ptr<T>();
+    const int64_t nt = at::get_num_threads();
+    std::vector<T> part(static_cast<size_t>(nt * e), T(0));  // per-thread sum_n p_n
+    at::parallel_for(0, n, 256, [&](int64_t b, int64_t end) {
+      T* acc = part.data() + at::get_thread_num() * e;
+      std::vector<T> tv(k), buf(e);
+      std::vector<int64_t> ti(k);
+      for (int64_t r = b; r < end; ++r) {
+        const T* l = L + r * e;
+        T m = l[0];
+_Pragma("omp simd reduction(max : m)")
+        for (int64_t i = 1; i < e; ++i) m = std::max(m, l[i]);
+        T s = 0, sl = 0;
+_Pragma("omp simd reduction(+ : s, sl)")
+        for (int64_t i = 0; i < e; ++i) {
+          const T p = exp_(l[i] - m);
+          buf[i] = p;
+          s += p;
+          sl += p * (l[i] - m);
+        }
+        const T ls = std::log(s), lz = m + ls;
+        S[r] = lz;
+        H[r] = ls - sl / s;  // -sum p log p with log p = (l - m) - log s
+        const T inv = T(1) / s;
+_Pragma("omp simd")
+        for (int64_t i = 0; i < e; ++i) acc[i] += buf[i] * inv;
+        // top-k by value, descending; ties keep the lower index (as argmax / torch.topk on CPU)
+        int64_t filled = 0;
+        for (int64_t i = 0; i < e; ++i) {
+          const T v = l[i];
+          if (filled == k && !(v > tv[k - 1])) continue;
+          int64_t j = filled < k ? filled++ : k - 1;
+          while (j > 0 && v > tv[j - 1]) {
+            tv[j] = tv[j - 1];
+            ti[j] = ti[j - 1];
+            --j;
+          }
+          tv[j] = v;
+          ti[j] = i;
+        }
+        T ws = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          I[r * k + j] = ti[j];
+          const T w = normalize ? exp_(tv[j] - tv[0]) : exp_(tv[j] - lz);
+          W[r * k + j] = w;
+          ws += w;
+        }
+        if (normalize)
+          for (int64_t j = 0; j < k; ++j) W[r * k + j] /= ws;
+      }
+    });
+    T* P = psum.data_ptr<T>();
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t i = 0; i < e; ++i) P[i] += part[t * e + i];
+  });
+  return {indices, weights, lse, psum, ent};
+}
+
+// Gradient of the logits from the gradients of topk_softmax's outputs (each optional).
+Tensor topk_softmax_backward(const Tensor& logits_, const Tensor& ent_, const Tensor& indices_,
+                             const Tensor& weights_, bool normalize, const c10::optional<Tensor>& g_w,
+                             const c10::optional<Tensor>& g_lse, const c10::optional<Tensor>& g_psum,
+                             const c10::optional<Tensor>& g_ent) {
+  const Tensor logits = logits_.contiguous(), ent = ent_.contiguous();
+  const Tensor indices = indices_.contiguous(), weights = weights_.contiguous();
+  const int64_t n = logits.size(0), e = logits.size(1), k = indices.size(1);
+  auto opt_c = [&](const c10::optional<Tensor>& t) {
+    return t.has_value() && t->defined() ? t->to(logits.scalar_type()).contiguous() : Tensor();
+  };
+  const Tensor gw = opt_c(g_w), gl = opt_c(g_lse), gp = opt_c(g_psum), ge = opt_c(g_ent);
+  Tensor grad = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "topk_softmax_backward", [&] {
+    using T = scalar_t;
+    const T *L = logits.data_ptr<T>(), *H = ent.data_ptr<T>(), *W = weights.data_ptr<T>();
+    const int64_t* I = indices.data_ptr<int64_t>();
+    const T* GW = gw.defined() ? gw.data_ptr<T>() : nullptr;
+    const T* GL = gl.defined() ? gl.data_ptr<T>() : nullptr;
+    const T* GP = gp.defined() ? gp.data_ptr<T>() : nullptr;
+    const T* GE = ge.defined() ? ge.data_ptr<T>() : nullptr;
+    T* G = grad.data_ptr<T>();
+    at::parallel_for(0, n, 256, [&](int64_t b, int64_t end) {
+      std::vector<T> p(e), zeros(e, T(0));
+      for (int64_t r = b; r < end; ++r) {
+        const T* l = L + r * e;
+        T* g = G + r * e;
+        // p and log p from the row max (as the forward), not from the stored lse: exact for large logits
+        T m = l[0];
+_Pragma("omp simd reduction(max : m)")
+        for (int64_t i = 1; i < e; ++i) m = std::max(m, l[i]);
+        T s = 0;
+_Pragma("omp simd reduction(+ : s)")
+        for (int64_t i = 0; i < e; ++i) {
+          p[i] = exp_(l[i] - m);
+          s += p[i];
+        }
+        const T ls = std::log(s), inv = T(1) / s;
+_Pragma("omp simd")
+        for (int64_t i = 0; i < e; ++i) p[i] *= inv;
+        T cp = 0;  // sum_i p_i g_psum_i
+        if (GP) {
+_Pragma("omp simd reduction(+ : cp)")
+          for (int64_t i = 0; i < e; ++i) cp += p[i] * GP[i];
+        }
+        const T a = GL ? GL[r] : T(0);
+        const T he = GE ? GE[r] : T(0);
+        const T hr = H[r];
+        const T* gp = GP ? GP : zeros.data();
+        const T c0 = a - cp, ce = he, cl = m + ls - hr;  // d(-sum p log p)/dl_i = -p_i (log p_i + H)
+_Pragma("omp simd")
+        for (int64_t i = 0; i < e; ++i) g[i] = p[i] * (c0 + gp[i] - ce * (l[i] - cl));
+        if (GW) {
+          const T* gwr = GW + r * k;
+          const T* wr = W + r * k;
+          T s = 0;
+          for (int64_t j = 0; j < k; ++j) s += wr[j] * gwr[j];
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t i = I[r * k + j];
+            g[i] += wr[j] * gwr[j];
+            if (normalize) g[i] -= wr[j] * s;  // softmax over the selected logits
+          }
+          if (!normalize)  // w_j = p_{idx_j}: dw_j / dl_i = w_j ([i = idx_j] - p_i)
+            for (int64_t i = 0; i < e; ++i) g[i] -= p[i] * s;
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+// ---------------------------------------------------------------------------------------- dispatch
+
+// flat (A,) expert ids in [0, E] (E = dropped) -> order (A,) stable sort, counts (E + 1,), inverse (A,)
+std::tuple<Tensor, Tensor, Tensor> sort_plan(const Tensor& flat_, int64_t num_experts) {
+  check_index(flat_, "sort_plan", "expert ids");
+  const Tensor flat = flat_.contiguous();
+  const int64_t a = flat.numel();
+  const int64_t* f = flat.data_ptr<int64_t>();
+  Tensor counts = at::zeros({num_experts + 1}, flat.options());
+  Tensor order = at::empty({a}, flat.options()), inverse = at::empty({a}, flat.options());
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < a; ++i) {
+    TORCH_CHECK(f[i] >= 0 && f[i] <= num_experts, "sort_plan: expert id ", f[i], " at position ", i,
+                " is outside [0, ", num_experts, "]");
+    ++c[f[i]];
+  }
+  std::vector<int64_t> pos(static_cast<size_t>(num_experts + 1), 0);
+  for (int64_t v = 1; v <= num_experts; ++v) pos[v] = pos[v - 1] + c[v - 1];
+  int64_t *o = order.data_ptr<int64_t>(), *inv = inverse.data_ptr<int64_t>();
+  for (int64_t i = 0; i < a; ++i) {
+    const int64_t p = pos[f[i]]++;
+    o[p] = i;
+    inv[i] = p;
+  }
+  return {order, counts, inverse};
+}
+
+// Sorted rows (order (M,), expert (M,) non-decreasing) -> padded layout maps given each expert's first
+// padded row start (E,): row_token (R,), row_assign (R,), assign_row (A,) (A = num_tokens * k).
+std::tuple<Tensor, Tensor, Tensor> bucket_rows(const Tensor& order_, const Tensor& expert_, const Tensor& start_,
+                                               int64_t num_rows, int64_t num_tokens, int64_t k, int64_t num_assign) {
+  check_index(order_, "bucket_rows", "order");
+  check_index(expert_, "bucket_rows", "expert");
+  check_index(start_, "bucket_rows", "start");
+  const Tensor order = order_.contiguous(), expert = expert_.contiguous(), start = start_.contiguous();
+  const int64_t m = order.numel();
+  auto opt = order.options();
+  Tensor row_token = at::full({num_rows}, num_tokens, opt), row_assign = at::full({num_rows}, num_assign, opt);
+  Tensor assign_row = at::full({num_assign}, num_rows, opt);
+  const int64_t *o = order.data_ptr<int64_t>(), *ex = expert.data_ptr<int64_t>(), *st = start.data_ptr<int64_t>();
+  int64_t *rt = row_token.data_ptr<int64_t>(), *ra = row_assign.data_ptr<int64_t>(), *ar = assign_row.data_ptr<int64_t>();
+  int64_t prev = -1, first = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    if (ex[i] != prev) {
+      prev = ex[i];
+      first = i;
+    }
+    const int64_t row = st[ex[i]] + (i - first);
+    TORCH_CHECK(row >= 0 && row < num_rows && o[i] >= 0 && o[i] < num_assign, "bucket_rows: row ", row,
+                " or assignment ", o[i], " out of range (rows ", num_rows, ", assignments ", num_assign, ")");
+    rt[row] = o[i] / k;
+    ra[row] = o[i];
+    ar[o[i]] = row;
+  }
+  return {row_token, row_assign, assign_row};
+}
+
+// out[r] = x[index[r]] cast to dtype; index[r] == N reads zeros. x (N, F) -> (R, F)
+Tensor gather_rows(const Tensor& x_, const Tensor& index_, at::ScalarType dtype) {
+  check_float(x_, "gather_rows", "x");
+  check_index(index_, "gather_rows", "index");
+  const Tensor x = rows2d(x_).contiguous(), index = index_.contiguous();
+  const int64_t n = x.size(0), f = x.size(1), r = index.numel();
+  std::vector<int64_t> shape(x_.sizes().begin(), x_.sizes().end());
+  shape[0] = r;
+  Tensor out = at::empty(shape, x.options().dtype(dtype));
+  const int64_t* idx = index.data_ptr<int64_t>();
+  MOELAB_DISPATCH(x.scalar_type(), "gather_rows", [&] {
+    using S = scalar_t;
+    const S* X = x.data_ptr<S>();
+    MOELAB_DISPATCH(dtype, "gather_rows_out", [&] {
+      using D = scalar_t;
+      using A = acc_of<S, D>;
+      D* O = out.data_ptr<D>();
+      at::parallel_for(0, r, 64, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          D* o = O + i * f;
+          const int64_t t = idx[i];
+          if (t == n) {
+            std::fill(o, o + f, D(0));
+            continue;
+          }
+          TORCH_CHECK(t >= 0 && t < n, "gather_rows: index ", t, " out of range [0, ", n, "]");
+          const S* s = X + t * f;
+_Pragma("omp simd")
+          for (int64_t j = 0; j < f; ++j) st(o, j, ld<A>(s, j));
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// Backward of gather_rows: out[t] = sum_j grad[rows[t*k + j]] (rows == R: dropped, skipped), in dtype.
+Tensor gather_sum(const Tensor& grad_, const Tensor& rows_, int64_t k, at::ScalarType dtype) {
+  check_float(grad_, "gather_sum", "grad");
+  check_index(rows_, "gather_sum", "rows");
+  const Tensor grad = rows2d(grad_).contiguous(), rows = rows_.contiguous();
+  const int64_t nr = grad.size(0), f = grad.size(1);
+  TORCH_CHECK(k >= 1 && rows.numel() % k == 0, "gather_sum: ", rows.numel(), " rows is not a multiple of k=", k);
+  const int64_t n = rows.numel() / k;
+  std::vector<int64_t> shape(grad_.sizes().begin(), grad_.sizes().end());
+  shape[0] = n;
+  Tensor out = at::empty(shape, grad.options().dtype(dtype));
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  MOELAB_DISPATCH(grad.scalar_type(), "gather_sum", [&] {
+    using S = scalar_t;
+    const S* G = grad.data_ptr<S>();
+    MOELAB_DISPATCH(dtype, "gather_sum_out", [&] {
+      using D = scalar_t;
+      using A = acc_of<S, D>;
+      D* O = out.data_ptr<D>();
+      at::parallel_for(0, n, 64, [&](int64_t b, int64_t end) {
+        std::vector<A> acc(static_cast<size_t>(f));
+        for (int64_t t = b; t < end; ++t) {
+          std::fill(acc.begin(), acc.end(), A(0));
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t row = rw[t * k + j];
+            if (row == nr) continue;
+            TORCH_CHECK(row >= 0 && row < nr, "gather_sum: row ", row, " out of range [0, ", nr, "]");
+            const S* g = G + row * f;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < f; ++c) acc[c] += ld<A>(g, c);
+          }
+          D* o = O + t * f;
+_Pragma("omp simd")
+          for (int64_t c = 0; c < f; ++c) st(o, c, acc[c]);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------- combine
+
+// y[t] = sum_j w[t, j] * ye[rows[t*k + j]] (rows == R: dropped, reads zero); ye (R, O) -> y (N, O) in ye's dtype
+Tensor combine(const Tensor& ye_, const Tensor& rows_, const Tensor& w_) {
+  check_float(ye_, "combine", "expert outputs");
+  check_index(rows_, "combine", "rows");
+  check_float(w_, "combine", "weights");
+  const Tensor ye = rows2d(ye_).contiguous(), rows = rows_.contiguous(), w = w_.contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.numel() == rows.numel(), "combine: weights ", w.sizes(), " do not match ",
+              rows.numel(), " assignments");
+  const int64_t nr = ye.size(0), f = ye.size(1), n = w.size(0), k = w.size(1);
+  std::vector<int64_t> shape(ye_.sizes().begin(), ye_.sizes().end());
+  shape[0] = n;
+  Tensor out = at::empty(shape, ye.options());
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  MOELAB_DISPATCH(ye.scalar_type(), "combine", [&] {
+    using S = scalar_t;
+    const S* Y = ye.data_ptr<S>();
+    S* O = out.data_ptr<S>();
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "combine_w", [&] {
+      using WT = scalar_t;
+      using A = acc_of<S, WT>;
+      const WT* Wp = w.data_ptr<WT>();
+      at::parallel_for(0, n, 64, [&](int64_t b, int64_t end) {
+        std::vector<A> acc(static_cast<size_t>(f));
+        for (int64_t t = b; t < end; ++t) {
+          std::fill(acc.begin(), acc.end(), A(0));
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t row = rw[t * k + j];
+            if (row == nr) continue;
+            TORCH_CHECK(row >= 0 && row < nr, "combine: row ", row, " out of range [0, ", nr, "]");
+            const A wt = static_cast<A>(Wp[t * k + j]);
+            const S* y = Y + row * f;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < f; ++c) acc[c] += wt * ld<A>(y, c);
+          }
+          S* o = O + t * f;
+_Pragma("omp simd")
+          for (int64_t c = 0; c < f; ++c) st(o, c, acc[c]);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// Gradients of combine: grad_ye[r] = w[a] grad[a / k] for the assignment a = row_assign[r] (padding rows:
+// zero), grad_w[t, j] = <ye[rows[t*k + j]], grad[t]> (dropped: zero). Undefined outputs when not needed.
+std::tuple<Tensor, Tensor> combine_backward(const Tensor& grad_, const Tensor& ye_, const Tensor& rows_,
+                                            const Tensor& row_assign_, const Tensor& w_, bool need_ye, bool need_w) {
+  const Tensor grad = rows2d(grad_).contiguous();
+  const Tensor ye = rows2d(ye_).contiguous();
+  const Tensor rows = rows_.contiguous(), row_assign = row_assign_.contiguous(), w = w_.contiguous();
+  const int64_t nr = ye.size(0), f = ye.size(1), n = w.size(0), k = w.size(1), na = n * k;
+  Tensor grad_ye, grad_w;
+  const int64_t *rw = rows.data_ptr<int64_t>(), *ra = row_assign.data_ptr<int64_t>();
+  MOELAB_DISPATCH(ye.scalar_type(), "combine_backward", [&] {
+    using S = scalar_t;
+    const S* Y = ye.data_ptr<S>();
+    MOELAB_DISPATCH(grad.scalar_type(), "combine_backward_g", [&] {
+      using GT = scalar_t;
+      const GT* G = grad.data_ptr<GT>();
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "combine_backward_w", [&] {
+        using WT = scalar_t;
+        using A = acc_of<acc_of<S, GT>, WT>;
+        const WT* Wp = w.data_ptr<WT>();
+        if (need_w) {
+          grad_w = at::empty({n, k}, w.options());
+          WT* GWp = grad_w.data_ptr<WT>();
+          at::parallel_for(0, n, 64, [&](int64_t b, int64_t end) {
+            for (int64_t t = b; t < end; ++t) {
+              const GT* g = G + t * f;
+              for (int64_t j = 0; j < k; ++j) {
+                const int64_t row = rw[t * k + j];
+                A s = 0;
+                if (row != nr) {
+                  const S* y = Y + row * f;
+_Pragma("omp simd reduction(+ : s)")
+                  for (int64_t c = 0; c < f; ++c) s += ld<A>(y, c) * ld<A>(g, c);
+                }
+                GWp[t * k + j] = static_cast<WT>(s);
+              }
+            }
+          });
+        }
+        if (need_ye) {
+          grad_ye = at::empty(ye_.sizes(), ye.options());
+          S* GY = grad_ye.data_ptr<S>();
+          at::parallel_for(0, nr, 64, [&](int64_t b, int64_t end) {
+            for (int64_t r = b; r < end; ++r) {
+              S* o = GY + r * f;
+              const int64_t a = ra[r];
+              if (a == na) {
+                std::fill(o, o + f, S(0));
+                continue;
+              }
+              TORCH_CHECK(a >= 0 && a < na, "combine_backward: assignment ", a, " out of range [0, ", na, "]");
+              const A wt = static_cast<A>(Wp[a]);
+              const GT* g = G + (a / k) * f;
+_Pragma("omp simd")
+              for (int64_t c = 0; c < f; ++c) st(o, c, wt * ld<A>(g, c));
+            }
+          });
+        }
+      });
+    });
+  });
+  return {grad_ye, grad_w};
+}
+
+// --------------------------------------------------------------------------------------- weights
+
+// out[i] = w[perm[i]] cast to dtype (E, ...) -> (len(perm), ...); one pass instead of cast + gather.
+Tensor permute_cast(const Tensor& w_, const Tensor& perm_, at::ScalarType dtype) {
+  check_float(w_, "permute_cast", "w");
+  check_index(perm_, "permute_cast", "perm");
+  const Tensor w = w_.contiguous(), perm = perm_.contiguous();
+  const int64_t e = w.size(0), n = perm.numel();
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  shape[0] = n;
+  Tensor out = at::empty(shape, w.options().dtype(dtype));
+  const int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < e, "permute_cast: perm[", i, "] = ", p[i], " out of range [0, ", e, ")");
+  const int64_t inner = e ? w.numel() / e : 0;
+  MOELAB_DISPATCH(w.scalar_type(), "permute_cast", [&] {
+    using S = scalar_t;
+    const S* W = w.data_ptr<S>();
+    MOELAB_DISPATCH(dtype, "permute_cast_out", [&] {
+      using D = scalar_t;
+      using A = acc_of<S, D>;
+      D* O = out.data_ptr<D>();
+      const int64_t total = n * inner;
+      at::parallel_for(0, total, 16384, [&](int64_t b, int64_t end) {
+        while (b < end) {
+          const int64_t i = b / inner, off = b % inner, stop = std::min(end, (i + 1) * inner);
+          const S* s = W + p[i] * inner + off;
+          D* o = O + b;
+          const int64_t len = stop - b;
+_Pragma("omp simd")
+          for (int64_t j = 0; j < len; ++j) st(o, j, ld<A>(s, j));
+          b = stop;
+        }
+      });
+    });
+  });
+  return out;
+}
+
+
+}  // namespace
+
+TORCH_LIBRARY(moelab, m) {
+  m.def("topk_softmax(Tensor logits, int k, bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk_softmax_backward(Tensor logits, Tensor ent, Tensor indices, Tensor weights, "
+        "bool normalize, Tensor? g_w, Tensor? g_lse, Tensor? g_psum, Tensor? g_ent) -> Tensor");
+  m.def("sort_plan(Tensor flat, int num_experts) -> (Tensor, Tensor, Tensor)");
+  m.def("bucket_rows(Tensor order, Tensor expert, Tensor start, int num_rows, int num_tokens, int k, "
+        "int num_assign) -> (Tensor, Tensor, Tensor)");
+  m.def("gather_rows(Tensor x, Tensor index, ScalarType dtype) -> Tensor");
+  m.def("gather_sum(Tensor grad, Tensor rows, int k, ScalarType dtype) -> Tensor");
+  m.def("combine(Tensor ye, Tensor rows, Tensor w) -> Tensor");
+  m.def("combine_backward(Tensor grad, Tensor ye, Tensor rows, Tensor row_assign, Tensor w, bool need_ye, "
+        "bool need_w) -> (Tensor, Tensor)");
+  m.def("permute_cast(Tensor w, Tensor perm, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moelab, CPU, m) {
+  m.impl("topk_softmax", &topk_softmax);
+  m.impl("topk_softmax_backward", &topk_softmax_backward);
+  m.impl("sort_plan", &sort_plan);
+  m.impl("bucket_rows", &bucket_rows);
+  m.impl("gather_rows", &gather_rows);
+  m.impl("gather_sum", &gather_sum);
+  m.impl("combine", &combine);
+  m.impl("combine_backward", &combine_backward);
+  m.impl("permute_cast", &permute_cast);
+}

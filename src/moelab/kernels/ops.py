@@ -1,0 +1,100 @@
+"""Autograd wrappers over the fused CPU kernels (``torch.ops.moelab``, see ``moe_cpu.cpp``).
+
+Callers check :func:`moelab.kernels.enabled` first; the PyTorch twins live in
+``moelab.moe.dispatch`` and ``moelab.moe.routers`` and are what the tests compare against.
+
+    topk_softmax(logits (N, E), k, normalize) -> indices (N, k), weights (N, k), lse (N,),
+                                                 psum (E,) = sum_n softmax(logits)_n, entropy (N,)
+    gather_rows(x (N, *f), row_token (R,), assign_row (N*k,), k, dtype) -> (R, *f)
+    combine_rows(ye (R, *o), assign_row (N*k,), row_assign (R,), weights (N, k)) -> (N, *o)
+    permute_cast(w (E, ...), perm (E,), dtype) -> w[perm] in dtype (autograd: dispatch.permute_experts)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["topk_softmax", "gather_rows", "combine_rows", "permute_cast", "sort_plan", "bucket_rows"]
+
+
+def _ops():
+    return torch.ops.moelab
+
+
+class _TopKSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, k: int, normalize: bool):
+        indices, weights, lse, psum, ent = _ops().topk_softmax(logits, k, normalize)
+        ctx.save_for_backward(logits, ent, indices, weights)
+        ctx.normalize = normalize
+        ctx.mark_non_differentiable(indices)
+        return indices, weights, lse, psum, ent
+
+    @staticmethod
+    def backward(ctx, _g_idx, g_w, g_lse, g_psum, g_ent):
+        logits, ent, indices, weights = ctx.saved_tensors
+        grad = _ops().topk_softmax_backward(logits, ent, indices, weights, ctx.normalize, g_w, g_lse, g_psum, g_ent)
+        return grad, None, None
+
+
+def topk_softmax(logits: Tensor, k: int, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Router epilogue in one pass per row (float32/float64 logits).
+
+    weights: softmax over the k selected logits (``normalize``) or their full-softmax probabilities;
+    ties pick the lower expert id. All outputs but ``indices`` are differentiable."""
+    return _TopKSoftmax.apply(logits, k, normalize)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, row_token: Tensor, assign_row: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(assign_row)
+        ctx.k, ctx.xdtype = k, x.dtype
+        return _ops().gather_rows(x, row_token, dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (assign_row,) = ctx.saved_tensors
+        return _ops().gather_sum(grad, assign_row, ctx.k, ctx.xdtype), None, None, None, None
+
+
+def gather_rows(x: Tensor, row_token: Tensor, assign_row: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """xe[r] = x[row_token[r]] in ``dtype`` (token N: zero row); backward sums each token's k rows."""
+    return _GatherRows.apply(x, row_token, assign_row, k, dtype)
+
+
+class _CombineRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ye: Tensor, assign_row: Tensor, row_assign: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(ye, assign_row, row_assign, weights)
+        return _ops().combine(ye, assign_row, weights)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ye, assign_row, row_assign, weights = ctx.saved_tensors
+        need_ye, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_ye, grad_w = _ops().combine_backward(grad, ye, assign_row, row_assign, weights, need_ye, need_w)
+        return (grad_ye if need_ye else None), None, None, (grad_w if need_w else None)
+
+
+def combine_rows(ye: Tensor, assign_row: Tensor, row_assign: Tensor, weights: Tensor) -> Tensor:
+    """y[n] = sum_j weights[n, j] * ye[assign_row[n*k + j]] (row R: dropped), in ye's dtype."""
+    return _CombineRows.apply(ye, assign_row, row_assign, weights)
+
+
+def permute_cast(w: Tensor, perm: Tensor, dtype: torch.dtype) -> Tensor:
+    """w[perm] cast to dtype in one pass (no autograd: ``dispatch.permute_experts`` wraps it)."""
+    return _ops().permute_cast(w, perm, dtype)
+
+
+def sort_plan(flat: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stable counting sort of (A,) expert ids in [0, E]: order (A,), counts (E+1,), inverse (A,)."""
+    return _ops().sort_plan(flat, num_experts)
+
+
+def bucket_rows(order: Tensor, expert: Tensor, start: Tensor, num_rows: int, num_tokens: int, k: int,
+                num_assign: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Row maps of a padded layout: row_token (R,), row_assign (R,), assign_row (A,)."""
+    return _ops().bucket_rows(order, expert, start, num_rows, num_tokens, k, num_assign)
+
