@@ -95,6 +95,7 @@ def maybe_init_from_env() -> Iterator[DistContext]:
     try:
         _maybe_inject_failure(ctx)
         yield ctx
+        dist.barrier()  # no rank tears its process group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -100,5 +100,6 @@ def _spawned(rank: int, fn, nproc: int, port: int, backend, timeout_s: float, th
     ddp.init(backend, timeout_s=timeout_s)
     try:
         fn(rank, *args)
+        dist.barrier()  # every rank done with its collectives before any tears the group down
     finally:
         dist.destroy_process_group()
