@@ -113,6 +113,8 @@ def _build(cxx: str, target: Path) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         cmd = [cxx, *_flags(), str(_SOURCE), "-o", tmp, *_link_flags()]
+        print(f"moelab: building the fused CPU kernels once for this machine and torch (~40 s) -> {target}",
+              file=sys.stderr, flush=True)
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if res.returncode != 0:
