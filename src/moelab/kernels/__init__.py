@@ -31,7 +31,7 @@ import torch
 
 from moelab.errors import MoelabError
 
-__all__ = ["available", "enabled", "load", "status", "library_path", "use"]
+__all__ = ["available", "enabled", "load", "status", "use"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.cpp")
 _MODES = ("auto", "on", "off")
@@ -98,10 +98,9 @@ def _key(cxx: str) -> str:
     return h.hexdigest()[:20]
 
 
-def library_path() -> Path | None:
-    """Where the built library is (or would be) for this machine and torch; None without a compiler."""
-    cxx = _compiler()
-    return None if cxx is None else _cache_dir() / _key(cxx) / "moelab_cpu.so"
+def _library(cxx: str) -> Path:
+    """Where the built library is (or will be) for this machine, compiler and torch."""
+    return _cache_dir() / _key(cxx) / "moelab_cpu.so"
 
 
 def _build(cxx: str, target: Path) -> None:
@@ -144,7 +143,7 @@ def load() -> bool:
             cxx = _compiler()
             if cxx is None:
                 raise MoelabError("no C++ compiler found (set CXX or install g++/clang++)")
-            path = _cache_dir() / _key(cxx) / "moelab_cpu.so"
+            path = _library(cxx)
             if not path.exists():
                 _build(cxx, path)
             torch.ops.load_library(str(path))

@@ -93,6 +93,13 @@ Tensor rows2d(const Tensor& t) {
   return t.reshape({t.size(0), f});
 }
 
+// The sizes of t with the leading (row) dimension replaced by n.
+std::vector<int64_t> with_rows(const Tensor& t, int64_t n) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape[0] = n;
+  return shape;
+}
+
 void check_index(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1,
               op, ": ", name, " must be a 1-D int64 CPU tensor, got ", t.scalar_type(), " of shape ", t.sizes());
@@ -313,9 +320,7 @@ Tensor gather_rows(const Tensor& x_, const Tensor& index_, at::ScalarType dtype)
   check_index(index_, "gather_rows", "index");
   const Tensor x = rows2d(x_).contiguous(), index = index_.contiguous();
   const int64_t n = x.size(0), f = x.size(1), r = index.numel();
-  std::vector<int64_t> shape(x_.sizes().begin(), x_.sizes().end());
-  shape[0] = r;
-  Tensor out = at::empty(shape, x.options().dtype(dtype));
+  Tensor out = at::empty(with_rows(x_, r), x.options().dtype(dtype));
   const int64_t* idx = index.data_ptr<int64_t>();
   MOELAB_DISPATCH(x.scalar_type(), "gather_rows", [&] {
     using S = scalar_t;
@@ -351,9 +356,7 @@ Tensor gather_sum(const Tensor& grad_, const Tensor& rows_, int64_t k, at::Scala
   const int64_t nr = grad.size(0), f = grad.size(1);
   TORCH_CHECK(k >= 1 && rows.numel() % k == 0, "gather_sum: ", rows.numel(), " rows is not a multiple of k=", k);
   const int64_t n = rows.numel() / k;
-  std::vector<int64_t> shape(grad_.sizes().begin(), grad_.sizes().end());
-  shape[0] = n;
-  Tensor out = at::empty(shape, grad.options().dtype(dtype));
+  Tensor out = at::empty(with_rows(grad_, n), grad.options().dtype(dtype));
   const int64_t* rw = rows.data_ptr<int64_t>();
   MOELAB_DISPATCH(grad.scalar_type(), "gather_sum", [&] {
     using S = scalar_t;
@@ -395,9 +398,7 @@ Tensor combine(const Tensor& ye_, const Tensor& rows_, const Tensor& w_) {
   TORCH_CHECK(w.dim() == 2 && w.numel() == rows.numel(), "combine: weights ", w.sizes(), " do not match ",
               rows.numel(), " assignments");
   const int64_t nr = ye.size(0), f = ye.size(1), n = w.size(0), k = w.size(1);
-  std::vector<int64_t> shape(ye_.sizes().begin(), ye_.sizes().end());
-  shape[0] = n;
-  Tensor out = at::empty(shape, ye.options());
+  Tensor out = at::empty(with_rows(ye_, n), ye.options());
   const int64_t* rw = rows.data_ptr<int64_t>();
   MOELAB_DISPATCH(ye.scalar_type(), "combine", [&] {
     using S = scalar_t;
@@ -502,9 +503,7 @@ Tensor permute_cast(const Tensor& w_, const Tensor& perm_, at::ScalarType dtype)
   check_index(perm_, "permute_cast", "perm");
   const Tensor w = w_.contiguous(), perm = perm_.contiguous();
   const int64_t e = w.size(0), n = perm.numel();
-  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
-  shape[0] = n;
-  Tensor out = at::empty(shape, w.options().dtype(dtype));
+  Tensor out = at::empty(with_rows(w, n), w.options().dtype(dtype));
   const int64_t* p = perm.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(p[i] >= 0 && p[i] < e, "permute_cast: perm[", i, "] = ", p[i], " out of range [0, ", e, ")");
