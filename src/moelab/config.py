@@ -23,6 +23,16 @@ from moelab.errors import ConfigError
 META_KEYS = ("family", "base", "description")
 
 
+class Switch(str):
+    """Schema type of a switch that may also be left to moelab: ``true``, ``false`` or ``"auto"``.
+
+    A default written as ``Switch("auto")`` accepts a TOML boolean or the string "auto"; the value is
+    kept as a ``Switch`` ("true" / "false" / "auto"), so later overrides are checked the same way.
+    Read it with :func:`moelab.precision.resolve_bf16` (or ``switch == "true"``), not as a bool."""
+
+    CHOICES = ("true", "false", "auto")
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}``."""
     out: dict[str, Any] = {}
@@ -43,6 +53,13 @@ def _type_name(v: Any) -> str:
 
 def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
     """Return ``value`` coerced to the default's type, or raise ConfigError."""
+    if isinstance(default, Switch):
+        if isinstance(value, bool):
+            return Switch("true" if value else "false")
+        if isinstance(value, str) and value.strip().lower() in Switch.CHOICES:
+            return Switch(value.strip().lower())
+        raise ConfigError(f"{where}: key '{key}' expects true, false or \"auto\" (default {str(default)!r}), "
+                          f"got {_type_name(value)} {value!r}.")
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float):
@@ -142,6 +159,8 @@ def read_toml(path: Path) -> dict:
 
 # ---------------------------------------------------------------- TOML writing
 def _toml_value(v: Any) -> str:
+    if isinstance(v, Switch) and v != "auto":
+        return str(v)  # true / false
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):

@@ -12,6 +12,8 @@ from moelab.experiments import resolve_config
 from moelab.experiments.cifar_experts import _check_cfg
 from moelab.experiments.runner import run_experiment
 from moelab.models.gating import GATE_KINDS
+from moelab.train.checkpoint import load_checkpoint
+from moelab.train.evaluation import load_eval
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 
@@ -71,7 +73,7 @@ def test_pipeline_end_to_end_and_expert_cache(cifar_dir, tmp_path):
     assert {r["phase"] for r in rows} >= {"expert0", "expert1", "gate", "baseline-single-cnn"}
 
     # every other variant reuses the cached experts (and their cached outputs): no expert phase runs
-    for kind in [k for k in GATE_KINDS if k != "standard"]:
+    for kind in [k for k in GATE_KINDS if k != "standard"]:  # (hierarchical needs a generalist: tested below)
         s = run_experiment("cifar10-experts", SLICE + [f"gate.kind={kind}"], out=tmp_path / kind,
                            data_dir=str(cifar_dir), quiet=True)
         assert s["timings"]["experts"]["cached"] and s["timings"]["expert_outputs"]["cached"], kind
@@ -116,8 +118,14 @@ def test_warm_start_pipeline_and_equal_budget_baseline(cifar_dir, tmp_path):
     assert t["mixture_budget_s"] >= t["generalist"]["train_s"] + t["gate"]["train_s"]
     want = max(1, int(t["mixture_budget_s"] * t["generalist"]["train_img_per_s"] / 800))  # 4 classes x 200 train
     assert models["baseline-single-cnn"]["epochs"] == want
-    phases = {json.loads(line)["phase"] for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()}
-    assert {"generalist", "expert0", "gate", "baseline-single-cnn"} <= phases
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert {"generalist", "expert0", "gate", "baseline-single-cnn"} <= {r["phase"] for r in rows}
+    # each specialist's kept checkpoint is the best on its pair's val images, the generalist (epoch 0) included
+    _, meta = load_checkpoint(cache / "experts" / f"{s['expert_key']}.safetensors")
+    for i in range(2):
+        accs = {r["epoch"]: r["val_acc"] for r in rows if r["phase"] == f"expert{i}"}
+        assert sorted(accs) == [0, 1]
+        assert meta["best_val"][i] == max(accs.values()) and accs[meta["best_epoch"][i]] == meta["best_val"][i]
 
     # the specialists start from the generalist: their cache key depends on it, a scratch run's does not
     s2 = run_experiment("cifar10-experts-warm", SLICE + ["generalist.epochs=1", "gate.kind=sparse"],
@@ -127,3 +135,35 @@ def test_warm_start_pipeline_and_equal_budget_baseline(cifar_dir, tmp_path):
     s3 = run_experiment("cifar10-experts-warm", SLICE + ["generalist.epochs=2"], out=tmp_path / "w3",
                         data_dir=str(cifar_dir), quiet=True)
     assert s3["expert_key"] != s["expert_key"] and not s3["timings"]["experts"]["cached"]
+
+
+@pytest.mark.slow
+def test_hierarchical_mixture_and_its_budget(cifar_dir, tmp_path):
+    """cifar10-hierarchical: no gate is trained; the experts' outputs are computed for val and test
+    only, the blend is fitted on val, and the equal-budget baseline counts generalist + specialists +
+    those outputs + the generalist's own inference."""
+    cache = Path(os.environ["MOELAB_CACHE_DIR"])
+    args = SLICE + ["generalist.epochs=1", "baselines=true"]
+    s = run_experiment("cifar10-hierarchical", args, out=tmp_path / "h", data_dir=str(cifar_dir), quiet=True)
+    models, t = s["models"], s["timings"]
+    m = models["moe-hierarchical"]
+    assert 0.0 <= m["test_accuracy"] <= 1.0 and 0.0 <= m["blend"] <= 1.0 and 0.0 <= m["val_accuracy"] <= 1.0
+    assert "generalist" in models and "baseline-single-cnn" in models
+    phases = {json.loads(line)["phase"] for line in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()}
+    assert "gate" not in phases and {"generalist", "expert0", "expert1", "baseline-single-cnn"} <= phases
+    key = s["expert_key"]
+    assert [p.name for p in (cache / "expert-outputs").iterdir()] == [f"{key}-eval.safetensors"]
+    budget = t["generalist"]["train_s"] + t["experts"]["train_s"] + t["expert_outputs"]["infer_s"] + t["gate"]["train_s"]
+    assert abs(t["mixture_budget_s"] - budget) < 0.2
+    assert s["routing"] is not None
+    ev, _ = load_eval(tmp_path / "h", "moe-hierarchical")  # expert weights: each row sums to 1
+    assert torch.allclose(ev["gates"].sum(1), torch.ones(len(ev["gates"])), atol=1e-4)
+
+    # a fixed blend of 0 is the generalist alone; the cached experts and outputs are reused
+    s0 = run_experiment("cifar10-hierarchical", SLICE + ["generalist.epochs=1", "gate.blend=0.0"],
+                        out=tmp_path / "h0", data_dir=str(cifar_dir), quiet=True)
+    assert s0["timings"]["experts"]["cached"] and s0["timings"]["expert_outputs"]["cached"]
+    assert s0["models"]["moe-hierarchical"]["test_accuracy"] == models["generalist"]["test_accuracy"]
+    with pytest.raises(ConfigError, match="gate.blend must be in"):
+        run_experiment("cifar10-hierarchical", SLICE + ["gate.blend=1.5"], out=tmp_path / "bad",
+                       data_dir=str(cifar_dir), quiet=True)

@@ -10,9 +10,12 @@ from moelab.models.gating import (
     GATE_KINDS,
     GateNet,
     combine,
+    combine_hierarchical,
     effective_weights,
+    hierarchical_weights,
     num_heads,
     oracle_routing_loss,
+    pair_cover,
     sparse_gates,
 )
 
@@ -92,3 +95,50 @@ def test_gate_net_shapes(kind):
     assert all((o > -1).all() for o in out)  # ELU
     probs = torch.softmax(torch.randn(10, 3, 10), -1)
     assert combine(kind, out, probs).shape == (3, 10)
+
+
+# hierarchical: 3 classes, experts on pairs (0, 1) and (1, 2): class 1 is in both, classes 0 and 2 in one
+R = torch.tensor([[0.5, 0.3, 0.2]])  # the top-level classifier's softmax (N=1, K=3)
+HP = torch.tensor([[[0.6, 0.2, 0.2]], [[0.1, 0.3, 0.6]]])  # (E=2, N=1, K=3)
+
+
+def test_pair_cover():
+    assert pair_cover([[0, 1], [1, 2]], 4).tolist() == [[1, 0], [1, 1], [0, 1], [0, 0]]
+
+
+def test_hierarchical_against_hand_computed_example():
+    cover = pair_cover([[0, 1], [1, 2]], 3)
+    # masses: expert 0 gets r0 + r1 = 0.8, expert 1 gets r1 + r2 = 0.5; within-pair outputs:
+    # expert 0 -> (0.75, 0.25, 0), expert 1 -> (0, 1/3, 2/3); class 1 is covered twice (average)
+    p = [0.8 * 0.75, (0.8 * 0.25 + 0.5 / 3) / 2, 0.5 * 2 / 3]
+    logits = combine_hierarchical(R, HP, cover)
+    assert close(logits, [[math.log(v) for v in p]])
+    assert close(torch.softmax(logits, 1), [[v / sum(p) for v in p]])
+    assert close(combine_hierarchical(R, HP, cover, blend=0.0), [[math.log(0.5), math.log(0.3), math.log(0.2)]])
+    half = combine_hierarchical(R, HP, cover, blend=0.5)
+    assert close(half, [[(math.log(a) + math.log(b)) / 2 for a, b in zip(p, [0.5, 0.3, 0.2])]])
+    assert close(hierarchical_weights(R, cover), [[0.8 / 1.3, 0.5 / 1.3]])
+
+
+def test_hierarchical_partition_is_a_product_and_sums_to_one():
+    # the seed's layout: each class in one pair of each of two partitions -> p sums to 1
+    pairs = [[0, 8], [1, 9], [2, 6], [3, 5], [4, 7], [0, 9], [1, 8], [2, 7], [3, 6], [4, 5]]
+    cover = pair_cover(pairs, 10)
+    gen = torch.Generator().manual_seed(0)
+    r = torch.softmax(torch.randn(4, 10, generator=gen), 1)
+    probs = torch.softmax(torch.randn(10, 4, 10, generator=gen), -1)
+    p = combine_hierarchical(r, probs, cover).exp()
+    assert torch.allclose(p.sum(1), torch.ones(4), atol=1e-5)
+    # experts that agree with the top level within their pairs reproduce it exactly
+    same = r.unsqueeze(0).expand(10, -1, -1)
+    assert torch.allclose(combine_hierarchical(r, same, cover).exp(), r, atol=1e-6)
+    # a class outside every pair keeps the top level's probability
+    small = pair_cover([[0, 1]], 3)
+    out = combine_hierarchical(R, HP[:1], small).exp()
+    assert close(out, [[0.8 * 0.75, 0.8 * 0.25, 0.2]])
+
+
+def test_hierarchical_shape_errors_name_the_shapes():
+    with pytest.raises(MoelabError, match=r"class_probs must be \(N, K\), probs \(E, N, K\) and cover \(K, E\); "
+                                          r"got \(1, 3\), \(2, 1, 3\), \(2, 3\)"):
+        combine_hierarchical(R, HP, pair_cover([[0, 1], [1, 2]], 3).t())

@@ -30,6 +30,7 @@ from torch import nn
 from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import Seed1CNN
 from moelab.moe.conv_experts import ConvExperts
+from moelab.precision import cpu_bf16_isa
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 MODES = ("infer", "train")
@@ -248,7 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_malloc=a.tune_malloc,
         threads=a.threads,
     )
-    print(json.dumps(rows, indent=1) if a.json else format_table(rows))
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        print(f"(CPU bf16: {cpu_bf16_isa()}; without AMX / AVX512-BF16, bf16 runs emulated and slower than fp32)")
     return 0
 
 

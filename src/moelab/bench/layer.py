@@ -27,6 +27,7 @@ from moelab import kernels
 from moelab.bench.common import amp_context, format_table, time_interleaved
 from moelab.errors import MoelabError
 from moelab.moe.layer import MoE
+from moelab.precision import cpu_bf16_isa
 from moelab.runtime import allocator_state
 
 #: (d, h, E, k, tokens)
@@ -97,7 +98,7 @@ def bench_layer(configs: Sequence[tuple[int, int, int, int, int]] | None = None,
             secs = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device, cpu_time=cpu_time)
             row: dict = {"d": d, "h": h, "E": e, "k": k, "tokens": n, "dtype": dt,
                          "threads": torch.get_num_threads(), "timer": "cpu" if cpu_time else "wall",
-                         "allocator": allocator_state(), "kernels": kernels.status()}
+                         "allocator": allocator_state(), "kernels": kernels.status(), "cpu_bf16": cpu_bf16_isa()}
             for name, s in secs.items():
                 row[f"{name}_ms"] = s * 1e3
                 row[f"{name}_tok_s"] = n / s
@@ -128,7 +129,7 @@ def format_rows(rows: Sequence[dict]) -> str:
              ("kernel_speedup", "ours/ours_pytorch", ".2f")]
     cols = [c for c in cols if c[0] in out[0]]
     note = (f"(ratios are throughput ratios; target ours/dense >= 0.80; heap allocator: {rows[0]['allocator']}; "
-            f"kernels: {rows[0]['kernels']})")
+            f"kernels: {rows[0]['kernels']}; CPU bf16: {rows[0]['cpu_bf16']})")
     return format_table(out, cols) + "\n" + note
 
 

@@ -23,6 +23,9 @@ Pipeline (one ``moelab run cifar10-experts``):
    gate sees a randomly flipped (and, with ``gate.shift``, shifted) image; the experts' outputs are
    the cached ones of the same image flipped the same way but not shifted (a shift moves an object
    by at most 3 pixels; it regularises the gate without running the experts).
+   ``gate.kind = "hierarchical"`` (``cifar10-hierarchical``) trains no gate: the generalist's class
+   probabilities weigh the experts by their pairs' mass and each expert decides within its pair
+   (:func:`moelab.models.gating.combine_hierarchical`), so only the val/test outputs are computed.
 5. Optional joint fine-tuning of experts + gate (``gate.finetune_epochs``).
 6. Baselines (``baselines = true``): the uniform average of the experts (always reported: it is
    free), the gate trunk alone as a 10-way classifier (gate recipe), one CNN of the expert
@@ -47,21 +50,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab.config import Switch
 from moelab.data.transforms import random_translate, train_val_split
 from moelab.errors import ConfigError
 from moelab.experiments import family
 from moelab.models.cifar_cnn import Seed1CNN, conv_l2_penalty
 from moelab.models.gating import (
+    HIERARCHICAL,
     SEED_LR,
     GateNet,
     check_kind,
     combine,
+    combine_hierarchical,
     effective_weights,
+    hierarchical_weights,
     num_heads,
     oracle_routing_loss,
+    pair_cover,
 )
 from moelab.moe.conv_experts import ConvExperts
 from moelab.parallel import ddp
+from moelab.precision import cpu_bf16_isa, resolve_bf16
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import routing_stats, save_eval
 from moelab.train.loop import train_phase
@@ -84,7 +93,7 @@ DEFAULTS = {
         "pairs": SEED_PAIRS,  # one expert per pair of class indices
     },
     "augment": {"max_shift": 3, "hflip": True},  # random shift up to 3 px (10% of 32) + flip, as the seed
-    "compute": {"bf16": True, "channels_last": True, "threads": 0, "eval_batch": 500, "impl": "auto"},
+    "compute": {"bf16": Switch("auto"), "channels_last": True, "threads": 0, "eval_batch": 500, "impl": "auto"},
     "experts": {
         "epochs": 12,
         "batch": 128,
@@ -102,7 +111,7 @@ DEFAULTS = {
     # is "generalist"): the specialists and the gate trunk start from it. Cached by content like the experts.
     "generalist": {"epochs": 20, "batch": 128, "lr": 2e-3, "schedule": "onecycle"},
     "gate": {
-        "kind": "standard",  # standard | sparse | two-gates | two-gates-max | expert-aware | none
+        "kind": "standard",  # standard | sparse | two-gates | two-gates-max | expert-aware | hierarchical | none
         "epochs": 10,
         "batch": 128,
         "lr": 0.0,  # 0: the seed's learning rate for this kind (standard 1e-3, sparse 1e-4, two gates 5e-4)
@@ -119,6 +128,8 @@ DEFAULTS = {
         "finetune_epochs": 0,  # >0: then fine-tune experts + gate jointly
         "finetune_lr": 1e-4,
         "init": "scratch",  # scratch | generalist: the gate trunk starts from the generalist CNN's trunk
+        # hierarchical: logits = lerp(log generalist, log mixture, blend); < 0: fitted on the validation images
+        "blend": -1.0,
     },
     "baselines": False,
     # baseline.epochs = 0: as many single-CNN epochs as fit the mixture's whole training budget (generalist +
@@ -178,8 +189,13 @@ def _load() -> float:
         return float("nan")
 
 
+def _bf16(cfg: dict) -> bool:
+    """``compute.bf16`` resolved: ``"auto"`` = bf16 only where this CPU computes it natively."""
+    return resolve_bf16(cfg["compute"]["bf16"], key="compute.bf16")
+
+
 def _autocast(cfg: dict):
-    if cfg["compute"]["bf16"]:
+    if _bf16(cfg):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -201,8 +217,13 @@ def _check_cfg(cfg: dict, num_classes: int) -> None:
     if not pairs or any(len(p) != 2 or not all(0 <= c < num_classes for c in p) or p[0] == p[1] for p in pairs):
         raise ConfigError(f"data.pairs must be a non-empty list of [a, b] pairs of distinct class indices 0..{num_classes - 1}; got {pairs!r}")
     kind = cfg["gate"]["kind"]
-    if kind != "none":
+    if kind not in ("none", HIERARCHICAL):
         check_kind(kind)
+    if kind == HIERARCHICAL and cfg["gate"]["finetune_epochs"] > 0:
+        raise ConfigError("gate.finetune_epochs: the hierarchical mixture has no gate to fine-tune; set it to 0")
+    if cfg["gate"]["blend"] > 1.0:
+        raise ConfigError(f"gate.blend must be in [0, 1] (or < 0: fitted on the validation images); "
+                          f"got {cfg['gate']['blend']}")
     for key, allowed in (("gate.schedule", ("onecycle", "plateau")), ("baseline.schedule", ("onecycle", "plateau")),
                          ("generalist.schedule", ("onecycle", "plateau")), ("experts.init", INITS),
                          ("gate.init", INITS)):
@@ -233,10 +254,7 @@ class Data:
         self.train = Images(train_x[tr], train_y[tr], cl)
         self.val = Images(train_x[va], train_y[va], cl)
         self.test = Images(ds.test_x[te_keep], ds.test_y[te_keep], cl)
-        k, e = len(self.classes), len(self.pairs)
-        self.cover = torch.zeros(k, e)  # class k is in expert e's pair
-        for i, (a, b) in enumerate(self.pairs):
-            self.cover[a, i] = self.cover[b, i] = 1.0
+        self.cover = pair_cover(self.pairs, len(self.classes))  # (K, E): class k is in expert e's pair
         self.key = {"checksum": self.checksum, "data": cfg["data"], "train": len(self.train), "val": len(self.val)}
 
 
@@ -296,10 +314,13 @@ def _make_sched(kind: str, opt, lr: float, epochs: int, steps: int, patience: in
 def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: dict, *,
                      epochs: int, batch: int, lr: float, schedule: str, l2: float, shift: int,
                      plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
-                     early_stop: int = 0, keep_best: bool = False) -> dict:
+                     early_stop: int = 0, keep_best: bool = False, keep_start: bool = False) -> dict:
     """A 10-way CNN classifier (an expert on its pair, or a baseline): cross-entropy + conv L2, random
     shift + flip, Adam; one-cycle or plateau schedule; optional early stopping and best checkpoint
-    by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``). Returns speed + best stats."""
+    by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``). Returns speed + best stats.
+
+    ``keep_start`` (a warm-started model): the starting weights are the first candidate (epoch 0), so
+    fine-tuning that never beats them on ``val`` leaves the model as it came."""
     model = _to_memory_format(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = math.ceil(len(images) / batch)
@@ -310,8 +331,19 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
         _, meta = load_checkpoint(best_path)
         state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
 
+    def val_acc() -> float:
+        model.eval()
+        return (_predict(model, val, cfg)[0].argmax(1) == val.y).float().mean().item()
+
+    if keep_best and keep_start and not run.checkpoint_path(phase).is_file():  # the phase has not started
+        acc0 = val_acc()
+        state["best"], state["best_epoch"] = acc0, -1
+        save_checkpoint(best_path, model.state_dict(), {"best": acc0, "best_epoch": -1})
+        run.metric(phase=phase, epoch=0, val_acc=acc0)
+        run.log(f"phase={phase}  epoch=0  val_acc={acc0:.4g}  (the starting point)")
+
     def train_epoch(epoch: int) -> dict:
-        if early_stop and state["best_epoch"] >= 0 and epoch - state["best_epoch"] > early_stop:
+        if early_stop and state["best"] >= 0 and epoch - state["best_epoch"] > early_stop:
             return {"stopped": 1}
         model.train()
         gen = run.generator(phase, epoch)
@@ -326,8 +358,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
                             sched if schedule == "onecycle" else None, state)
 
     def evaluate(epoch: int) -> dict:
-        logits = _predict(model, val, cfg)[0]
-        acc = (logits.argmax(1) == val.y).float().mean().item()
+        acc = val_acc()
         if schedule == "plateau":
             sched.step(acc)
         if keep_best and acc > state["best"]:
@@ -351,7 +382,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
 
 def generalist_key(cfg: dict, data: Data, seed: int) -> str:
     return _hash({"v": CACHE_VERSION, "generalist": cfg["generalist"], "l2": cfg["experts"]["l2"],
-                  "augment": cfg["augment"], "bf16": cfg["compute"]["bf16"], "data": data.key, "seed": seed})
+                  "augment": cfg["augment"], "bf16": _bf16(cfg), "data": data.key, "seed": seed})
 
 
 def expert_key(cfg: dict, data: Data, seed: int) -> str:
@@ -360,12 +391,13 @@ def expert_key(cfg: dict, data: Data, seed: int) -> str:
         ec.pop("init", None)  # keys of experts trained before the option existed stay valid
     else:
         ec["generalist"] = generalist_key(cfg, data, seed)
-    return _hash({"v": CACHE_VERSION, "experts": ec, "augment": cfg["augment"], "bf16": cfg["compute"]["bf16"],
+        ec["keep_start"] = True  # the generalist itself is a candidate for the best checkpoint
+    return _hash({"v": CACHE_VERSION, "experts": ec, "augment": cfg["augment"], "bf16": _bf16(cfg),
                   "data": data.key, "seed": seed})
 
 
 def needs_generalist(cfg: dict) -> bool:
-    return "generalist" in (cfg["experts"]["init"], cfg["gate"]["init"])
+    return "generalist" in (cfg["experts"]["init"], cfg["gate"]["init"]) or cfg["gate"]["kind"] == HIERARCHICAL
 
 
 def train_generalist(cfg: dict, run: Run, data: Data) -> tuple[Seed1CNN, dict]:
@@ -418,7 +450,8 @@ def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | Non
         info = train_classifier(run, f"expert{i}", m, tr, va, cfg, epochs=ec["epochs"], batch=ec["batch"],
                                 lr=ec["lr"], schedule="plateau", l2=ec["l2"], shift=cfg["augment"]["max_shift"],
                                 plateau_patience=ec["plateau_patience"], plateau_factor=ec["plateau_factor"],
-                                min_lr=ec["min_lr"], early_stop=ec["early_stop_patience"], keep_best=True)
+                                min_lr=ec["min_lr"], early_stop=ec["early_stop_patience"], keep_best=True,
+                                keep_start=ec["init"] == "generalist")
         experts.load_expert_state_dict(i, m.to(memory_format=torch.contiguous_format).state_dict())
         infos.append(info)
     train_s = time.perf_counter() - t0
@@ -454,14 +487,23 @@ def _expert_fn(modules: nn.ModuleList):
     return fn
 
 
-def expert_outputs(cfg: dict, run: Run, data: Data, experts: ConvExperts, key: str) -> tuple[dict, dict]:
-    """Cached expert probabilities/features for train (plain + flipped), val and test."""
-    flipped = cfg["experts"]["cache_flipped"]
-    path = _cache_root() / "expert-outputs" / f"{key}{'-flip' if flipped else ''}.safetensors"
-    if cfg["experts"]["cache"] and path.is_file():
-        tensors, meta = load_checkpoint(path)
-        run.log(f"[experts] outputs loaded from cache {path}")
+def expert_outputs(cfg: dict, run: Run, data: Data, experts: ConvExperts, key: str,
+                   eval_only: bool = False) -> tuple[dict, dict]:
+    """Cached expert probabilities/features for train (plain + flipped), val and test; with
+    ``eval_only`` (no gate is trained on them) val and test only, unless the full set is cached."""
+    flipped = cfg["experts"]["cache_flipped"] and not eval_only
+    root = _cache_root() / "expert-outputs"
+    names = [f"{key}-eval", f"{key}-flip", key] if eval_only else [f"{key}-flip" if flipped else key]
+    paths = [root / f"{n}.safetensors" for n in names]  # eval_only: any cached set holds val and test
+    hit = next((p for p in paths if p.is_file()), None) if cfg["experts"]["cache"] else None
+    if hit is not None:
+        tensors, meta = load_checkpoint(hit)
+        if eval_only and hit != paths[0] and meta.get("images"):  # a full set: count only the val + test share
+            n = len(data.val) + len(data.test)
+            meta = {**meta, "infer_s": meta["infer_s"] * n / meta["images"], "images": n}
+        run.log(f"[experts] outputs loaded from cache {hit}")
         return tensors, {"cached": True, **meta}
+    path = paths[0]
     modules = experts.to_modules().eval()
     for m in modules:
         _to_memory_format(m, cfg)
@@ -469,7 +511,7 @@ def expert_outputs(cfg: dict, run: Run, data: Data, experts: ConvExperts, key: s
     t0 = time.perf_counter()
     out: dict[str, torch.Tensor] = {}
     n = 0
-    splits = [("train", data.train, False), ("val", data.val, False), ("test", data.test, False)]
+    splits = [("train", data.train, False), ("val", data.val, False), ("test", data.test, False)][eval_only:]
     if flipped:
         splits.insert(1, ("train_flip", data.train, True))
     for name, images, flip in splits:
@@ -604,6 +646,26 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
     return torch.cat(logits), torch.cat(weights)
 
 
+def hierarchical_mixture(cfg: dict, run: Run, data: Data, gen_probs: dict, cache: dict):
+    """The two-level mixture (``gate.kind = "hierarchical"``, :func:`combine_hierarchical`): the
+    generalist's class probabilities weigh the pair experts, each expert decides within its pair.
+    ``gate.blend`` < 0: the blend with the generalist alone that minimises the validation
+    cross-entropy (grid 0, 0.05, ..., 1). Returns test logits, expert weights and info."""
+    probs = {split: cache[f"{split}.probs"].float() for split in ("val", "test")}
+    blend = cfg["gate"]["blend"]
+    if blend < 0:
+        grid = [i / 20 for i in range(21)]
+        nll = [F.cross_entropy(combine_hierarchical(gen_probs["val"], probs["val"], data.cover, b), data.val.y).item()
+               for b in grid]
+        blend = grid[int(np.argmin(nll))]
+        run.log(f"[hierarchical] blend {blend:.2f} (validation cross-entropy {min(nll):.4f}; generalist alone "
+                f"{nll[0]:.4f}, mixture alone {nll[-1]:.4f})")
+    val_logits = combine_hierarchical(gen_probs["val"], probs["val"], data.cover, blend)
+    val_acc = (val_logits.argmax(1) == data.val.y).float().mean().item()
+    logits = combine_hierarchical(gen_probs["test"], probs["test"], data.cover, blend)
+    return logits, hierarchical_weights(gen_probs["test"], data.cover), {"blend": blend, "val_acc": val_acc}
+
+
 def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNet, cache: dict) -> dict:
     """Experts and gate trained jointly (full augmentation; the experts run in every step)."""
     gc, kind = cfg["gate"], cfg["gate"]["kind"]
@@ -654,15 +716,20 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
     data = Data(cfg, run)
     run.log(f"data: {cfg['data']['name']} (checksum {data.checksum[:12]}), train {len(data.train)}, "
             f"val {len(data.val)}, test {len(data.test)}; {len(data.pairs)} experts; torch threads "
-            f"{torch.get_num_threads()}; bf16 {cfg['compute']['bf16']}, channels_last {cfg['compute']['channels_last']}")
+            f"{torch.get_num_threads()}; bf16 {_bf16(cfg)} (compute.bf16 = {cfg['compute']['bf16']}, CPU bf16: "
+            f"{cpu_bf16_isa()}), channels_last {cfg['compute']['channels_last']}")
     generalist, ginit = (train_generalist(cfg, run, data) if needs_generalist(cfg) else (None, None))
     experts, einfo = pretrain_experts(cfg, run, data, generalist)
-    cache, oinfo = expert_outputs(cfg, run, data, experts, einfo["key"])
+    kind = cfg["gate"]["kind"]
+    cache, oinfo = expert_outputs(cfg, run, data, experts, einfo["key"], eval_only=kind == HIERARCHICAL)
     models, uniform = expert_reports(data, cache)
     y = data.test.y
+    t0 = time.perf_counter()  # the hierarchical mixture's gate is the generalist: its inference is part of it
+    gen_probs = ({split: torch.softmax(_predict(_to_memory_format(generalist, cfg), images, cfg)[0], 1)
+                  for split, images in (("val", data.val), ("test", data.test))} if generalist is not None else {})
+    gen_infer_s = time.perf_counter() - t0
     if generalist is not None:
-        g_logits = _predict(_to_memory_format(generalist, cfg), data.test, cfg)[0]
-        models["generalist"] = {"test_accuracy": (g_logits.argmax(1) == y).float().mean().item(),
+        models["generalist"] = {"test_accuracy": (gen_probs["test"].argmax(1) == y).float().mean().item(),
                                 "epochs": cfg["generalist"]["epochs"],
                                 "scope": "the single CNN the specialists / gate trunk start from"}
     save_eval(run, "baseline-uniform", y, uniform, None, data.classes)
@@ -673,8 +740,18 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
                "load_1min_after_experts": _load(), "torch_threads": torch.get_num_threads()}
     summary: dict = {"dataset": "CIFAR-10 (JPEG-75 copy)" if cfg["data"]["name"] == "cifar10" else cfg["data"]["name"],
                      "expert_key": einfo["key"], "pairs": [[data.classes[a], data.classes[b]] for a, b in data.pairs]}
-    kind = cfg["gate"]["kind"]
-    if kind != "none":
+    if kind == HIERARCHICAL:
+        t0 = time.perf_counter()
+        logits, weights, hinfo = hierarchical_mixture(cfg, run, data, gen_probs, cache)
+        acc = (logits.argmax(1) == y).float().mean().item()
+        models[f"moe-{kind}"] = {"test_accuracy": acc, "val_accuracy": hinfo["val_acc"], "blend": hinfo["blend"],
+                                 "scope": "the generalist as top-level gate, each expert within its pair"}
+        save_eval(run, f"moe-{kind}", y, torch.softmax(logits, 1), weights, data.classes)
+        summary["routing"] = routing_stats(y, weights, len(data.classes))
+        timings["gate"] = {"train_s": round(time.perf_counter() - t0 + gen_infer_s, 1), "train_img_per_s": None,
+                           "what": "generalist inference on val + test, blend fitted on val", "load_1min": _load()}
+        summary["test_accuracy"] = acc
+    elif kind != "none":
         t0 = time.perf_counter()
         gate, ginfo = train_gate(cfg, run, data, cache, generalist)
         extra_dim = gate.extra_dim
@@ -697,6 +774,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
             timings["finetune"] = {"train_s": round(time.perf_counter() - t0, 1),
                                    "train_img_per_s": finfo["train_img_per_s"], "load_1min": _load()}
             summary["test_accuracy"] = acc
+    if kind != "none":
         timings["pipeline_s"] = round(time.perf_counter() - t_start, 1)
         # the mixture's whole training budget, cached phases counted at the time they took when trained
         budget = sum(t["train_s"] for t in (timings["generalist"], timings["experts"]) if t) \

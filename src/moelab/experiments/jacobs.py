@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelab.config import Switch
 from moelab.errors import ConfigError, MoelabError
 from moelab.experiments import family
 from moelab.models.mlp_mixture import (
@@ -61,6 +62,7 @@ from moelab.models.mlp_mixture import (
     seed_mlp_gradients,
 )
 from moelab.parallel import ddp
+from moelab.precision import resolve_bf16
 from moelab.train.evaluation import routing_stats, save_eval
 from moelab.train.loop import train_phase
 from moelab.train.run import Run
@@ -114,7 +116,7 @@ DEFAULTS: dict = {
         "balance": "none",  # "none" | "importance" | "switch" | "entropy" | "z"
         "balance_weight": 0.0,
         "shift": 0,  # random translation of the original images by up to this many pixels (0: off), see Augment
-        "bf16": False,  # torch.autocast bfloat16 for the forward pass
+        "bf16": Switch("false"),  # torch.autocast bfloat16 for the forward pass; "auto": where the CPU has it natively
         "log_every": 1,
     },
 }
@@ -488,7 +490,7 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
     if x_val is not None:
         x_val = (x_val - norm[0]) / norm[1]
     in_dim = h * w
-    bs, bf16 = t["batch_size"], t["bf16"]
+    bs, bf16 = t["batch_size"], resolve_bf16(t["bf16"], key="train.bf16")
     steps = math.ceil(x_tr.shape[0] / bs)
     eval_x, eval_y, eval_name = (x_val, y_val, "val_err") if x_val is not None else (x_te, y_te, "test_err")
     models: dict[str, dict] = {}

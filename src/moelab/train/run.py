@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class Run:
         for tmp in self.dir.rglob(".*.tmp"):  # temp files of writes a killed process never finished
             tmp.unlink(missing_ok=True)
         saved = read_toml(cfg_path)
-        want = self.full_config()
+        want = tomllib.loads(dumps_toml(self.full_config()))  # as written to config.toml (switches as booleans)
         diff = sorted(
             k for k in set(flatten(saved)) | set(flatten(want)) if flatten(saved).get(k) != flatten(want).get(k)
         )
