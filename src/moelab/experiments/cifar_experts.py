@@ -314,13 +314,17 @@ def _make_sched(kind: str, opt, lr: float, epochs: int, steps: int, patience: in
 def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: dict, *,
                      epochs: int, batch: int, lr: float, schedule: str, l2: float, shift: int,
                      plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
-                     early_stop: int = 0, keep_best: bool = False, keep_start: bool = False) -> dict:
+                     early_stop: int = 0, keep_best: bool = False, keep_start: bool = False,
+                     val_classes: list[int] | None = None) -> dict:
     """A 10-way CNN classifier (an expert on its pair, or a baseline): cross-entropy + conv L2, random
     shift + flip, Adam; one-cycle or plateau schedule; optional early stopping and best checkpoint
     by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``). Returns speed + best stats.
 
     ``keep_start`` (a warm-started model): the starting weights are the first candidate (epoch 0), so
-    fine-tuning that never beats them on ``val`` leaves the model as it came."""
+    fine-tuning that never beats them on ``val`` leaves the model as it came. ``val_classes``: the
+    validation accuracy takes the argmax over these classes only (a warm-started specialist is
+    judged on telling its pair apart: a 10-way generalist spreads mass over classes the pair's images
+    never show, so its 10-way accuracy on them says little)."""
     model = _to_memory_format(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = math.ceil(len(images) / batch)
@@ -333,7 +337,11 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
 
     def val_acc() -> float:
         model.eval()
-        return (_predict(model, val, cfg)[0].argmax(1) == val.y).float().mean().item()
+        logits = _predict(model, val, cfg)[0]
+        if val_classes is not None:
+            keep = torch.tensor(val_classes)
+            return (keep[logits[:, keep].argmax(1)] == val.y).float().mean().item()
+        return (logits.argmax(1) == val.y).float().mean().item()
 
     if keep_best and keep_start and not run.checkpoint_path(phase).is_file():  # the phase has not started
         acc0 = val_acc()
@@ -391,7 +399,7 @@ def expert_key(cfg: dict, data: Data, seed: int) -> str:
         ec.pop("init", None)  # keys of experts trained before the option existed stay valid
     else:
         ec["generalist"] = generalist_key(cfg, data, seed)
-        ec["keep_start"] = True  # the generalist itself is a candidate for the best checkpoint
+        ec["keep_start"] = "pair"  # the generalist is a candidate for the best checkpoint, judged within the pair
     return _hash({"v": CACHE_VERSION, "experts": ec, "augment": cfg["augment"], "bf16": _bf16(cfg),
                   "data": data.key, "seed": seed})
 
@@ -451,7 +459,8 @@ def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | Non
                                 lr=ec["lr"], schedule="plateau", l2=ec["l2"], shift=cfg["augment"]["max_shift"],
                                 plateau_patience=ec["plateau_patience"], plateau_factor=ec["plateau_factor"],
                                 min_lr=ec["min_lr"], early_stop=ec["early_stop_patience"], keep_best=True,
-                                keep_start=ec["init"] == "generalist")
+                                keep_start=ec["init"] == "generalist",
+                                val_classes=[a, b] if ec["init"] == "generalist" else None)
         experts.load_expert_state_dict(i, m.to(memory_format=torch.contiguous_format).state_dict())
         infos.append(info)
     train_s = time.perf_counter() - t0
