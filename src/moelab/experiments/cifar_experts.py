@@ -734,8 +734,9 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
     models, uniform = expert_reports(data, cache)
     y = data.test.y
     t0 = time.perf_counter()  # the hierarchical mixture's gate is the generalist: its inference is part of it
+    splits = (("val", data.val), ("test", data.test)) if kind == HIERARCHICAL else (("test", data.test),)
     gen_probs = ({split: torch.softmax(_predict(_to_memory_format(generalist, cfg), images, cfg)[0], 1)
-                  for split, images in (("val", data.val), ("test", data.test))} if generalist is not None else {})
+                  for split, images in splits} if generalist is not None else {})
     gen_infer_s = time.perf_counter() - t0
     if generalist is not None:
         models["generalist"] = {"test_accuracy": (gen_probs["test"].argmax(1) == y).float().mean().item(),

@@ -85,6 +85,18 @@ inline void st(c10::BFloat16* p, int64_t i, A v) {
 #define MOELAB_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
+// A copy that casts: the body (a lambda, expanded in place) sees the source type S, the output type D
+// and the type A they are converted through.
+#define MOELAB_DISPATCH_CAST(SRC, DST, NAME, ...) \
+  MOELAB_DISPATCH(SRC, NAME, [&] {                \
+    using S = scalar_t;                           \
+    MOELAB_DISPATCH(DST, NAME "_out", [&] {       \
+      using D = scalar_t;                         \
+      using A = acc_of<S, D>;                     \
+      (__VA_ARGS__)();                            \
+    });                                           \
+  })
+
 // (R, *f) -> (R, prod f), also for R = 0 (where reshape(R, -1) is ambiguous)
 Tensor rows2d(const Tensor& t) {
   TORCH_CHECK(t.dim() >= 1, "expected a tensor with a leading row dimension, got a scalar");
@@ -322,27 +334,22 @@ Tensor gather_rows(const Tensor& x_, const Tensor& index_, at::ScalarType dtype)
   const int64_t n = x.size(0), f = x.size(1), r = index.numel();
   Tensor out = at::empty(with_rows(x_, r), x.options().dtype(dtype));
   const int64_t* idx = index.data_ptr<int64_t>();
-  MOELAB_DISPATCH(x.scalar_type(), "gather_rows", [&] {
-    using S = scalar_t;
+  MOELAB_DISPATCH_CAST(x.scalar_type(), dtype, "gather_rows", [&] {
     const S* X = x.data_ptr<S>();
-    MOELAB_DISPATCH(dtype, "gather_rows_out", [&] {
-      using D = scalar_t;
-      using A = acc_of<S, D>;
-      D* O = out.data_ptr<D>();
-      at::parallel_for(0, r, 64, [&](int64_t b, int64_t end) {
-        for (int64_t i = b; i < end; ++i) {
-          D* o = O + i * f;
-          const int64_t t = idx[i];
-          if (t == n) {
-            std::fill(o, o + f, D(0));
-            continue;
-          }
-          TORCH_CHECK(t >= 0 && t < n, "gather_rows: index ", t, " out of range [0, ", n, "]");
-          const S* s = X + t * f;
-_Pragma("omp simd")
-          for (int64_t j = 0; j < f; ++j) st(o, j, ld<A>(s, j));
+    D* O = out.data_ptr<D>();
+    at::parallel_for(0, r, 64, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        D* o = O + i * f;
+        const int64_t t = idx[i];
+        if (t == n) {
+          std::fill(o, o + f, D(0));
+          continue;
         }
-      });
+        TORCH_CHECK(t >= 0 && t < n, "gather_rows: index ", t, " out of range [0, ", n, "]");
+        const S* s = X + t * f;
+_Pragma("omp simd")
+        for (int64_t j = 0; j < f; ++j) st(o, j, ld<A>(s, j));
+      }
     });
   });
   return out;
@@ -358,30 +365,25 @@ Tensor gather_sum(const Tensor& grad_, const Tensor& rows_, int64_t k, at::Scala
   const int64_t n = rows.numel() / k;
   Tensor out = at::empty(with_rows(grad_, n), grad.options().dtype(dtype));
   const int64_t* rw = rows.data_ptr<int64_t>();
-  MOELAB_DISPATCH(grad.scalar_type(), "gather_sum", [&] {
-    using S = scalar_t;
+  MOELAB_DISPATCH_CAST(grad.scalar_type(), dtype, "gather_sum", [&] {
     const S* G = grad.data_ptr<S>();
-    MOELAB_DISPATCH(dtype, "gather_sum_out", [&] {
-      using D = scalar_t;
-      using A = acc_of<S, D>;
-      D* O = out.data_ptr<D>();
-      at::parallel_for(0, n, 64, [&](int64_t b, int64_t end) {
-        std::vector<A> acc(static_cast<size_t>(f));
-        for (int64_t t = b; t < end; ++t) {
-          std::fill(acc.begin(), acc.end(), A(0));
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t row = rw[t * k + j];
-            if (row == nr) continue;
-            TORCH_CHECK(row >= 0 && row < nr, "gather_sum: row ", row, " out of range [0, ", nr, "]");
-            const S* g = G + row * f;
+    D* O = out.data_ptr<D>();
+    at::parallel_for(0, n, 64, [&](int64_t b, int64_t end) {
+      std::vector<A> acc(static_cast<size_t>(f));
+      for (int64_t t = b; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t row = rw[t * k + j];
+          if (row == nr) continue;
+          TORCH_CHECK(row >= 0 && row < nr, "gather_sum: row ", row, " out of range [0, ", nr, "]");
+          const S* g = G + row * f;
 _Pragma("omp simd")
-            for (int64_t c = 0; c < f; ++c) acc[c] += ld<A>(g, c);
-          }
-          D* o = O + t * f;
-_Pragma("omp simd")
-          for (int64_t c = 0; c < f; ++c) st(o, c, acc[c]);
+          for (int64_t c = 0; c < f; ++c) acc[c] += ld<A>(g, c);
         }
-      });
+        D* o = O + t * f;
+_Pragma("omp simd")
+        for (int64_t c = 0; c < f; ++c) st(o, c, acc[c]);
+      }
     });
   });
   return out;
@@ -508,25 +510,20 @@ Tensor permute_cast(const Tensor& w_, const Tensor& perm_, at::ScalarType dtype)
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(p[i] >= 0 && p[i] < e, "permute_cast: perm[", i, "] = ", p[i], " out of range [0, ", e, ")");
   const int64_t inner = e ? w.numel() / e : 0;
-  MOELAB_DISPATCH(w.scalar_type(), "permute_cast", [&] {
-    using S = scalar_t;
+  MOELAB_DISPATCH_CAST(w.scalar_type(), dtype, "permute_cast", [&] {
     const S* W = w.data_ptr<S>();
-    MOELAB_DISPATCH(dtype, "permute_cast_out", [&] {
-      using D = scalar_t;
-      using A = acc_of<S, D>;
-      D* O = out.data_ptr<D>();
-      const int64_t total = n * inner;
-      at::parallel_for(0, total, 16384, [&](int64_t b, int64_t end) {
-        while (b < end) {
-          const int64_t i = b / inner, off = b % inner, stop = std::min(end, (i + 1) * inner);
-          const S* s = W + p[i] * inner + off;
-          D* o = O + b;
-          const int64_t len = stop - b;
+    D* O = out.data_ptr<D>();
+    const int64_t total = n * inner;
+    at::parallel_for(0, total, 16384, [&](int64_t b, int64_t end) {
+      while (b < end) {
+        const int64_t i = b / inner, off = b % inner, stop = std::min(end, (i + 1) * inner);
+        const S* s = W + p[i] * inner + off;
+        D* o = O + b;
+        const int64_t len = stop - b;
 _Pragma("omp simd")
-          for (int64_t j = 0; j < len; ++j) st(o, j, ld<A>(s, j));
-          b = stop;
-        }
-      });
+        for (int64_t j = 0; j < len; ++j) st(o, j, ld<A>(s, j));
+        b = stop;
+      }
     });
   });
   return out;
