@@ -1,0 +1,78 @@
+"""What a model costs: parameters and inference FLOPs per example, counted, not worked out by hand.
+
+FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on a real forward pass in eval
+mode: every matmul / bmm / baddbmm / conv the model actually runs (2 FLOPs per multiply-add), so a
+sparse mixture is charged for the experts it routes to (and any padding rows it computes), and a dense
+mixture for all of its experts. Elementwise ops (activations, softmax, norms) are not counted, as is
+usual in the MoE literature; they are a small share for the networks here.
+
+    params = count_params(model)
+    flops = flops_per_example(model, x[:256])      # x: a batch of real inputs
+
+:func:`match_width` finds the width of a dense network whose counted cost equals a target, for the
+``dense-equal-params`` / ``dense-equal-flops`` baselines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from moelab.errors import MoelabError
+
+__all__ = ["count_params", "count_flops", "flops_per_example", "match_width", "cost_row"]
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def count_flops(fn: Callable[..., object], *args, **kwargs) -> int:
+    """Total FLOPs of ``fn(*args, **kwargs)`` (matmuls and convolutions, 2 per multiply-add)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def flops_per_example(model: nn.Module, batch: Tensor) -> float:
+    """Inference FLOPs per example of ``model`` on ``batch`` (N, ...): counted in eval mode, divided by N.
+
+    The model's train/eval mode is restored afterwards. For a routed model the count is that batch's
+    routing (pass a few hundred real examples: the average is then what inference costs)."""
+    if batch.shape[0] < 1:
+        raise MoelabError("flops_per_example: the batch is empty")
+    was_training = model.training
+    model.eval()
+    try:
+        total = count_flops(model, batch)
+    finally:
+        model.train(was_training)
+    return total / batch.shape[0]
+
+
+def match_width(cost: Callable[[int], float], target: float, lo: int = 1, hi: int = 1 << 16) -> int:
+    """The width ``w`` in ``[lo, hi]`` whose ``cost(w)`` is closest to ``target``; ``cost`` must grow with ``w``
+    (e.g. ``lambda h: count_params(mlp(196, h, 10))``). Bisection: O(log(hi - lo)) calls."""
+    if cost(lo) >= target:
+        return lo
+    if cost(hi) < target:
+        raise MoelabError(f"match_width: no width up to {hi} reaches the target cost {target:g}")
+    a, b = lo, hi  # cost(a) < target <= cost(b)
+    while b - a > 1:
+        mid = (a + b) // 2
+        if cost(mid) < target:
+            a = mid
+        else:
+            b = mid
+    return a if target - cost(a) < cost(b) - target else b
+
+
+def cost_row(model: nn.Module, batch: Tensor) -> dict:
+    """``{"params": ..., "flops_per_example": ...}`` for a summary's model row."""
+    return {"params": count_params(model), "flops_per_example": round(flops_per_example(model, batch), 1)}

@@ -1,0 +1,66 @@
+"""moelab.cost: parameter and FLOP counts against hand counts on small networks."""
+
+import pytest
+import torch
+from torch import nn
+
+from moelab import MoE
+from moelab.cost import cost_row, count_flops, count_params, flops_per_example, match_width
+from moelab.errors import MoelabError
+from moelab.models.mlp_mixture import MLPMixture, mlp
+
+
+def test_mlp_counts_match_hand_count():
+    m = mlp(196, 25, 10)
+    x = torch.randn(32, 196)
+    assert count_params(m) == 196 * 25 + 25 + 25 * 10 + 10
+    # two GEMMs per example: 2 * (196 * 25 + 25 * 10) FLOPs (multiply-adds counted twice, biases not)
+    assert flops_per_example(m, x) == 2 * (196 * 25 + 25 * 10)
+    assert cost_row(m, x) == {"params": 5185, "flops_per_example": 10300.0}
+
+
+def test_conv_counts_match_hand_count():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    x = torch.randn(4, 3, 6, 6)
+    conv = 2 * (6 * 6) * 8 * (3 * 3 * 3)  # output pixels x out channels x (in channels x kernel)
+    fc = 2 * (8 * 6 * 6) * 10
+    assert flops_per_example(net, x) == conv + fc
+    assert count_params(net) == 8 * 27 + 8 + 288 * 10 + 10
+
+
+def test_dense_mixture_is_charged_for_every_expert():
+    mix = MLPMixture(10, 196, 25, 10, 25, "gelu", 1.0)
+    x = torch.randn(16, 196)
+    experts = 10 * 2 * (196 * 25 + 25 * 10)
+    gate = 2 * (196 * 25 + 25 * 10)
+    assert flops_per_example(mix, x) == experts + gate
+
+
+def test_sparse_layer_is_charged_for_routed_experts_only():
+    torch.manual_seed(0)
+    d, h, e, k, n = 32, 64, 8, 2, 256
+    layer = MoE(dim=d, num_experts=e, hidden_dim=h, router="topk", k=k)
+    f = flops_per_example(layer, torch.randn(n, d))
+    useful = 2 * k * (d * h + h * d) + 2 * d * e  # k expert MLPs + the router's projection
+    dense_all = 2 * e * (d * h + h * d) + 2 * d * e
+    assert useful <= f < 1.25 * useful  # padding rows of the bucketed GEMMs cost a little more
+    assert f < dense_all / 2
+
+
+def test_eval_mode_is_restored_and_empty_batch_is_refused():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    m.train()
+    flops_per_example(m, torch.randn(3, 4))
+    assert m.training
+    with pytest.raises(MoelabError, match="batch is empty"):
+        flops_per_example(m, torch.randn(0, 4))
+    assert count_flops(lambda a: a @ a, torch.randn(5, 5)) == 2 * 5 * 5 * 5
+
+
+def test_match_width_finds_the_closest_width():
+    target = count_params(MLPMixture(10, 196, 25, 10, 25, "gelu", 1.0))  # 57035
+    h = match_width(lambda w: count_params(mlp(196, w, 10)), target)
+    assert h == 275
+    assert match_width(lambda w: w * w, 50) == 7
+    with pytest.raises(MoelabError, match="no width up to 8"):
+        match_width(lambda w: w, 100, hi=8)
