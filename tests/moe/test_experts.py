@@ -111,6 +111,28 @@ def test_module_experts_base_paths_with_non_mlp_experts():
     assert_close(per[:, 1], dense[idx[:, 1], torch.arange(5)], 1e-6, "per-assignment")
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_mlp_experts_per_assignment_outputs_without_weights(masked):
+    """MLPExperts.forward_sparse(weights=None) runs the base path (sort, gather, forward_groups):
+    (N, k, out) per-assignment outputs equal to the naive loop, zeros for dropped assignments, grads too."""
+    torch.manual_seed(0)
+    ex = MLPExperts(4, 6, 8, 5)
+    ref = ex.to_module_experts()
+    x = torch.randn(7, 6, requires_grad=True)
+    idx = torch.rand(7, 4).topk(2, dim=-1).indices
+    mask = torch.rand(7, 2) > 0.3 if masked else None
+    per = ex.forward_sparse(x, idx, None, mask)
+    want = ref.forward_sparse(x, idx, None, mask)
+    assert per.shape == (7, 2, 5)
+    assert_close(per, want, 1e-5, "per-assignment outputs")
+    if masked:
+        assert per[~mask].abs().max() == 0
+    g = torch.randn_like(per)
+    (gx,) = torch.autograd.grad((per * g).sum(), x)
+    (gx_ref,) = torch.autograd.grad((want * g).sum(), x)
+    assert_close(gx, gx_ref, 1e-5, "input gradient")
+
+
 def test_callable_experts_adapter():
     class Stack(nn.Module):  # (N, d) -> (E, N, d) like ConvExperts
         num_experts = 3

@@ -85,7 +85,8 @@ class Experts(nn.Module):
         ys = self.forward_groups(D.gather_sorted(x, plan), plan)  # (M, *out)
         if weights is None:
             n, k = indices.shape
-            rows = D._pad_rows(ys, n * k).index_select(0, plan.inverse)
+            padded = torch.cat([ys, ys.new_zeros(1, *ys.shape[1:])])  # row M: zeros for dropped assignments
+            rows = padded.index_select(0, plan.inverse.clamp_max(ys.shape[0]))  # (N*k, *out)
             return rows.view(n, k, *ys.shape[1:])
         return D.scatter_combine(ys, plan, weights)
 
