@@ -10,16 +10,21 @@ from moelab.runtime import tune_allocator
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
+    if a.nproc < 0:
+        raise MoelabError(f"--nproc N expects N >= 1 (local processes; 0 or 1: one), got {a.nproc}.")
     if a.nproc and a.nproc > 1:
         from moelab.parallel.launch import launch_local
 
         return launch_local(a.nproc, sys.argv[1:])
     from moelab.experiments.runner import run_experiment
 
-    if a.seeds and a.seeds > 1:
+    if a.seeds is not None:
         from moelab.experiments.seeds import run_seeds
 
-        run_seeds(a.experiment, a.set, out=a.out, data_dir=a.data_dir, seed=a.seed, n=a.seeds, quiet=a.quiet)
+        if a.resume:
+            raise MoelabError("moelab run: --seeds and --resume do not go together; run the same --seeds "
+                              "command with the same --out again to continue its unfinished seeds.")
+        run_seeds(a.experiment, a.set, out=a.out, data_dir=a.data_dir, seed=a.seed or 0, n=a.seeds, quiet=a.quiet)
         return 0
     from moelab.parallel.ddp import maybe_init_from_env
 
@@ -90,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--out", help="run directory (default runs/NAME-sSEED-TIMESTAMP)")
     r.add_argument("--data-dir", help="where data sets live (default: $MOELAB_DATA_DIR, then the user cache)")
-    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    r.add_argument("--seeds", type=int, default=0, help="run N seeds (seed, seed+1, ...) into OUT/seed-K folders")
+    r.add_argument("--seed", type=int, default=None, help="random seed (default 0; on --resume: the run's)")
+    r.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run N >= 1 seeds (seed, seed+1, ...) into OUT/seed-K folders, then compare them")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
     r.add_argument("--nproc", type=int, default=0, help="data-parallel on N local processes (torchrun)")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")

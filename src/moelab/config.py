@@ -13,8 +13,9 @@ extends (``base = "mnist-jacobs"``); ``description`` is free text.
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,110 @@ def dumps_toml(d: Mapping[str, Any]) -> str:
 
     table(d, "")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------- value rules
+# A family declares, beside its defaults (the types), what values each key accepts: ``{"train.lr":
+# Float(gt=0), "model.router": Choice("topk", "switch"), ...}`` keyed by the flattened dotted key.
+# Booleans and switches need no rule (their type lists every value); every other key must have one
+# (tests/test_config_rules.py enumerates the schemas).
+class Rule:
+    """What a config key accepts beyond its type; ``expected`` says it in words for the error."""
+
+    expected: str = "a valid value"
+
+    def ok(self, value: Any) -> bool:
+        raise NotImplementedError
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+class _Range(Rule):
+    def __init__(self, ge: float | None = None, gt: float | None = None, le: float | None = None,
+                 lt: float | None = None, also: tuple = (), what: str = "a number"):
+        self.ge, self.gt, self.le, self.lt, self.also = ge, gt, le, lt, tuple(also)
+        bounds = [f"{op} {_fmt(b)}" for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if b is not None]
+        self.expected = f"{what}{' ' + ' and '.join(bounds) if bounds else ''}" + \
+            "".join(f", or {a!r}" for a in self.also)
+
+    def ok(self, value: Any) -> bool:
+        if value in self.also:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+
+
+class Int(_Range):
+    """An integer in a range, e.g. ``Int(ge=1)``; ``also``: special values outside it (``also=(0,)``: 0 = off)."""
+
+    def __init__(self, ge: int | None = None, gt: int | None = None, le: int | None = None, lt: int | None = None,
+                 also: tuple = ()):
+        super().__init__(ge, gt, le, lt, also, what="an integer")
+
+
+class Float(_Range):
+    """A finite number in a range, e.g. ``Float(gt=0)`` for a learning rate, ``Float(ge=0, lt=1)``."""
+
+    def __init__(self, ge: float | None = None, gt: float | None = None, le: float | None = None,
+                 lt: float | None = None, also: tuple = ()):
+        super().__init__(ge, gt, le, lt, also, what="a finite number")
+
+
+class Choice(Rule):
+    """One of a fixed set of strings."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+        self.expected = "one of " + ", ".join(repr(c) for c in choices)
+
+    def ok(self, value: Any) -> bool:
+        return value in self.choices
+
+
+class Text(Rule):
+    """Free text (a data-set name, a path): any non-empty string."""
+
+    expected = "a non-empty string"
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, str) and value.strip() != ""
+
+
+class Check(Rule):
+    """A rule given as a predicate and its description (for list-valued keys)."""
+
+    def __init__(self, ok: Callable[[Any], bool], expected: str):
+        self._ok, self.expected = ok, expected
+
+    def ok(self, value: Any) -> bool:
+        return bool(self._ok(value))
+
+
+def needs_rule(default: Any) -> bool:
+    """Whether a key with this default must declare a rule (booleans and switches list their values)."""
+    return not isinstance(default, bool | Switch)
+
+
+def check_rules(cfg: Mapping[str, Any], rules: Mapping[str, Rule], where: str = "config") -> None:
+    """Raise ConfigError for the first key of ``cfg`` whose value its rule refuses."""
+    flat = flatten(cfg)
+    for key, rule in rules.items():
+        if key in flat and not rule.ok(flat[key]):
+            raise ConfigError(f"{where}: {key} = {_toml_repr(flat[key])} is out of range: expected {rule.expected}.")
+
+
+def refuse(key: str, value: Any, expected: str, where: str | None = None) -> ConfigError:
+    """The error for a value a cross-key or data-dependent rule refuses (raise it)."""
+    return ConfigError(f"{where + ': ' if where else ''}{key} = {_toml_repr(value)} is out of range: "
+                       f"expected {expected}.")
+
+
+def _toml_repr(v: Any) -> str:
+    try:
+        return _toml_value(v)
+    except TypeError:
+        return repr(v)

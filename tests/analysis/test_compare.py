@@ -29,7 +29,8 @@ def test_compare_three_seeds_mean_std(seeds, tmp_path, capsys):
     m, s = statistics.fmean(accs), statistics.stdev(accs)
     assert f"{100 * m:.2f} +- {100 * s:.2f}" in out
     lines = out.splitlines()
-    assert lines[0].split() == ["config", "model", "runs", "test", "acc", "%", "specialisation", "wall", "s"]
+    assert lines[0].split() == ["config", "model", "runs", "test", "acc", "%", "test", "err", "%", "params",
+                                "FLOPs/ex", "train", "s", "specialisation", "wall", "s", "note"]
     assert [ln.split()[:3] for ln in lines[2:4]] == [["synth", "moe", "3"], ["synth", "single", "3"]]
     rows = list(csv.DictReader(out_csv.open()))
     assert [r["model"] for r in rows] == ["moe", "single"] and rows[0]["seeds"] == "0 1 2"
@@ -69,3 +70,30 @@ def test_mean_std():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     m, s = mean_std([float("nan"), 4.0])
     assert m == 4.0 and s != s
+
+
+def test_compare_shows_cost_and_same_model_rows(make_run, tmp_path, capsys):
+    """params, FLOPs per example and training time per model row; a row that repeats another model says so."""
+    import json
+
+    runs = [make_run(tmp_path / f"s{s}", s) for s in range(2)]
+    for i, r in enumerate(runs):
+        summary = json.loads((r / "summary.json").read_text())
+        m = summary["models"]
+        m["moe"].update(params=57035, flops_per_example=113300.0, train_time_s=30.0 + i)
+        m["single"].update(params=5185, flops_per_example=10300.0, train_time_s=10.0,
+                           note="smaller network: one expert's size")
+        m["dense-equal-params"] = {"test_accuracy": 0.9, "params": 56935, "flops_per_example": 113300.0,
+                                   "train_time_s": 12.0}
+        m["dense-equal-flops"] = {**m["dense-equal-params"], "same_model_as": "dense-equal-params"}
+        (r / "summary.json").write_text(json.dumps(summary))
+    assert main(["compare", *map(str, runs), "--csv", str(tmp_path / "c.csv")]) == 0
+    out = capsys.readouterr().out
+    line = {ln.split()[1]: ln for ln in out.splitlines()[2:]}
+    assert "57.0k" in line["moe"] and "113k" in line["moe"] and "30.5" in line["moe"]
+    assert "smaller network" in line["single"]
+    assert line["dense-equal-flops"].endswith("same model as dense-equal-params (trained once)")
+    assert "10.00 +- 0.00" in line["dense-equal-params"]  # test error %, mean +- std
+    rows = {r["model"]: r for r in csv.DictReader((tmp_path / "c.csv").open())}
+    assert float(rows["moe"]["params"]) == 57035 and float(rows["moe"]["flops_per_example"]) == 113300
+    assert float(rows["moe"]["train_time_s_mean"]) == pytest.approx(30.5)

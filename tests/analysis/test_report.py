@@ -98,3 +98,25 @@ def test_metrics_blank_lines_and_missing_file(tmp_path):
     with pytest.raises(MoelabError, match=r"line 2: expected a JSON object, found list"):
         read_metrics(tmp_path)
     assert read_metrics(tmp_path / "nowhere") == []
+
+
+def test_report_model_table_shows_cost(make_run, tmp_path):
+    """The models table gives params, FLOPs per example, training time, and which row repeats another model."""
+    import json
+
+    from moelab.analysis.report import Table, build_report
+
+    run = make_run(tmp_path / "r")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["models"]["moe"].update(params=57035, flops_per_example=113300.0, train_time_s=30.2)
+    summary["models"]["dense-equal-params"] = {"test_accuracy": 0.99, "params": 56935, "flops_per_example": 113300.0,
+                                               "train_time_s": 11.0}
+    summary["models"]["dense-equal-flops"] = {**summary["models"]["dense-equal-params"],
+                                              "same_model_as": "dense-equal-params"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    table = next(b for b in build_report(open_run(run)) if isinstance(b, Table) and b.headers[0] == "model")
+    assert table.headers == ["model", "test accuracy", "test error", "params", "FLOPs / example", "train time", "note"]
+    rows = {r[0]: r for r in table.rows}
+    assert rows["moe"][3:6] == ["57,035", "113,300", "30.2 s"]
+    assert rows["single"][3:6] == ["n/a", "n/a", "n/a"]
+    assert rows["dense-equal-flops"][6] == "same model as `dense-equal-params` (trained once)"

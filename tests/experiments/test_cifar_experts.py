@@ -9,7 +9,6 @@ import torch
 
 from moelab.errors import ConfigError
 from moelab.experiments import resolve_config
-from moelab.experiments.cifar_experts import _check_cfg
 from moelab.experiments.runner import run_experiment
 from moelab.models.gating import GATE_KINDS
 from moelab.train.checkpoint import load_checkpoint
@@ -45,9 +44,9 @@ def test_builtin_configs_resolve():
     assert cfg["data"]["pairs"][5:] == [[0, 9], [1, 8], [2, 7], [3, 6], [4, 5]]
     _, warm = resolve_config("cifar10-experts-warm")
     assert warm["experts"]["init"] == warm["gate"]["init"] == "generalist" and warm["baseline"]["epochs"] == 0
-    _, bad = resolve_config("cifar10-experts", ["experts.init=pretrained"])
-    with pytest.raises(ConfigError, match="experts.init must be one of scratch, generalist; got 'pretrained'"):
-        _check_cfg(bad, 10)
+    with pytest.raises(ConfigError, match="experts.init = \"pretrained\" is out of range: expected one of "
+                                          "'scratch', 'generalist'."):
+        resolve_config("cifar10-experts", ["experts.init=pretrained"])
     _, base = resolve_config("cifar10-baselines")
     assert base["baselines"] is True and base["gate"]["kind"] == "none"
     with pytest.raises(ConfigError):
@@ -99,7 +98,10 @@ def test_finetune_and_resume(cifar_dir, tmp_path):
     assert "moe-standard-finetuned" in s["models"]
     # resuming a finished run restores every phase from its checkpoint and gives the same result
     s2 = run_experiment(None, [], resume=tmp_path / "r", data_dir=str(cifar_dir), quiet=True)
-    assert s2["models"]["moe-standard"] == s["models"]["moe-standard"]
+    def untimed(row: dict) -> dict:  # wall-clock differs between the two processes
+        return {k: v for k, v in row.items() if not k.endswith("time_s")}
+
+    assert untimed(s2["models"]["moe-standard"]) == untimed(s["models"]["moe-standard"])
     assert torch.isfinite(torch.tensor(s2["test_accuracy"]))
 
 
@@ -164,6 +166,6 @@ def test_hierarchical_mixture_and_its_budget(cifar_dir, tmp_path):
                         out=tmp_path / "h0", data_dir=str(cifar_dir), quiet=True)
     assert s0["timings"]["experts"]["cached"] and s0["timings"]["expert_outputs"]["cached"]
     assert s0["models"]["moe-hierarchical"]["test_accuracy"] == models["generalist"]["test_accuracy"]
-    with pytest.raises(ConfigError, match="gate.blend must be in"):
+    with pytest.raises(ConfigError, match=r"gate.blend = 1.5 is out of range: expected a finite number <= 1."):
         run_experiment("cifar10-hierarchical", SLICE + ["gate.blend=1.5"], out=tmp_path / "bad",
                        data_dir=str(cifar_dir), quiet=True)

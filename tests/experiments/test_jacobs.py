@@ -31,10 +31,16 @@ def _mnist_dir() -> str:
     return d
 
 
+MODELS = {"moe", "single", "dense-equal-params", "dense-equal-flops"}
+
+
 def _check_summary(s: dict, out: Path, num_experts: int, num_classes: int = 10) -> None:
-    assert set(s["models"]) == {"moe", "single"}
+    assert set(s["models"]) == MODELS
     for m in s["models"].values():
         assert 0.0 <= m["test_accuracy"] <= 1.0
+        assert m["test_error_pct"] == pytest.approx(100 * (1 - m["test_accuracy"]), abs=1e-3)
+        assert m["params"] > 0 and m["flops_per_example"] > 0 and m["train_time_s"] >= 0
+    _check_equal_cost(s["models"])
     assert s["test_accuracy"] == s["models"]["moe"]["test_accuracy"]
     share = s["lead_share"]
     assert len(share) == num_experts and sum(share) == pytest.approx(1.0, abs=1e-5)
@@ -47,6 +53,20 @@ def _check_summary(s: dict, out: Path, num_experts: int, num_classes: int = 10) 
     saved = json.loads((out / "summary.json").read_text())
     assert saved["models"]["moe"]["test_accuracy"] == s["models"]["moe"]["test_accuracy"]
     assert (out / "eval" / "moe.safetensors").is_file() and (out / "eval" / "single.safetensors").is_file()
+    assert (out / "eval" / "dense-equal-params.safetensors").is_file()
+
+
+def _check_equal_cost(models: dict) -> None:
+    """The dense-gated mixture runs every expert, so one dense MLP has both its parameters and its FLOPs:
+    trained once, the FLOPs row repeats the params row."""
+    moe, p, f = models["moe"], models["dense-equal-params"], models["dense-equal-flops"]
+    assert abs(p["params"] - moe["params"]) <= p["params"] / p["hidden"]  # within one hidden unit
+    assert abs(f["flops_per_example"] - moe["flops_per_example"]) <= f["flops_per_example"] / f["hidden"]
+    assert f["same_model_as"] == "dense-equal-params" and "same_model_as" not in p
+    assert f["test_accuracy"] == p["test_accuracy"] and f["hidden"] == p["hidden"]
+    assert f["matched_to"] == "flops_per_example" and p["matched_to"] == "params"
+    assert "smaller network" in models["single"]["note"]
+    assert models["single"]["params"] < moe["params"]
 
 
 def test_digits_jacobs_default_learns(tmp_path):
@@ -56,7 +76,8 @@ def test_digits_jacobs_default_learns(tmp_path):
     assert s["models"]["moe"]["test_accuracy"] > 0.85  # chance is 0.10
     assert s["models"]["single"]["test_accuracy"] > 0.8
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["phase"] for r in rows} == {"moe", "single"}
+    assert {r["phase"] for r in rows} == {"moe", "single", "dense-equal-params"}  # the FLOPs row: trained once
+    assert s["models"]["moe"]["flops_per_example"] == 2 * (4 * (64 * 16 + 16 * 10) + 64 * 16 + 16 * 4)
     assert all(len(r["lead_share"]) == 4 for r in rows if r["phase"] == "moe")
 
 
@@ -90,6 +111,14 @@ def test_mnist_modern_learns(tmp_path):
     assert s["models"]["moe"]["test_accuracy"] > 0.8
     assert s["models"]["single"]["test_accuracy"] > 0.7
     assert s["models"]["moe"]["params"] == 11 * (197 * 25 + 26 * 10)
+    assert s["models"]["dense-equal-params"]["hidden"] == 275  # 196-275-10: 56935 parameters, 113300 FLOPs
+    assert s["models"]["moe"]["flops_per_example"] == 2 * 11 * (196 * 25 + 25 * 10)
+
+
+def test_equal_cost_rows_can_be_turned_off(tmp_path):
+    s = run_experiment("digits-jacobs", ["train.epochs=1", "baselines.equal_cost=false"], out=tmp_path / "r",
+                       quiet=True)
+    assert set(s["models"]) == {"moe", "single"}
 
 
 def test_mnist_faithful_learns(tmp_path):

@@ -89,8 +89,13 @@ def moelab(*args):
 
 def kill_and_resume(root):
     """Per scenario: `moelab run EXPERIMENT --out D` killed at its moment, then `moelab run --resume D`."""
+    # the resume names the experiment but repeats none of the overrides: the run's own config.toml holds
+    # them (one scenario resumes with the bare `moelab run --resume D`)
+    def resume(name):
+        return ["run", *([] if name == "evaluate" else [EXPERIMENT[0]]), "--resume", str(root / name), "--quiet"]
+
     jobs = {name: [[["run", *EXPERIMENT, "--out", str(root / name)], at, str(root / f"{name}.log"), str(root / name)],
-                   [["run", "--resume", str(root / name), "--quiet"], None, str(root / f"{name}.log"), str(root / name)]]
+                   [resume(name), None, str(root / f"{name}.log"), str(root / name)]]
             for name, at in KILLS.items()}
     env = {k: v for k, v in os.environ.items() if k != "MOELAB_TEST_KILL_AT"} | ENV
     res = subprocess.run([sys.executable, "-c", FORK_SERVER, json.dumps(jobs)], env=env, capture_output=True,
@@ -162,8 +167,13 @@ def test_resume_with_another_config_is_refused(kill_runs, capsys):
     asked = [a.replace("train.epochs=3", "train.epochs=4") for a in EXPERIMENT]
     assert main(["run", *asked, "--resume", str(ref)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"moelab: error: cannot resume '{ref}': its checkpoint was made with another config "
-                   f"(train.epochs: run has 3, asked 4).\n")
+    assert err == (f"moelab: error: cannot resume '{ref}': train.epochs cannot change on resume (train.epochs: "
+                   f"run has 3, asked 4); the run continues with its own config.toml. Keys a resumed run may "
+                   f"change: threads, train.log_every, faithful.log_every, faithful.checkpoint_every. To train "
+                   f"with other values, start a new run.\n")
+    assert main(["run", "mnist-jacobs", "--resume", str(ref)]) == 2
+    assert capsys.readouterr().err == (f"moelab: error: cannot resume '{ref}': it is a run of 'digits-jacobs', "
+                                       f"not 'mnist-jacobs'.\n")
 
 
 def test_report_and_compare_of_real_runs(kill_runs, capsys):

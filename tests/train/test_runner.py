@@ -70,7 +70,7 @@ def test_resume_of_finished_and_partial_runs_matches(toy_config, tmp_path):
     run_experiment(str(toy_config), [], out=tmp_path / "b", quiet=True)
     again = run_experiment(str(toy_config), [], out=tmp_path / "b", resume=tmp_path / "b", quiet=True)
     assert again["weight"] == full["weight"]
-    with pytest.raises(MoelabError, match=r"another config \(train.epochs: run has 4, asked 5\)"):
+    with pytest.raises(MoelabError, match=r"train.epochs cannot change on resume \(train.epochs: run has 4, asked 5\)"):
         run_experiment(str(toy_config), ["train.epochs=5"], out=tmp_path / "b", resume=tmp_path / "b", quiet=True)
 
 

@@ -2,8 +2,11 @@
 
 Runs are grouped by their config (``config.toml`` without ``run.seed``); a folder that is not a
 run is searched for runs below it (e.g. the ``OUT`` of ``moelab run NAME --seeds 3``). Each row
-is one (config, model): test accuracy, the mixture's specialisation index when its eval file has
-gates, and wall time. Unfinished runs (no summary.json) are skipped with a warning.
+is one (config, model): test accuracy and error, the model's cost as its summary row records it
+(``params``, ``flops_per_example``, ``train_time_s``; the equal-cost baselines of issue #15), the
+mixture's specialisation index when its eval file has gates, wall time, and a note where a row repeats
+another model (``same_model_as``: a dense-gated mixture's equal-params and equal-FLOPs networks are one
+network, trained once) or is a smaller network than the mixture (``single``). Unfinished runs (no summary.json) are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from moelab.config import flatten
 from moelab.errors import MoelabError
 from moelab.io import atomic_write_text
 
-CSV_FIELDS = ["config", "model", "runs", "seeds", "test_accuracy_mean", "test_accuracy_std",
-              "specialisation_mean", "specialisation_std", "wall_time_s_mean", "run_dirs"]
+CSV_FIELDS = ["config", "model", "runs", "seeds", "test_accuracy_mean", "test_accuracy_std", "test_error_pct_mean",
+              "test_error_pct_std", "params", "flops_per_example", "train_time_s_mean", "specialisation_mean",
+              "specialisation_std", "wall_time_s_mean", "note", "run_dirs"]
 
 
 @dataclass
@@ -74,6 +78,19 @@ def _model_accuracies(run: RunDir) -> dict[str, float]:
     return models or {"model": s.get("test_accuracy")}
 
 
+def _row_value(run: RunDir, model: str, key: str):
+    r = ((run.summary or {}).get("models") or {}).get(model)
+    return r.get(key) if isinstance(r, dict) else None
+
+
+def _note(runs: list[RunDir], model: str) -> str:
+    same = next((v for v in (_row_value(r, model, "same_model_as") for r in runs) if v), None)
+    if same:
+        return f"same model as {same} (trained once)"
+    note = next((v for v in (_row_value(r, model, "note") for r in runs) if v), "")
+    return "smaller network" if str(note).startswith("smaller network") else str(note)
+
+
 def _specialisation(run: RunDir, model: str) -> float:
     if model not in run.eval_models():
         return math.nan
@@ -92,12 +109,19 @@ def compare_rows(groups: list[Group]) -> list[dict]:
             models += [m for m in _model_accuracies(r) if m not in models]
         for m in models:
             acc = mean_std([_num(_model_accuracies(r).get(m)) for r in g.runs])
+            err = mean_std([100 * (1 - a) for a in (_num(_model_accuracies(r).get(m)) for r in g.runs)])
+            params = mean_std([_num(_row_value(r, m, "params")) for r in g.runs])[0]
+            flops = mean_std([_num(_row_value(r, m, "flops_per_example")) for r in g.runs])[0]
+            train_s = mean_std([_num(_row_value(r, m, "train_time_s")) for r in g.runs])[0]
             spec = mean_std([_specialisation(r, m) for r in g.runs])
             wall = mean_std([_num((r.summary or {}).get("wall_time_s")) for r in g.runs])
             rows.append({
                 "config": g.label, "model": m, "runs": len(g.runs),
                 "seeds": " ".join(str(r.config.get("run", {}).get("seed", "?")) for r in g.runs),
                 "test_accuracy_mean": acc[0], "test_accuracy_std": acc[1],
+                "test_error_pct_mean": err[0], "test_error_pct_std": err[1],
+                "params": params, "flops_per_example": flops, "train_time_s_mean": train_s,
+                "note": _note(g.runs, m),
                 "specialisation_mean": spec[0], "specialisation_std": spec[1],
                 "wall_time_s_mean": wall[0], "run_dirs": " ".join(str(r.path) for r in g.runs),
             })
@@ -117,14 +141,28 @@ def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The printed table: accuracy in %, mean +- std over the seeds of each config."""
-    headers = ["config", "model", "runs", "test acc %", "specialisation", "wall s"]
+    headers = ["config", "model", "runs", "test acc %", "test err %", "params", "FLOPs/ex", "train s",
+               "specialisation", "wall s", "note"]
     body = [[r["config"], r["model"], str(r["runs"]), _pm(r["test_accuracy_mean"], r["test_accuracy_std"], 100),
-             _pm(r["specialisation_mean"], r["specialisation_std"], 1, 3), _pm(r["wall_time_s_mean"], math.nan, 1, 1)]
+             _pm(r["test_error_pct_mean"], r["test_error_pct_std"]), _count(r["params"]),
+             _count(r["flops_per_example"]), _pm(r["train_time_s_mean"], math.nan, 1, 1),
+             _pm(r["specialisation_mean"], r["specialisation_std"], 1, 3), _pm(r["wall_time_s_mean"], math.nan, 1, 1),
+             r["note"]]
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i < 2 or i == len(widths) - 1 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
-    return "\n".join([*lines, *(fmt.format(*b) for b in body)])
+    return "\n".join(line.rstrip() for line in [*lines, *(fmt.format(*b) for b in body)])
+
+
+def _count(v: float) -> str:
+    """A parameter or FLOP count: 57035 -> 57.0k, 1.13e6 -> 1.13M."""
+    if math.isnan(v):
+        return "n/a"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:.{2 if v < 10 * div else 1 if v < 100 * div else 0}f}{unit}"
+    return f"{v:.0f}"
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -82,7 +82,13 @@ def build_report(run: RunDir) -> list:
                            f"`moelab run --resume {run.path}`. Shown: what it has written so far."))
     models = s.get("models") or {}
     if models:
-        blocks.append(Table(["model", "test accuracy", "test error"], [_model_row(m, r) for m, r in models.items()]))
+        blocks.append(Table(["model", "test accuracy", "test error", "params", "FLOPs / example", "train time",
+                             "note"], [_model_row(m, r) for m, r in models.items()]))
+        if any(isinstance(r, dict) and "flops_per_example" in r for r in models.values()):
+            blocks.append(Para("FLOPs per example: inference, counted (FlopCounterMode: matmuls and convolutions, "
+                               "2 per multiply-add); a sparse mixture is charged for the experts it runs. "
+                               "`dense-equal-params` / `dense-equal-flops`: one dense network with the mixture's "
+                               "parameter count / inference FLOPs, trained with the same recipe in the same run."))
 
     evals = {m: run.load_eval(m) for m in run.eval_models()}  # read (and check) all before plotting
     curves = plots.training_curves(run.metrics)
@@ -100,9 +106,19 @@ def build_report(run: RunDir) -> list:
 
 
 def _model_row(model: str, result: dict) -> list[str]:
-    acc = result.get("test_accuracy") if isinstance(result, dict) else None
+    r = result if isinstance(result, dict) else {}
+    acc = r.get("test_accuracy")
     ok = isinstance(acc, int | float) and not isinstance(acc, bool)
-    return [model, pct(acc) if ok else "n/a", pct(1 - acc) if ok else "n/a"]
+
+    def count(key: str) -> str:
+        v = r.get(key)
+        return f"{v:,.0f}" if isinstance(v, int | float) and not isinstance(v, bool) else "n/a"
+
+    t = r.get("train_time_s")
+    note = (f"same model as `{r['same_model_as']}` (trained once)" if r.get("same_model_as")
+            else str(r.get("note", "")))
+    return [model, pct(acc) if ok else "n/a", pct(1 - acc) if ok else "n/a", count("params"),
+            count("flops_per_example"), f"{t:.1f} s" if isinstance(t, int | float) else "n/a", note]
 
 
 def model_blocks(model: str, tensors: dict, class_names: list[str] | None, bare_ids: bool) -> list:

@@ -1,9 +1,12 @@
 """Experiments: one module per family, built-in TOML configs in ``configs/``.
 
 A family module registers itself with :func:`family`, giving its default config
-(the schema of every key it reads) and a ``run(cfg, run)`` function that trains,
-evaluates and returns the summary dict (``test_accuracy`` and, when it trains
-several models, ``models: {name: {"test_accuracy": ...}}``).
+(the schema of every key it reads, with its type), the rules saying which values each key
+accepts (:mod:`moelab.config`: ``Int``, ``Float``, ``Choice``, ...), an optional cross-key
+check, the keys a resumed run may change, and a ``run(cfg, run)`` function that trains,
+evaluates and returns the summary dict (``test_accuracy`` and, when it trains several models,
+``models: {name: {"test_accuracy": ...}}``). :func:`resolve_config` returns only configs
+that pass every rule, so a bad value is refused before a run directory exists.
 
 Family modules are imported lazily, so ``moelab list`` stays fast.
 """
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moelab.config import apply_overrides, merge, read_toml
+from moelab.config import Rule, apply_overrides, check_rules, flatten, merge, needs_rule, read_toml
 from moelab.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -25,6 +28,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 FAMILY_MODULES: dict[str, str] = {
     "jacobs": "moelab.experiments.jacobs",
     "cifar_experts": "moelab.experiments.cifar_experts",
+    "sparse_mlp": "moelab.experiments.sparse_mlp",
 }
 
 
@@ -33,19 +37,42 @@ class Family:
     name: str
     defaults: dict
     run: Callable[[dict, Any], dict]
+    rules: dict[str, Rule]
+    check: Callable[[dict], None] | None = None
+    resumable: tuple[str, ...] = ()
+
+    def validate(self, cfg: dict, where: str = "config") -> dict:
+        """``cfg`` if every key's rule and the cross-key check accept it, else ConfigError."""
+        check_rules(cfg, self.rules, where)
+        if self.check is not None:
+            self.check(cfg)
+        return cfg
 
 
 _FAMILIES: dict[str, Family] = {}
 
 
-def family(name: str, defaults: dict) -> Callable:
-    """Decorator registering ``run(cfg, run_ctx) -> summary`` as experiment family ``name``."""
+def family(name: str, defaults: dict, rules: dict[str, Rule] | None = None, check: Callable[[dict], None] | None = None,
+           resumable: tuple[str, ...] = ()) -> Callable:
+    """Decorator registering ``run(cfg, run_ctx) -> summary`` as experiment family ``name``.
+
+    ``rules``: flattened key -> :class:`moelab.config.Rule` (every key that is not a boolean needs one);
+    ``check(cfg)``: cross-key rules (raise ConfigError); ``resumable``: keys ``--resume`` may change."""
+    keys, rules = flatten(defaults), rules or {}
+    unknown = sorted(set(rules) - set(keys)) + sorted(set(resumable) - set(keys))
+    if unknown:
+        raise ValueError(f"family {name}: rules name keys that are not in its defaults: {', '.join(unknown)}")
 
     def deco(fn: Callable) -> Callable:
-        _FAMILIES[name] = Family(name, defaults, fn)
+        _FAMILIES[name] = Family(name, defaults, fn, dict(rules), check, tuple(resumable))
         return fn
 
     return deco
+
+
+def keys_without_rules(fam: Family) -> list[str]:
+    """Keys of ``fam`` that declare no rule but need one (the schema test lists them)."""
+    return sorted(k for k, v in flatten(fam.defaults).items() if needs_rule(v) and k not in fam.rules)
 
 
 def get_family(name: str) -> Family:
@@ -66,7 +93,7 @@ def describe_builtins() -> list[tuple[str, str]]:
     return [(name, str(read_toml(path).get("description", "")).strip()) for name, path in builtin_configs().items()]
 
 
-def _resolve_file(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
+def resolve_file(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
     """Resolve a config file's ``base``/``family`` chain into a full, checked config."""
     body = {k: v for k, v in raw.items() if k not in ("family", "base", "description")}
     if "base" in raw:
@@ -78,7 +105,7 @@ def _resolve_file(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
             )
         if base in seen:
             raise ConfigError(f"{where}: 'base' chain loops through '{base}'.")
-        parent = _resolve_file(read_toml(builtins[base]), str(builtins[base]), seen + (base,))
+        parent = resolve_file(read_toml(builtins[base]), str(builtins[base]), seen + (base,))
         fam = parent["family"]
         if "family" in raw and raw["family"] != fam:
             raise ConfigError(f"{where}: family {raw['family']!r} contradicts base '{base}' (family {fam!r}).")
@@ -110,5 +137,10 @@ def resolve_config(name_or_path: str, overrides: list[str] | None = None) -> tup
             f"unknown experiment '{name_or_path}'. Built-in experiments: {', '.join(builtins)}; "
             f"or give the path to a .toml config file."
         )
-    cfg = _resolve_file(read_toml(path), str(path))
-    return name, apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(resolve_file(read_toml(path), str(path)), overrides or [])
+    return name, validate_config(cfg, f"experiment '{name}'")
+
+
+def validate_config(cfg: dict, where: str = "config") -> dict:
+    """``cfg`` checked against its family's rules (ConfigError naming the key, value and what is valid)."""
+    return get_family(cfg["family"]).validate(cfg, where)

@@ -50,16 +50,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.config import Switch
+from moelab.config import Check, Choice, Float, Int, Switch, refuse
+from moelab.cost import cost_row, count_params, flops_per_example
 from moelab.data.transforms import random_translate, train_val_split
 from moelab.errors import ConfigError
 from moelab.experiments import family
+from moelab.experiments.baselines import dense_widths, equal_cost_rows
 from moelab.models.cifar_cnn import Seed1CNN, conv_l2_penalty
 from moelab.models.gating import (
+    GATE_KINDS,
     HIERARCHICAL,
     SEED_LR,
     GateNet,
-    check_kind,
     combine,
     combine_hierarchical,
     effective_weights,
@@ -68,7 +70,7 @@ from moelab.models.gating import (
     oracle_routing_loss,
     pair_cover,
 )
-from moelab.moe.conv_experts import ConvExperts
+from moelab.moe.conv_experts import IMPLS, ConvExperts
 from moelab.parallel import ddp
 from moelab.precision import cpu_bf16_isa, resolve_bf16
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
@@ -134,7 +136,10 @@ DEFAULTS = {
     "baselines": False,
     # baseline.epochs = 0: as many single-CNN epochs as fit the mixture's whole training budget (generalist +
     # experts + expert outputs + gate, measured in this run), i.e. the single CNN at equal wall-clock
-    "baseline": {"epochs": 30, "batch": 128, "lr": 2e-3, "schedule": "onecycle", "trunk_epochs": 0},
+    # equal_cost: also train dense-equal-params / dense-equal-flops (one Seed1CNN widened to the mixture's counted
+    # parameters / inference FLOPs per example, this recipe); equal_cost_epochs: their epochs (0: the single CNN's)
+    "baseline": {"epochs": 30, "batch": 128, "lr": 2e-3, "schedule": "onecycle", "trunk_epochs": 0,
+                 "equal_cost": True, "equal_cost_epochs": 0},
 }
 
 
@@ -212,24 +217,65 @@ def _limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.nd
     return np.sort(np.concatenate(keep))
 
 
-def _check_cfg(cfg: dict, num_classes: int) -> None:
-    pairs = cfg["data"]["pairs"]
-    if not pairs or any(len(p) != 2 or not all(0 <= c < num_classes for c in p) or p[0] == p[1] for p in pairs):
-        raise ConfigError(f"data.pairs must be a non-empty list of [a, b] pairs of distinct class indices 0..{num_classes - 1}; got {pairs!r}")
-    kind = cfg["gate"]["kind"]
-    if kind not in ("none", HIERARCHICAL):
-        check_kind(kind)
-    if kind == HIERARCHICAL and cfg["gate"]["finetune_epochs"] > 0:
-        raise ConfigError("gate.finetune_epochs: the hierarchical mixture has no gate to fine-tune; set it to 0")
-    if cfg["gate"]["blend"] > 1.0:
-        raise ConfigError(f"gate.blend must be in [0, 1] (or < 0: fitted on the validation images); "
-                          f"got {cfg['gate']['blend']}")
-    for key, allowed in (("gate.schedule", ("onecycle", "plateau")), ("baseline.schedule", ("onecycle", "plateau")),
-                         ("generalist.schedule", ("onecycle", "plateau")), ("experts.init", INITS),
-                         ("gate.init", INITS)):
+def _valid_pairs(pairs) -> bool:
+    return bool(pairs) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(c, int) and 0 <= c < 10 for c in p)
+                               and p[0] != p[1] for p in pairs)
+
+
+SCHEDULES = ("onecycle", "plateau")
+# What each key accepts (moelab.config rules); sizes that must fit the data are checked in Data.
+RULES: dict = {
+    "data.name": Choice("cifar10"), "data.val_size": Int(ge=1), "data.train_per_class": Int(ge=0),
+    "data.test_per_class": Int(ge=0),
+    "data.pairs": Check(_valid_pairs, "a non-empty list of [a, b] pairs of distinct CIFAR-10 class indices 0..9"),
+    "augment.max_shift": Int(ge=0, le=16),
+    "compute.threads": Int(ge=0), "compute.eval_batch": Int(ge=1), "compute.impl": Choice(*IMPLS),
+    "experts.epochs": Int(ge=1), "experts.batch": Int(ge=1), "experts.lr": Float(gt=0), "experts.l2": Float(ge=0),
+    "experts.plateau_patience": Int(ge=1), "experts.plateau_factor": Float(gt=0, lt=1), "experts.min_lr": Float(ge=0),
+    "experts.early_stop_patience": Int(ge=0), "experts.init": Choice(*INITS),
+    "generalist.epochs": Int(ge=1), "generalist.batch": Int(ge=1), "generalist.lr": Float(gt=0),
+    "generalist.schedule": Choice(*SCHEDULES),
+    "gate.kind": Choice(*GATE_KINDS, HIERARCHICAL, "none"), "gate.epochs": Int(ge=1), "gate.batch": Int(ge=1),
+    "gate.lr": Float(ge=0), "gate.schedule": Choice(*SCHEDULES), "gate.l2": Float(ge=0),
+    "gate.weight_decay": Float(ge=0), "gate.label_smoothing": Float(ge=0, lt=1), "gate.aux_weight": Float(ge=0),
+    "gate.top_k": Int(ge=1), "gate.hidden": Int(ge=1), "gate.extra_dropout": Float(ge=0, lt=1),
+    "gate.finetune_epochs": Int(ge=0), "gate.finetune_lr": Float(gt=0), "gate.init": Choice(*INITS),
+    "gate.blend": Float(le=1),  # < 0: fitted on the validation images
+    "baseline.epochs": Int(ge=0), "baseline.batch": Int(ge=1), "baseline.lr": Float(gt=0),
+    "baseline.schedule": Choice(*SCHEDULES), "baseline.trunk_epochs": Int(ge=0, also=(-1,)),
+    "baseline.equal_cost_epochs": Int(ge=0),
+}
+RESUMABLE = ("compute.threads",)
+
+
+def check_config(cfg: dict) -> None:
+    """Cross-key rules of the cifar_experts family."""
+    g = cfg["gate"]
+    if g["kind"] == HIERARCHICAL and g["finetune_epochs"] > 0:
+        raise refuse("gate.finetune_epochs", g["finetune_epochs"], "0 with gate.kind = \"hierarchical\" "
+                     "(no gate network to fine-tune)")
+    if g["kind"] == "expert-aware" and g["finetune_epochs"] > 0:
+        raise refuse("gate.finetune_epochs", g["finetune_epochs"], "0 with gate.kind = \"expert-aware\" "
+                     "(joint fine-tuning is not implemented for it)")
+    if g["kind"] == "sparse" and g["top_k"] > len(cfg["data"]["pairs"]):
+        raise refuse("gate.top_k", g["top_k"], f"at most the {len(cfg['data']['pairs'])} experts (data.pairs)")
+
+
+def check_sizes(cfg: dict, train_per_class: dict[int, int], test_per_class: dict[int, int]) -> None:
+    """The sizes that must fit the data set (images per used class), before anything trains."""
+    d = cfg["data"]
+    for key, counts, split in (("train_per_class", train_per_class, "training"), ("test_per_class", test_per_class, "test")):
+        if d[key] > min(counts.values()):
+            raise refuse(f"data.{key}", d[key], f"at most {min(counts.values())} (the fewest {split} images of "
+                         f"a used class; 0: all)")
+    n_train = sum(min(n, d["train_per_class"] or n) for n in train_per_class.values())
+    if d["val_size"] >= n_train:
+        raise refuse("data.val_size", d["val_size"], f"fewer than the {n_train} training images")
+    n_fit = n_train - d["val_size"]
+    for key in ("experts.batch", "generalist.batch", "gate.batch", "baseline.batch"):
         sec, name = key.split(".")
-        if cfg[sec][name] not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {cfg[sec][name]!r}")
+        if cfg[sec][name] > n_fit:
+            raise refuse(key, cfg[sec][name], f"at most the {n_fit} training images left after data.val_size")
 
 
 # ----------------------------------------------------------------------------- data
@@ -242,10 +288,10 @@ class Data:
         ds = load_dataset(cfg["data"]["name"], data_dir=run.data_dir)
         self.classes = list(ds.classes)
         self.checksum = ds.checksum
-        _check_cfg(cfg, len(self.classes))
         self.pairs = [list(p) for p in cfg["data"]["pairs"]]
         used = sorted({c for p in self.pairs for c in p})
         self.used_classes = used
+        check_sizes(cfg, {c: int((ds.train_y == c).sum()) for c in used}, {c: int((ds.test_y == c).sum()) for c in used})
         tr_keep = _limit_per_class(ds.train_y, used, cfg["data"]["train_per_class"])
         te_keep = _limit_per_class(ds.test_y, used, cfg["data"]["test_per_class"])
         train_x, train_y = ds.train_x[tr_keep], ds.train_y[tr_keep]
@@ -455,6 +501,7 @@ def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | Non
         if ec["init"] == "generalist":
             m.load_state_dict(generalist.state_dict())
         run.log(f"[expert{i}] pair ({data.classes[a]}, {data.classes[b]}): {len(tr)} train, {len(va)} val images")
+        t_e = time.perf_counter()
         info = train_classifier(run, f"expert{i}", m, tr, va, cfg, epochs=ec["epochs"], batch=ec["batch"],
                                 lr=ec["lr"], schedule="plateau", l2=ec["l2"], shift=cfg["augment"]["max_shift"],
                                 plateau_patience=ec["plateau_patience"], plateau_factor=ec["plateau_factor"],
@@ -462,11 +509,12 @@ def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | Non
                                 keep_start=ec["init"] == "generalist",
                                 val_classes=[a, b] if ec["init"] == "generalist" else None)
         experts.load_expert_state_dict(i, m.to(memory_format=torch.contiguous_format).state_dict())
-        infos.append(info)
+        infos.append({**info, "wall_s": time.perf_counter() - t_e})
     train_s = time.perf_counter() - t0
     imgs = sum(i["train_img_per_s"] * i["train_s"] for i in infos)
     meta = {"train_s": train_s, "train_img_per_s": imgs / max(sum(i["train_s"] for i in infos), 1e-9),
-            "best_val": [i["best_val"] for i in infos], "best_epoch": [i["best_epoch"] for i in infos]}
+            "best_val": [i["best_val"] for i in infos], "best_epoch": [i["best_epoch"] for i in infos],
+            "expert_train_s": [round(i["wall_s"], 1) for i in infos]}
     if ec["cache"]:
         save_checkpoint(path, experts.state_dict(), meta)
         run.log(f"[experts] cached as {path}")
@@ -550,6 +598,68 @@ def expert_reports(data: Data, cache: dict) -> dict:
     models["oracle-pair"] = {"test_accuracy": (oracle.argmax(1) == y).float().mean().item(),
                              "scope": "upper bound: each image routed to the experts of its true class"}
     return models, uni
+
+
+# ----------------------------------------------------------------------------- cost (equal-cost baselines)
+
+COST_PROBE = 16  # real test images each counted forward runs on (a CNN's FLOPs do not depend on them)
+MAX_DENSE_WIDTH = 4096  # the width search's upper end (the seed's ten experts + gate: ~106)
+
+
+def cost_probe(data: Data) -> torch.Tensor:
+    """The first test images, normalised, contiguous: the batch every model's FLOPs are counted on."""
+    return data.test.batch(torch.arange(min(COST_PROBE, len(data.test)))).contiguous()
+
+
+class MixtureForward(nn.Module):
+    """The mixture as it runs at inference on a batch of images -> logits, for counting its cost.
+
+    Every expert runs (as in :func:`expert_outputs`): the gate kinds all weigh the ten outputs, and
+    ``sparse`` zeroes all but ``top_k`` gate values only *after* every expert has run, so it is charged
+    for all of them. Then the gate (``expert-aware``: on the experts' log-probabilities and pooled
+    features too) and the combine rule; ``hierarchical``: the generalist instead of a gate;
+    ``gate=None``: the uniform average. Parameters are the modules'; shared ones are counted once."""
+
+    def __init__(self, experts: nn.ModuleList, kind: str, gate: GateNet | None = None,
+                 generalist: Seed1CNN | None = None, cover: torch.Tensor | None = None, top_k: int = 2,
+                 blend: float = 1.0):
+        super().__init__()
+        self.experts, self.kind, self.gate, self.generalist = experts, kind, gate, generalist
+        self.cover, self.top_k, self.blend = cover, top_k, blend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs, feats = _expert_fn(self.experts)(x)
+        if self.kind == HIERARCHICAL:
+            r = torch.softmax(self.generalist(x).float(), dim=1)
+            return combine_hierarchical(r, probs, self.cover, self.blend)
+        if self.gate is None:
+            return probs.mean(0)
+        extra = None
+        if self.gate.extra is not None:
+            extra = torch.cat([probs.clamp_min(1e-6).log().permute(1, 0, 2).flatten(1), feats], dim=1)
+        return combine(self.kind, self.gate(x, extra), probs, self.top_k)
+
+
+def mixture_cost(probe: torch.Tensor, experts: ConvExperts, kind: str = "uniform", gate: GateNet | None = None,
+                 generalist: Seed1CNN | None = None, cover: torch.Tensor | None = None, top_k: int = 2,
+                 blend: float = 1.0) -> dict:
+    """``{"params", "flops_per_example"}`` of the mixture (:class:`MixtureForward`), counted on ``probe``."""
+    mods = experts.to_modules()
+    return cost_row(MixtureForward(mods, kind, gate, generalist, cover, top_k, blend), probe)
+
+
+def _meta_cnn(num_classes: int, width: int) -> Seed1CNN:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        return Seed1CNN(num_classes, width=width)
+
+
+def seed_cnn_widths(num_classes: int, target: dict, probe: torch.Tensor) -> dict[str, int]:
+    """The :class:`Seed1CNN` widths matching ``target``'s counted parameters / FLOPs per example (the
+    candidates are built on the meta device: the same counts as a real network, without the memory)."""
+    shape = (min(2, probe.shape[0]), *probe.shape[1:])
+    return dense_widths(target, lambda w: count_params(_meta_cnn(num_classes, w)),
+                        lambda w: flops_per_example(_meta_cnn(num_classes, w), torch.empty(shape, device="meta")),
+                        hi=MAX_DENSE_WIDTH)
 
 
 # ----------------------------------------------------------------------------- gate
@@ -716,7 +826,7 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
 # ----------------------------------------------------------------------------- the experiment
 
 
-@family("cifar_experts", DEFAULTS)
+@family("cifar_experts", DEFAULTS, RULES, check_config, RESUMABLE)
 def run_cifar_experts(cfg: dict, run: Run) -> dict:
     ddp.require_single_process(run.name)
     if cfg["compute"]["threads"] > 0:
@@ -748,6 +858,19 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
                "generalist": {k: ginit.get(k) for k in ("cached", "train_s", "train_img_per_s")} if ginit else None,
                "expert_outputs": {k: oinfo.get(k) for k in ("cached", "infer_s", "infer_img_per_s")},
                "load_1min_after_experts": _load(), "torch_threads": torch.get_num_threads()}
+    # every row's cost: params and inference FLOPs per example counted (moelab.cost) on real test images,
+    # outside the timed phases; train_time_s: the phases' wall-clock (cached ones: when they were computed)
+    probe = cost_probe(data)
+    one_cnn = cost_row(Seed1CNN(len(data.classes)), probe)  # an expert, the generalist, the single CNN
+    gen_s = ginit["train_s"] if ginit else 0.0
+    per_expert = einfo.get("expert_train_s") or [None] * len(data.pairs)  # caches older than the key: unknown
+    for i, (a, b) in enumerate(data.pairs):
+        models[f"expert{i}-{data.classes[a]}-{data.classes[b]}"].update(one_cnn, train_time_s=per_expert[i])
+    experts_s = einfo["train_s"] + (gen_s if cfg["experts"]["init"] == "generalist" else 0.0)
+    models["baseline-uniform"].update(mixture_cost(probe, experts), train_time_s=round(experts_s, 1))
+    models["oracle-pair"].update(params=None, flops_per_example=None, train_time_s=None)  # needs the true label
+    if generalist is not None:
+        models["generalist"].update(one_cnn, train_time_s=round(gen_s, 1))
     summary: dict = {"dataset": "CIFAR-10 (JPEG-75 copy)" if cfg["data"]["name"] == "cifar10" else cfg["data"]["name"],
                      "expert_key": einfo["key"], "pairs": [[data.classes[a], data.classes[b]] for a, b in data.pairs]}
     if kind == HIERARCHICAL:
@@ -760,6 +883,8 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
         summary["routing"] = routing_stats(y, weights, len(data.classes))
         timings["gate"] = {"train_s": round(time.perf_counter() - t0 + gen_infer_s, 1), "train_img_per_s": None,
                            "what": "generalist inference on val + test, blend fitted on val", "load_1min": _load()}
+        models[f"moe-{kind}"].update(mixture_cost(probe, experts, kind, generalist=generalist, cover=data.cover,
+                                                  blend=hinfo["blend"]))  # counted outside the timed phases
         summary["test_accuracy"] = acc
     elif kind != "none":
         t0 = time.perf_counter()
@@ -773,6 +898,10 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
         summary["routing"] = routing_stats(y, weights, len(data.classes))
         timings["gate"] = {"train_s": round(time.perf_counter() - t0, 1), "train_img_per_s": ginfo["train_img_per_s"],
                            "lr": ginfo["lr"], "load_1min": _load()}
+        models[name].update(mixture_cost(probe, experts, kind, gate, top_k=cfg["gate"]["top_k"]))
+        if kind == "sparse":
+            models[name]["note"] = (f"all experts run: the top-{cfg['gate']['top_k']} gate values weigh their "
+                                    f"outputs (a routed implementation would run only those)")
         summary["test_accuracy"] = acc
         if cfg["gate"]["finetune_epochs"] > 0:
             t0 = time.perf_counter()
@@ -783,13 +912,22 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
             save_eval(run, f"{name}-finetuned", y, torch.softmax(logits, 1), weights, data.classes)
             timings["finetune"] = {"train_s": round(time.perf_counter() - t0, 1),
                                    "train_img_per_s": finfo["train_img_per_s"], "load_1min": _load()}
+            models[f"{name}-finetuned"].update(mixture_cost(probe, experts, kind, gate, top_k=cfg["gate"]["top_k"]))
             summary["test_accuracy"] = acc
     if kind != "none":
         timings["pipeline_s"] = round(time.perf_counter() - t_start, 1)
         # the mixture's whole training budget, cached phases counted at the time they took when trained
-        budget = sum(t["train_s"] for t in (timings["generalist"], timings["experts"]) if t) \
-            + (oinfo.get("infer_s") or 0.0) + timings["gate"]["train_s"] + timings.get("finetune", {}).get("train_s", 0)
+        before = sum(t["train_s"] for t in (timings["generalist"], timings["experts"]) if t) \
+            + (oinfo.get("infer_s") or 0.0) + timings["gate"]["train_s"]
+        budget = before + timings.get("finetune", {}).get("train_s", 0)
         timings["mixture_budget_s"] = round(budget, 1)
+        models[f"moe-{kind}"]["train_time_s"] = round(before, 1)
+        if f"moe-{kind}-finetuned" in models:
+            models[f"moe-{kind}-finetuned"]["train_time_s"] = round(budget, 1)
+    ref = f"moe-{kind}" if kind != "none" else "baseline-uniform"  # what the equal-cost rows are matched to
+    summary["cost"] = {"counted": "moelab.cost: FlopCounterMode on a real forward pass in eval mode, matmuls + "
+                                  "convolutions, 2 FLOPs per multiply-add", "probe_images": int(probe.shape[0]),
+                       "one_cnn": one_cnn, "reference": ref}
     if cfg["baselines"]:
         bc = cfg["baseline"]
         full = _full_classes(data)
@@ -799,17 +937,14 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
             single_epochs = max(1, int(timings.get("mixture_budget_s", 0) * speed / len(full)))
             run.log(f"[baseline-single-cnn] {single_epochs} epochs: the mixture's budget of "
                     f"{timings.get('mixture_budget_s', 0):.0f} s at {speed:.0f} images/s")
-        for name, epochs, lr, schedule in (
-            ("baseline-gate-trunk", bc["trunk_epochs"] or cfg["gate"]["epochs"], SEED_LR["standard"],
-             cfg["gate"]["schedule"]),
-            ("baseline-single-cnn", single_epochs, bc["lr"], bc["schedule"]),
-        ):
-            if name == "baseline-gate-trunk" and bc["trunk_epochs"] < 0:  # -1: skip it
-                continue
+
+        def train_dense(name: str, width: int = 32, epochs: int = single_epochs, is_trunk: bool = False) -> dict:
+            """One Seed1CNN of ``width`` on all classes: the single-CNN recipe (``baseline.*``), or the gate's
+            (``is_trunk``: the gate trunk as a 10-way classifier). Its row: accuracy, counted cost, time."""
+            lr, schedule = (SEED_LR["standard"], cfg["gate"]["schedule"]) if is_trunk else (bc["lr"], bc["schedule"])
             t0 = time.perf_counter()
             torch.manual_seed(run.generator("init", name).initial_seed())
-            m = Seed1CNN(len(data.classes))
-            is_trunk = name == "baseline-gate-trunk"
+            m = Seed1CNN(len(data.classes), width=width)
             shift = (cfg["augment"]["max_shift"] if cfg["gate"]["shift"] else 0) if is_trunk else cfg["augment"]["max_shift"]
             info = train_classifier(run, name, m, full, data.val, cfg, epochs=epochs,
                                     batch=cfg["gate"]["batch"] if is_trunk else bc["batch"], lr=lr, schedule=schedule,
@@ -817,10 +952,29 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
                                     early_stop=cfg["experts"]["early_stop_patience"] if schedule == "plateau" else 0)
             logits = _predict(m, data.test, cfg)[0]
             acc = (logits.argmax(1) == y).float().mean().item()
-            models[name] = {"test_accuracy": acc, "epochs": epochs}
             save_eval(run, name, y, torch.softmax(logits, 1), None, data.classes)
             timings[name] = {"train_s": round(time.perf_counter() - t0, 1), "train_img_per_s": info["train_img_per_s"],
                              "load_1min": _load()}
+            return {"test_accuracy": acc, "epochs": epochs, **cost_row(m, probe), "train_time_s": timings[name]["train_s"]}
+
+        if bc["trunk_epochs"] >= 0:  # -1: skip it
+            models["baseline-gate-trunk"] = train_dense("baseline-gate-trunk", is_trunk=True,
+                                                        epochs=bc["trunk_epochs"] or cfg["gate"]["epochs"])
+        models["baseline-single-cnn"] = single = train_dense("baseline-single-cnn")
+        single["note"] = (f"smaller network: one expert's size, {models[ref]['params'] / single['params']:.1f}x fewer "
+                          f"parameters than {ref}" + ("; given its training wall-clock (dense-equal-time)"
+                                                       if bc["epochs"] == 0 and kind != "none" else ""))
+        if bc["epochs"] == 0 and "mixture_budget_s" in timings:  # the single CNN had the mixture's budget
+            models["dense-equal-time"] = {**models["baseline-single-cnn"], "same_model_as": "baseline-single-cnn",
+                                          "matched_to": "train_time_s", "matched_to_model": ref,
+                                          "target_train_time_s": timings["mixture_budget_s"]}
+        if bc["equal_cost"]:
+            widths = seed_cnn_widths(len(data.classes), models[ref], probe)
+            summary["cost"]["dense_widths"] = widths
+            epochs = bc["equal_cost_epochs"] or single_epochs
+            target = {"matched_to_model": ref, "target_params": models[ref]["params"],
+                      "target_flops_per_example": models[ref]["flops_per_example"]}
+            models.update(equal_cost_rows(run, widths, lambda name, w: train_dense(name, w, epochs=epochs), target))
         if kind == "none":
             summary["test_accuracy"] = models["baseline-single-cnn"]["test_accuracy"]
     if "test_accuracy" not in summary:

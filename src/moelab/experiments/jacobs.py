@@ -31,10 +31,14 @@ Two modes (``mode``):
     random translations of the original images before the seed's zoom (:class:`Augment`), optional bf16
     autocast. The single-network baseline (one in-hidden-classes MLP) is trained the same way with
     cross-entropy. ``mnist-jacobs`` reaches about 1.8% test error against 3.6% for the single network
-    (docs/results-jacobs.md).
+    (11x smaller) and 1.2% for the dense network of equal parameters and FLOPs (docs/results-jacobs.md).
 
-Both train the mixture (phase ``moe``) and the single network (phase ``single``) and report both under
-``models``, with the mixture's lead share per expert (the fraction of test examples whose largest gate is
+Both train the mixture (phase ``moe``), the single network (phase ``single``: one expert's size, labelled
+as the smaller network in its row) and, with ``baselines.equal_cost`` (default), the equal-cost baselines
+``dense-equal-params`` / ``dense-equal-flops`` (:func:`equal_cost_rows`: one dense MLP of the single
+network's kind and recipe, widened to the mixture's counted parameters / counted inference FLOPs; the
+dense gate runs every expert, so both widths coincide and that network is trained once), and report
+all under ``models`` with ``params``, ``flops_per_example`` and ``train_time_s``, with the mixture's lead share per expert (the fraction of test examples whose largest gate is
 that expert: the seed's "% of examples where an expert was chosen as the lead") and the class x expert
 lead-count matrix.
 """
@@ -49,9 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.config import Switch
+from moelab.config import Choice, Float, Int, Switch, refuse
+from moelab.cost import cost_row, count_params, flops_per_example
 from moelab.errors import ConfigError, MoelabError
 from moelab.experiments import family
+from moelab.experiments.baselines import dense_widths, equal_cost_rows
 from moelab.models.mlp_mixture import (
     MLPMixture,
     SeedMixture,
@@ -96,6 +102,9 @@ DEFAULTS: dict = {
         "log_every": 100,
         "checkpoint_every": 100,
     },
+    "baselines": {
+        "equal_cost": True,  # also train dense-equal-params and dense-equal-flops (one dense MLP each, same recipe)
+    },
     "seed_protocol": {
         "train_on_test": False,  # the seed's MoE loop: train (and report) on the test split
         "shuffle_split": False,  # the seed's random 60000/10000 split of all 70000 images
@@ -123,6 +132,50 @@ DEFAULTS: dict = {
 
 LOSSES = ("mixture_ce", "jacobs_loglik", "logit_mixture_ce", "competitive")
 BALANCES = ("none", "importance", "switch", "entropy", "z")
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "sigmoid")
+GRAYSCALE = ("digits", "mnist", "fashion-mnist")
+
+# What each key accepts (moelab.config rules); sizes that must fit the data are checked in load_data.
+RULES: dict = {
+    "mode": Choice("faithful", "modern"), "threads": Int(ge=0),
+    "data.dataset": Choice(*GRAYSCALE), "data.resize": Choice("seed_half", "none"),
+    "data.train_limit": Int(ge=0), "data.test_limit": Int(ge=0), "data.val_size": Int(ge=0),
+    "model.num_experts": Int(ge=1), "model.hidden": Int(ge=1), "model.gate_hidden": Int(ge=1),
+    "model.activation": Choice(*ACTIVATIONS), "model.gate_temperature": Float(gt=0),
+    "faithful.lr": Float(gt=0), "faithful.moe_epochs": Int(ge=1), "faithful.single_epochs": Int(ge=1),
+    "faithful.gate_grad_scale": Float(ge=0), "faithful.dtype": Choice("float32", "float64"),
+    "faithful.chunk": Int(ge=1), "faithful.workers": Int(ge=1), "faithful.log_every": Int(ge=1),
+    "faithful.checkpoint_every": Int(ge=1),
+    "train.epochs": Int(ge=1), "train.single_epochs": Int(ge=0), "train.batch_size": Int(ge=1),
+    "train.optimizer": Choice("adamw", "sgd"), "train.lr": Float(gt=0), "train.single_lr": Float(ge=0),
+    "train.weight_decay": Float(ge=0), "train.momentum": Float(ge=0, lt=1),
+    "train.schedule": Choice("onecycle", "cosine", "constant"), "train.warmup_frac": Float(ge=0, lt=1),
+    "train.loss": Choice(*LOSSES), "train.label_smoothing": Float(ge=0, lt=1), "train.balance": Choice(*BALANCES),
+    "train.balance_weight": Float(ge=0), "train.shift": Int(ge=0, le=8), "train.log_every": Int(ge=1),
+}
+RESUMABLE = ("threads", "train.log_every", "faithful.log_every", "faithful.checkpoint_every")
+
+
+def check_config(cfg: dict) -> None:
+    """Cross-key rules of the jacobs family."""
+    if cfg["seed_protocol"]["train_on_test"] and cfg["mode"] != "faithful":
+        raise ConfigError("seed_protocol.train_on_test = true applies to mode = \"faithful\" only "
+                          f"(mode is {cfg['mode']!r}).")
+
+
+def check_sizes(cfg: dict, name: str, n_train: int, n_test: int) -> None:
+    """The sizes that must fit the data set (``n_train`` / ``n_test`` images), before anything trains."""
+    d = cfg["data"]
+    for key, n, split in (("train_limit", n_train, "training"), ("test_limit", n_test, "test")):
+        if d[key] > n:
+            raise refuse(f"data.{key}", d[key], f"at most the {n} {split} images of {name} (0: all)")
+    n_tr = min(n_train, d["train_limit"] or n_train)
+    if d["val_size"] >= n_tr:
+        raise refuse("data.val_size", d["val_size"], f"fewer than the {n_tr} training images of {name}")
+    n_fit, bs = n_tr - d["val_size"], cfg["train"]["batch_size"]
+    if cfg.get("mode", "modern") == "modern" and bs > n_fit:
+        raise refuse("train.batch_size", bs, f"at most the {n_fit} training images left after "
+                     f"data.val_size = {d['val_size']}")
 
 
 # ======================================================================== data
@@ -141,6 +194,7 @@ def load_data(cfg: dict, run_seed: int, data_dir: str | None) -> dict:
     ds = load_dataset(d["dataset"], data_dir=data_dir)
     tr_x, te_x = _grayscale(ds.train_x, ds.name), _grayscale(ds.test_x, ds.name)
     tr_y, te_y = ds.train_y, ds.test_y
+    check_sizes(cfg, ds.name, len(tr_y), len(te_y))
     if cfg["seed_protocol"]["shuffle_split"]:  # the seed: np.random.shuffle(ids) over all images, first 60000 train
         from moelab.train.run import seeded_generator
 
@@ -234,6 +288,23 @@ def _format_lead(share: list[float]) -> str:
     return "  ".join(f"E{i + 1} {100 * s:.1f}%" for i, s in enumerate(share) if s > 0)
 
 
+# ======================================================================== equal-cost baselines
+def dense_baselines(run: Run, moe_row: dict, make_dense, probe: Tensor, train_dense) -> dict[str, dict]:
+    """``dense-equal-params`` / ``dense-equal-flops``: ``make_dense(hidden)`` widened to the mixture's
+    counted parameters / inference FLOPs (on ``probe``), trained by ``train_dense(phase, hidden)``."""
+    widths = dense_widths(moe_row, lambda h: count_params(make_dense(h)),
+                          lambda h: flops_per_example(make_dense(h), probe))
+    return equal_cost_rows(run, widths, train_dense)
+
+
+def _label_single(models: dict) -> None:
+    """The single network is one expert's size: say so in its row."""
+    s, moe = models["single"], models["moe"]
+    if s.get("params") and moe.get("params"):
+        s["note"] = (f"smaller network: one expert's size, {moe['params'] / s['params']:.1f}x fewer parameters "
+                     f"than the mixture (compare with dense-equal-params / dense-equal-flops)")
+
+
 # ======================================================================== faithful
 def _dtype(name: str) -> torch.dtype:
     dts = {"float32": torch.float32, "float64": torch.float64}
@@ -285,25 +356,31 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
     def err_pct(model, xb: Tensor, y: Tensor) -> float:
         return round(100 * float((_seed_predict(model, xb)[0].argmax(1) != y).float().mean()), 4)
 
-    # ---- the single network (the seed's benchmark NN: always trained on the train split)
-    single = SeedMLP(in_dim, m["hidden"], n_cls, generator=run.generator("init", "single"), dtype=dt)
-    opt = torch.optim.SGD(single.parameters(), lr=lr)
+    # ---- dense networks (the seed's benchmark NN: always trained on the train split)
     n_tr = train_xt.shape[1]
 
-    def single_epoch(epoch: int) -> dict:
-        r = seed_mlp_gradients(single, train_xt, train_yt, chunk=chunk, rows=rows, workers=workers)
-        opt.step()
-        return {"loss": r["loss"], "train_err": round(100 * (1 - r["correct"] / n_tr), 4)}
+    def train_dense(phase: str, hidden: int) -> dict:
+        """One SeedMLP in-hidden-classes trained like the seed's single network (full-batch GD, MSE)."""
+        net = SeedMLP(in_dim, hidden, n_cls, generator=run.generator("init", phase), dtype=dt)
+        opt = torch.optim.SGD(net.parameters(), lr=lr)
 
-    t0 = time.perf_counter()
-    train_phase(run, "single", single, opt, f["single_epochs"], single_epoch,
-                evaluate=lambda e: {"test_err": err_pct(single, test_xb, data["test_y"])},
-                log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
-    probs, _ = _seed_predict(single, test_xb)
-    save_eval(run, "single", data["test_y"], probs, class_names=data["classes"])
-    models["single"] = {**_model_report(data["test_y"], probs, None, n_cls),
-                        "train_error_pct": err_pct(single, train_xb, data["train_y"]),
-                        "epochs": f["single_epochs"], "trained_on": "train", "train_time_s": round(time.perf_counter() - t0, 1)}
+        def dense_epoch(epoch: int) -> dict:
+            r = seed_mlp_gradients(net, train_xt, train_yt, chunk=chunk, rows=rows, workers=workers)
+            opt.step()
+            return {"loss": r["loss"], "train_err": round(100 * (1 - r["correct"] / n_tr), 4)}
+
+        t0 = time.perf_counter()
+        train_phase(run, phase, net, opt, f["single_epochs"], dense_epoch,
+                    evaluate=lambda e: {"test_err": err_pct(net, test_xb, data["test_y"])},
+                    log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
+        probs, _ = _seed_predict(net, test_xb)
+        save_eval(run, phase, data["test_y"], probs, class_names=data["classes"])
+        return {**_model_report(data["test_y"], probs, None, n_cls),
+                "train_error_pct": err_pct(net, train_xb, data["train_y"]), "epochs": f["single_epochs"],
+                "trained_on": "train", "train_time_s": round(time.perf_counter() - t0, 1), "hidden": hidden,
+                **cost_row(net, test_xb[:64])}
+
+    models["single"] = train_dense("single", m["hidden"])
 
     # ---- the mixture
     on_test = proto["train_on_test"]
@@ -334,7 +411,7 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
     save_eval(run, "moe", data["test_y"], probs, gates, class_names=data["classes"])
     rep = _model_report(data["test_y"], probs, gates, n_cls)
     rep.update(epochs=f["moe_epochs"], trained_on="test" if on_test else "train",
-               train_time_s=round(time.perf_counter() - t0, 1))
+               train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, test_xb[:256]))
     tr_probs, tr_gates = _seed_predict(moe, train_xb)
     rep["train_error_pct"] = round(100 * float((tr_probs.argmax(1) != data["train_y"]).float().mean()), 4)
     rep["train_lead_share"] = routing_stats(data["train_y"], tr_gates, n_cls)["lead_share"]
@@ -343,6 +420,10 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
                        "training data; train_error_pct is the error on the train images it never saw")
         rep["unseen_error_pct"] = rep["train_error_pct"]
     models["moe"] = rep
+    if cfg["baselines"]["equal_cost"]:
+        models.update(dense_baselines(run, rep, lambda hid: SeedMLP(in_dim, hid, n_cls, dtype=dt),
+                                      test_xb[:4], train_dense))
+    _label_single(models)
     run.log(f"moe lead share (test split): {_format_lead(rep['lead_share'])}")
     if on_test:
         run.log(f"moe trained on the test split: error {rep['test_error_pct']:.2f}% there, "
@@ -544,48 +625,56 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
     probs, gates = _predict(moe, x_te, bf16)
     save_eval(run, "moe", y_te, probs, gates, class_names=data["classes"])
     rep = _model_report(y_te, probs, gates, n_cls)
-    rep.update(epochs=t["epochs"], train_time_s=round(time.perf_counter() - t0, 1),
-               params=sum(p.numel() for p in moe.parameters()))
+    rep.update(epochs=t["epochs"], train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, x_te[:256]))
     if x_val is not None:
         vp, _ = _predict(moe, x_val, bf16)
         rep["val_error_pct"] = round(100 * float((vp.argmax(1) != y_val).float().mean()), 4)
     models["moe"] = rep
 
-    # ---- the single network, trained the same way
+    # ---- dense networks (the single network, the equal-cost baselines), trained the same way
     s_epochs = t["single_epochs"] or t["epochs"]
-    _init_seed(run, "single")
-    single = mlp(in_dim, m["hidden"], n_cls, m["activation"])
-    opt = _make_opt(t, single.parameters(), t["single_lr"] or t["lr"])
-    sched = _make_sched(t, opt, s_epochs * steps)
 
-    single_ddp = ddp.wrap_model(single)
+    def train_dense(phase: str, hidden: int) -> dict:
+        """One in-hidden-classes MLP with the single network's recipe (cross-entropy)."""
+        _init_seed(run, phase)
+        net = mlp(in_dim, hidden, n_cls, m["activation"])
+        opt = _make_opt(t, net.parameters(), t["single_lr"] or t["lr"])
+        sched = _make_sched(t, opt, s_epochs * steps)
+        net_ddp = ddp.wrap_model(net)
 
-    def single_epoch(epoch: int) -> dict:
-        single.train()
-        tot = torch.zeros(2, dtype=torch.float64)
-        for xb, yb, w in _batches(run, "single", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = single_ddp(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            (loss * w).backward()
-            opt.step()
-            sched.step()
-            tot += torch.stack([loss.detach().double() * len(yb), torch.tensor(float(len(yb)), dtype=torch.float64)])
-        return {"loss": _epoch_means(tot)[0], "lr": opt.param_groups[0]["lr"]}
+        def dense_epoch(epoch: int) -> dict:
+            net.train()
+            tot = torch.zeros(2, dtype=torch.float64)
+            for xb, yb, w in _batches(run, phase, epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = net_ddp(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"])
+                opt.zero_grad(set_to_none=True)
+                (loss * w).backward()
+                opt.step()
+                sched.step()
+                tot += torch.stack([loss.detach().double() * len(yb),
+                                    torch.tensor(float(len(yb)), dtype=torch.float64)])
+            return {"loss": _epoch_means(tot)[0], "lr": opt.param_groups[0]["lr"]}
 
-    t0 = time.perf_counter()
-    train_phase(run, "single", single, opt, s_epochs, single_epoch, evaluate=evaluator(single), sched=sched,
-                log_every=t["log_every"])
-    probs, _ = _predict(single, x_te, bf16)
-    save_eval(run, "single", y_te, probs, class_names=data["classes"])
-    srep = _model_report(y_te, probs, None, n_cls)
-    srep.update(epochs=s_epochs, train_time_s=round(time.perf_counter() - t0, 1),
-                params=sum(p.numel() for p in single.parameters()))
-    if x_val is not None:
-        vp, _ = _predict(single, x_val, bf16)
-        srep["val_error_pct"] = round(100 * float((vp.argmax(1) != y_val).float().mean()), 4)
-    models["single"] = srep
+        t0 = time.perf_counter()
+        train_phase(run, phase, net, opt, s_epochs, dense_epoch, evaluate=evaluator(net), sched=sched,
+                    log_every=t["log_every"])
+        probs, _ = _predict(net, x_te, bf16)
+        save_eval(run, phase, y_te, probs, class_names=data["classes"])
+        r = _model_report(y_te, probs, None, n_cls)
+        r.update(epochs=s_epochs, train_time_s=round(time.perf_counter() - t0, 1), hidden=hidden,
+                 **cost_row(net, x_te[:64]))
+        if x_val is not None:
+            vp, _ = _predict(net, x_val, bf16)
+            r["val_error_pct"] = round(100 * float((vp.argmax(1) != y_val).float().mean()), 4)
+        return r
+
+    models["single"] = train_dense("single", m["hidden"])
+    if cfg["baselines"]["equal_cost"]:
+        models.update(dense_baselines(run, rep, lambda hid: mlp(in_dim, hid, n_cls, m["activation"]),
+                                      x_te[:4], train_dense))
+    _label_single(models)
     run.log(f"moe lead share (test split): {_format_lead(rep['lead_share'])}")
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
@@ -594,12 +683,8 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
 
 
 # ======================================================================== entry points
-@family("jacobs", DEFAULTS)
+@family("jacobs", DEFAULTS, RULES, check_config, RESUMABLE)
 def run(cfg: dict, run_ctx: Run) -> dict:
-    if cfg["mode"] not in ("faithful", "modern"):
-        raise ConfigError(f"mode must be 'faithful' or 'modern', got {cfg['mode']!r}.")
-    if cfg["seed_protocol"]["train_on_test"] and cfg["mode"] != "faithful":
-        raise ConfigError("seed_protocol.train_on_test applies to mode = \"faithful\" only.")
     if cfg["mode"] == "faithful":
         ddp.require_single_process(f"{run_ctx.name} (mode = \"faithful\": full-batch gradient descent)")
     threads = torch.get_num_threads()

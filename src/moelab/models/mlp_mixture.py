@@ -361,3 +361,79 @@ class MLPMixture(nn.Module):
         gates = self.log_gates(gate_logits).exp()
         probs = torch.softmax(logits.to(gates.dtype), dim=-1)
         return torch.einsum("ne,enc->nc", gates, probs), gates
+
+
+# ------------------------------------------------------------------ sparse (mnist-sparse)
+class SparseMoEMLP(nn.Module):
+    """A residual MLP classifier whose feed-forward blocks are sparse :class:`moelab.MoE` layers (the
+    Switch / V-MoE recipe on flat images):
+
+        x (N, in) -> Linear(in, dim) -> [z + FFN(LayerNorm(z))] x depth -> LayerNorm -> Linear(dim, classes)
+
+    ``FFN`` is ``MoE(dim, num_experts, hidden_dim, router, k, ...)`` (each example runs k of E
+    ``dim-hidden-dim`` GELU experts) when ``num_experts`` > 0, else a dense ``dim-hidden-dim`` MLP: the
+    same network with ``num_experts = 0`` is the dense baseline, and its ``hidden_dim`` is what the
+    equal-FLOPs / equal-parameters baselines tune. ``forward`` returns ``(logits, aux_loss)``.
+    ``moe_layers``: which blocks are MoE ("all", or "last": only the last block, the others dense).
+
+    ``arch = "experts"``: no trunk; the MoE's experts are whole ``in-hidden-classes`` classifiers routed by a
+    linear gate on the input (a Jacobs-style mixture of MLP experts with a sparse gate); dense: one
+    ``in-hidden-classes`` MLP (``dim`` and ``depth`` unused).
+    """
+
+    def __init__(self, in_dim: int = 196, dim: int = 64, hidden_dim: int = 128, num_classes: int = 10,
+                 depth: int = 1, num_experts: int = 0, router: str = "topk", k: int | None = None,
+                 capacity_factor: float | None = None, aux_loss_weights: dict | None = None,
+                 moe_layers: str = "all", activation: str = "gelu", arch: str = "residual"):
+        super().__init__()
+        from moelab.moe import MoE
+
+        _check_dims(in_dim=in_dim, dim=dim, hidden_dim=hidden_dim, num_classes=num_classes, depth=depth)
+        if moe_layers not in ("all", "last"):
+            raise MoelabError(f"moe_layers must be 'all' or 'last', got {moe_layers!r}")
+        if arch not in ("residual", "experts"):
+            raise MoelabError(f"arch must be 'residual' or 'experts', got {arch!r}")
+        self.num_experts, self.arch = num_experts, arch
+        opts = {"k": k} if k is not None and router in ("topk", "noisy_topk") else {}
+        if capacity_factor is not None and router != "soft":
+            opts["capacity_factor"] = capacity_factor
+        if arch == "experts":
+            self.embed, self.norms, self.head = nn.Identity(), nn.ModuleList([nn.Identity()]), nn.Identity()
+            self.blocks = nn.ModuleList([
+                MoE(in_dim, num_experts, hidden_dim, router=router, out_dim=num_classes, activation=activation,
+                    aux_loss_weights=aux_loss_weights, **opts) if num_experts > 0
+                else mlp(in_dim, hidden_dim, num_classes, activation)])
+            return
+        self.embed = nn.Linear(in_dim, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        blocks = []
+        for i in range(depth):
+            if num_experts > 0 and (moe_layers == "all" or i == depth - 1):
+                blocks.append(MoE(dim, num_experts, hidden_dim, router=router, activation=activation,
+                                  aux_loss_weights=aux_loss_weights, **opts))
+            else:
+                blocks.append(mlp(dim, hidden_dim, dim, activation))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.embed(x)
+        aux = z.new_zeros((), dtype=torch.float32)
+        for norm, block in zip(self.norms, self.blocks):
+            out = block(norm(z))
+            if isinstance(out, tuple):  # MoE: (y, MoEAux)
+                out, a = out
+                aux = aux + a.loss
+            z = z + out if self.arch == "residual" else out
+        return self.head(z), aux
+
+    def moe_aux(self, x: Tensor) -> list:
+        """The MoEAux of each MoE block on ``x`` (for routing statistics)."""
+        z, auxes = self.embed(x), []
+        for norm, block in zip(self.norms, self.blocks):
+            out = block(norm(z))
+            if isinstance(out, tuple):
+                out, a = out
+                auxes.append(a)
+            z = z + out if self.arch == "residual" else out
+        return auxes

@@ -49,11 +49,12 @@ class Run:
         resume: bool = False,
         is_main: bool = True,
         quiet: bool = False,
+        mutable: tuple[str, ...] = (),
     ):
         self.dir = Path(out_dir)
         self.name, self.cfg, self.seed, self.data_dir = name, cfg, seed, data_dir
         self.is_main, self.quiet = is_main, quiet
-        self.resumed = resume
+        self.resumed, self.mutable = resume, tuple(mutable)
         self._t0 = time.perf_counter()
         self._lock_fd: int | None = None
         self._log_f = None
@@ -106,13 +107,15 @@ class Run:
         diff = sorted(
             k for k in set(flatten(saved)) | set(flatten(want)) if flatten(saved).get(k) != flatten(want).get(k)
         )
-        diff = [k for k in diff if k not in ("description", "run.data_dir")]
+        diff = [k for k in diff if k not in ("description", "run.data_dir", *self.mutable)]
         if diff:
             shown = "; ".join(f"{k}: run has {flatten(saved).get(k)!r}, asked {flatten(want).get(k)!r}" for k in diff[:8])
             self.close()
             raise MoelabError(
                 f"cannot resume '{self.dir}': its checkpoint was made with another config ({shown})."
             )
+        if self.mutable:  # resumable keys the resume changed (e.g. log_every): the run goes on with them
+            atomic_write_text(cfg_path, dumps_toml(self.full_config()))
         # Drop metric lines written after the newest checkpoint: they are recomputed.
         keep = max((m.get("metrics_lines", 0) for m in self._checkpoint_metas()), default=0)
         mpath = self.dir / "metrics.jsonl"

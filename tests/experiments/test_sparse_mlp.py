@@ -1,0 +1,84 @@
+"""``mnist-sparse`` (family ``sparse_mlp``): a sparse moelab.MoE MLP and its equal-cost dense baselines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moelab.cost import count_params, flops_per_example
+from moelab.errors import ConfigError
+from moelab.experiments import resolve_config
+from moelab.experiments.runner import run_experiment
+from moelab.experiments.sparse_mlp import build_model
+from moelab.moe import MoE
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOELAB_KERNELS", "off")  # the PyTorch paths; building the fused kernels takes ~40 s
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+SMALL = ["data.train_limit=1500", "data.val_size=500", "data.test_limit=500", "train.epochs=2", "train.log_every=1",
+         "model.dim=16", "model.hidden=64", "model.num_experts=8"]
+
+
+def test_mnist_sparse_end_to_end(real_data_dir, tmp_path):
+    out = tmp_path / "run"
+    s = run_experiment("mnist-sparse", SMALL + ["model.k=2", "model.normalize=true"], out=out,
+                       data_dir=str(real_data_dir), quiet=True)
+    models = s["models"]
+    assert set(models) == {"moe", "dense-equal-flops", "dense-equal-params"}
+    for r in models.values():
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["val_error_pct"] <= 100
+        assert r["params"] > 0 and r["flops_per_example"] > 0 and r["train_time_s"] >= 0
+    moe, fl, pa = models["moe"], models["dense-equal-flops"], models["dense-equal-params"]
+    assert moe["test_accuracy"] > 0.3  # 2 epochs on 1000 images; chance is 0.1
+    # sparse: the mixture has ~E/k times the parameters of the dense network with its FLOPs
+    assert pa["params"] == pytest.approx(moe["params"], rel=0.02) and pa["params"] > 2 * fl["params"]
+    assert fl["flops_per_example"] == pytest.approx(moe["flops_per_example"], rel=0.05)
+    assert pa["flops_per_example"] > 1.5 * moe["flops_per_example"]
+    assert "same_model_as" not in fl and "same_model_as" not in pa
+    assert s["protocol"]["val_size"] == 500
+    assert len(s["lead_share"]) == 8 and sum(s["lead_share"]) == pytest.approx(1, abs=1e-4)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["models"]["moe"]["flops_per_example"] == moe["flops_per_example"]
+    assert all((out / "eval" / f"{m}.safetensors").is_file() for m in models)
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "switch", "expert_choice", "soft"])
+def test_mnist_sparse_routers(router, real_data_dir, tmp_path):
+    s = run_experiment("mnist-sparse", SMALL + [f"model.router={router}", "train.epochs=1",
+                                                "baselines.equal_cost=false"],
+                       out=tmp_path / "r", data_dir=str(real_data_dir), quiet=True)
+    assert set(s["models"]) == {"moe"} and s["models"]["moe"]["test_accuracy"] > 0.2
+
+
+def test_sparse_flops_below_dense_all_experts():
+    """Counted inference FLOPs of the top-k mixture: the shared layers, the router and k of E experts, well
+    below the same mixture run densely (every expert on every example)."""
+    cfg = resolve_config("mnist-sparse", ["model.num_experts=8", "model.k=1"])[1]
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], 196, 10)
+    assert isinstance(model.blocks[0], MoE)
+    x = torch.randn(256, 196)
+    sparse = flops_per_example(model, x)
+    d, h, e = cfg["model"]["dim"], cfg["model"]["hidden"], 8
+    shared = 2 * (196 * d + d * 10) + 2 * d * e  # embed + head + router
+    expert = 2 * 2 * d * h
+    assert sparse == pytest.approx(shared + expert, rel=0.1)  # padding of the bucketed path is counted too
+    block = model.blocks[0]
+    dense_all = flops_per_example(model.embed, x) + flops_per_example(block.experts, x[:, :d].contiguous())
+    assert dense_all == pytest.approx(2 * 196 * d + e * expert)
+    assert sparse < 0.3 * dense_all
+    assert count_params(model) > 4 * count_params(build_model(cfg["model"], 196, 10, dense=True))  # 8 experts
+
+
+def test_bad_router_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.router"):
+        run_experiment("mnist-sparse", ["model.router=nope"], out=tmp_path / "r", quiet=True)
