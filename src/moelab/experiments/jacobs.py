@@ -450,6 +450,16 @@ def _make_opt(t: dict, params, lr: float):
     raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {t['optimizer']!r}.")
 
 
+def optimizer_step(opt, sched, objective: Tensor, tot: Tensor, loss: Tensor, aux: Tensor, n: int) -> None:
+    """One optimiser and scheduler step on ``objective``; adds the batch's (loss, aux, count) to ``tot``."""
+    opt.zero_grad(set_to_none=True)
+    objective.backward()
+    opt.step()
+    sched.step()
+    tot += torch.stack([loss.detach().double() * n, aux.detach().double() * n,
+                        torch.tensor(float(n), dtype=torch.float64)])
+
+
 def _make_sched(t: dict, opt, total_steps: int):
     warm = max(1, int(round(t["warmup_frac"] * total_steps)))
 
@@ -610,12 +620,7 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
             if t["balance"] != "none" and t["balance_weight"] != 0:
                 aux = balance_loss(t["balance"], gate_logits.float(), lg.exp())
                 loss = loss + t["balance_weight"] * aux
-            opt.zero_grad(set_to_none=True)
-            (loss * w).backward()
-            opt.step()
-            sched.step()
-            tot += torch.stack([loss.detach().double() * len(yb), aux.detach().double() * len(yb),
-                                torch.tensor(float(len(yb)), dtype=torch.float64)])
+            optimizer_step(opt, sched, loss * w, tot, loss, aux, len(yb))
         mean_loss, mean_aux = _epoch_means(tot)
         return {"loss": mean_loss, "aux": mean_aux, "lr": opt.param_groups[0]["lr"]}
 

@@ -50,6 +50,7 @@ from moelab.experiments.jacobs import (
     _model_report,
     dense_baselines,
     load_data,
+    optimizer_step,
 )
 from moelab.models.mlp_mixture import SparseMoEMLP
 from moelab.parallel import ddp
@@ -156,9 +157,9 @@ def _predict(model: SparseMoEMLP, x: Tensor, bf16: bool, chunk: int = 2048) -> t
     probs, gates = [], []
     for i in range(0, x.shape[0], chunk):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, _ = model(x[i:i + chunk])
-            if model.num_experts > 0:
-                gates.append(model.moe_aux(x[i:i + chunk])[-1].gates.float())
+            logits, _, auxes = model.forward_with_aux(x[i:i + chunk])  # one forward: logits and gates
+        if auxes:
+            gates.append(auxes[-1].gates.float())
         probs.append(torch.softmax(logits.float(), -1))
     return torch.cat(probs), (torch.cat(gates) if gates else None)
 
@@ -211,12 +212,7 @@ def _run(cfg: dict, run: Run) -> dict:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     logits, aux = model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"])
-                opt.zero_grad(set_to_none=True)
-                ((loss + aux) * wt).backward()
-                opt.step()
-                sched.step()
-                tot += torch.stack([loss.detach().double() * len(yb), aux.detach().double() * len(yb),
-                                    torch.tensor(float(len(yb)), dtype=torch.float64)])
+                optimizer_step(opt, sched, (loss + aux) * wt, tot, loss, aux, len(yb))
             mean_loss, mean_aux = _epoch_means(tot)
             return {"loss": mean_loss, "aux": mean_aux, "lr": opt.param_groups[0]["lr"]}
 

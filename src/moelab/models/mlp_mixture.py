@@ -417,23 +417,22 @@ class SparseMoEMLP(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits, aux, _ = self.forward_with_aux(x)
+        return logits, aux
+
+    def forward_with_aux(self, x: Tensor) -> tuple[Tensor, Tensor, list]:
+        """-> (logits, summed auxiliary loss, the MoEAux of each MoE block)."""
         z = self.embed(x)
-        aux = z.new_zeros((), dtype=torch.float32)
+        aux, auxes = z.new_zeros((), dtype=torch.float32), []
         for norm, block in zip(self.norms, self.blocks):
             out = block(norm(z))
             if isinstance(out, tuple):  # MoE: (y, MoEAux)
                 out, a = out
                 aux = aux + a.loss
+                auxes.append(a)
             z = z + out if self.arch == "residual" else out
-        return self.head(z), aux
+        return self.head(z), aux, auxes
 
     def moe_aux(self, x: Tensor) -> list:
         """The MoEAux of each MoE block on ``x`` (for routing statistics)."""
-        z, auxes = self.embed(x), []
-        for norm, block in zip(self.norms, self.blocks):
-            out = block(norm(z))
-            if isinstance(out, tuple):
-                out, a = out
-                auxes.append(a)
-            z = z + out if self.arch == "residual" else out
-        return auxes
+        return self.forward_with_aux(x)[2]
