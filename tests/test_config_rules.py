@@ -19,7 +19,8 @@ from moelab.errors import ConfigError
 from moelab.experiments import FAMILY_MODULES, get_family, keys_without_rules
 
 FAMILIES = sorted(FAMILY_MODULES)
-BUILTIN = {"jacobs": "digits-jacobs", "sparse_mlp": "mnist-sparse", "cifar_experts": "cifar10-experts"}
+BUILTIN = {"jacobs": "digits-jacobs", "sparse_mlp": "mnist-sparse", "cifar_experts": "cifar10-experts",
+           "cifar_moe": "cifar10-moe"}
 
 
 def refused(capsys, argv: list[str], out) -> str:
@@ -50,7 +51,10 @@ def test_defaults_and_builtins_pass_their_rules(fam):
         experiments.resolve_config(name)  # every shipped config is valid
 
 
-def _bad_values(rule) -> list:
+CHECK_BAD = {"data.pairs": [[0, 0]], "model.moe_blocks": [3, 3]}
+
+
+def _bad_values(key: str, rule) -> list:
     """Values of the key's own type (so the type check passes) that its rule must refuse."""
     if isinstance(rule, Float):
         bad = [math.nan, math.inf, -math.inf]
@@ -68,8 +72,8 @@ def _bad_values(rule) -> list:
         return ["no-such-choice"]
     if isinstance(rule, Text):
         return [" "]
-    if isinstance(rule, Check):
-        return [[[0, 0]]]
+    if isinstance(rule, Check):  # a value of the right type that the check refuses
+        return [CHECK_BAD[key]]
     raise AssertionError(f"no bad values for {rule!r}")
 
 
@@ -77,7 +81,7 @@ def _cases():
     for fam in FAMILIES:
         f = get_family(fam)
         for key, rule in sorted(f.rules.items()):
-            for v in _bad_values(rule):
+            for v in _bad_values(key, rule):
                 if v is not None:
                     yield pytest.param(fam, key, v, id=f"{fam}:{key}={v!r}")
 
@@ -111,6 +115,10 @@ def test_out_of_range_value_is_refused(fam, key, value, tmp_path, capsys):
      "gate.finetune_epochs = 2 is out of range: expected 0 with gate.kind = \"hierarchical\""),
     (["cifar10-experts", "--set", "gate.kind=sparse", "--set", "gate.top_k=11"],
      "gate.top_k = 11 is out of range: expected at most the 10 experts (data.pairs)."),
+    (["cifar10-moe", "--set", "model.moe=blocks", "--set", "model.k=5"],
+     "model.k = 5 is out of range: expected at most model.num_experts = 4 (experts per image)."),
+    (["cifar10-moe", "--set", "model.moe_blocks=[3, 3]"],
+     "model.moe_blocks = [3, 3] is out of range: expected a non-empty list of distinct block numbers 1..3."),
     (["cifar10-experts", "--set", "data.pairs=[[0, 10]]"],
      "data.pairs = [[0, 10]] is out of range: expected a non-empty list of [a, b] pairs of distinct CIFAR-10"),
 ])

@@ -60,6 +60,8 @@ def _cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
         from moelab.bench.ep import main
     elif a.what == "layer":
         from moelab.bench.layer import main
+    elif a.what == "cnn":
+        from moelab.bench.cnn import main
     else:
         from moelab.bench.conv import main
     return main(rest) or 0
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.set_defaults(func=_cmd_data_check)
 
     b = sub.add_parser("bench", help="benchmarks (`moelab bench layer --help`)", add_help=False)
-    b.add_argument("what", choices=["layer", "conv"])
+    b.add_argument("what", choices=["layer", "conv", "cnn"])
     b.set_defaults(func=None, bench=True)
 
     g = sub.add_parser("gradcheck", help="autograd vs finite-difference gradients of an experiment's model")

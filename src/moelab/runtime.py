@@ -15,12 +15,13 @@ leave glibc's settings alone. Library users can call it themselves. A no-op off 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_allocator", "allocator_state", "MALLOC_ENV"]
+__all__ = ["tune_allocator", "allocator_state", "torch_threads", "MALLOC_ENV"]
 
 MALLOC_ENV = "MOELAB_MALLOC"
 
@@ -62,3 +63,17 @@ def tune_allocator() -> str:
 def allocator_state() -> str:
     """"tuned", "default" or "unsupported": what :func:`tune_allocator` left (for benchmark output)."""
     return _state
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``torch.set_num_threads(n)`` inside the block (``n`` = 0: leave torch's setting), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        if n > 0:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)

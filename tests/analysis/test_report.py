@@ -120,3 +120,20 @@ def test_report_model_table_shows_cost(make_run, tmp_path):
     assert rows["moe"][3:6] == ["57,035", "113,300", "30.2 s"]
     assert rows["single"][3:6] == ["n/a", "n/a", "n/a"]
     assert rows["dense-equal-flops"][6] == "same model as `dense-equal-params` (trained once)"
+
+
+def test_routing_over_training_figure(make_run, tmp_path):
+    import json
+
+    from moelab.analysis import plots
+
+    run = make_run(tmp_path / "r")
+    rows = [{"phase": "moe", "epoch": e, "val_err": 10.0 - e, "val_lead_share": [0.5 - 0.1 * e, 0.5 + 0.1 * e]}
+            for e in (1, 2, 3)]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    html_path, md_path = write_report(run)
+    imgs = dict(re.findall(r'<img id="([^"]+)" alt="[^"]*" src="data:image/png;base64,([^"]+)"', html_path.read_text()))
+    assert base64.b64decode(imgs["routing-over-training"]).startswith(PNG_MAGIC)
+    assert "## Routing along training" in md_path.read_text()
+    assert plots.routing_over_training([{"phase": "moe", "epoch": 1, "val_err": 3.0}]) is None

@@ -62,7 +62,7 @@ def test_mnist_sparse_routers(router, real_data_dir, tmp_path):
 def test_sparse_flops_below_dense_all_experts():
     """Counted inference FLOPs of the top-k mixture: the shared layers, the router and k of E experts, well
     below the same mixture run densely (every expert on every example)."""
-    cfg = resolve_config("mnist-sparse", ["model.num_experts=8", "model.k=1"])[1]
+    cfg = resolve_config("mnist-sparse", ["model.num_experts=8", "model.k=1", "model.dim=64", "model.hidden=128"])[1]
     torch.manual_seed(0)
     model = build_model(cfg["model"], 196, 10)
     assert isinstance(model.blocks[0], MoE)

@@ -101,6 +101,21 @@ def test_non_finite_logits_raise_naming_router(name):
         router(x)
 
 
+def test_finite_check_is_on_for_cpu_and_opt_in_on_accelerators(monkeypatch):
+    from moelab.moe.routers.base import CHECK_FINITE_ENV, check_finite, finite_checks_on
+
+    monkeypatch.delenv(CHECK_FINITE_ENV, raising=False)
+    assert finite_checks_on(torch.device("cpu")) and not finite_checks_on(torch.device("cuda"))
+    monkeypatch.setenv(CHECK_FINITE_ENV, "1")
+    assert finite_checks_on(torch.device("cuda"))
+    monkeypatch.setenv(CHECK_FINITE_ENV, "0")  # off everywhere: NaN logits pass through unchecked
+    assert not finite_checks_on(torch.device("cpu"))
+    check_finite(torch.tensor([float("nan")]), "topk")
+    monkeypatch.setenv(CHECK_FINITE_ENV, "1")
+    with pytest.raises(MoelabError, match=r"router 'topk' produced 1 non-finite logits"):
+        check_finite(torch.tensor([float("nan"), 1.0]), "topk")
+
+
 def test_bad_router_options():
     for name in ["topk", "noisy_topk", "hash"]:
         with pytest.raises(MoelabError, match=rf"router '{name}': k must be an int in \[1, num_experts=5\]"):

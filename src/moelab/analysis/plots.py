@@ -158,3 +158,30 @@ def training_curves(rows: Sequence[dict]) -> bytes | None:
         ax.set_title(kind)
         ax.legend(fontsize=7)
     return _png(fig)
+
+
+def routing_over_training(rows: Sequence[dict], key: str = "val_lead_share") -> bytes | None:
+    """Each expert's share of the images it leads (``key``: a per-expert list in metrics.jsonl rows)
+    against epoch, one panel per phase that logged it: how routing settles (or collapses) in training.
+    None if no row has it."""
+    series: dict[str, list[tuple[float, list[float]]]] = {}
+    for row in rows:
+        share = row.get(key)
+        if isinstance(share, list) and share and isinstance(row.get("epoch"), int | float):
+            series.setdefault(str(row.get("phase", "")), []).append((row["epoch"], [float(v) for v in share]))
+    if not series:
+        return None
+    fig = Figure(figsize=(4.2 * len(series), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(series), squeeze=False)[0]
+    for ax, (phase, pts) in zip(axes, sorted(series.items())):
+        pts.sort(key=lambda p: p[0])
+        xs = [x for x, _ in pts]
+        shares = np.asarray([s for _, s in pts], dtype=float)  # (epochs, E)
+        ax.stackplot(xs, shares.T, labels=[f"expert {e}" for e in range(shares.shape[1])])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("share of images led")
+        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{phase}: routing along training" if phase else "routing along training")
+        ax.legend(fontsize=7, loc="upper right")
+    return _png(fig)

@@ -94,6 +94,11 @@ def build_report(run: RunDir) -> list:
     curves = plots.training_curves(run.metrics)
     if curves is not None:
         blocks += [Heading("Training curves"), Figure("training-curves", "training curves (metrics.jsonl)", curves)]
+    along = plots.routing_over_training(run.metrics)
+    if along is not None:
+        blocks += [Heading("Routing along training"),
+                   Figure("routing-over-training", "each expert's share of the validation images it leads, per "
+                          "epoch (metrics.jsonl val_lead_share)", along)]
 
     first_mixture = True
     for model, (tensors, meta) in evals.items():

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +29,7 @@ from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import Seed1CNN
 from moelab.moe.conv_experts import ConvExperts
 from moelab.precision import cpu_bf16_isa
+from moelab.runtime import allocator_state, tune_allocator
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 MODES = ("infer", "train")
@@ -85,20 +84,6 @@ def _time_interleaved(
     return best
 
 
-def tune_glibc_malloc() -> bool:
-    """Serve big allocations from the reusable heap instead of fresh ``mmap`` pages (the effect of
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``; jemalloc/tcmalloc do similar). glibc's
-    default maps every block over 32 MB afresh, so each such activation pays page faults: that, not the
-    convolutions, is what makes the grouped path slow by default. Process-wide and irreversible;
-    returns False where it does not apply (not glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
 def bench_conv(
     num_experts: int = 10,
     batch: int = 256,
@@ -134,9 +119,7 @@ def bench_conv(
         raise MoelabError(
             f"bench conv: need iters >= 1, warmup >= 0, batch >= 1; got {iters}, {warmup}, {batch}"
         )
-    malloc = "default"
-    if tune_malloc:
-        malloc = "no-mmap" if tune_glibc_malloc() else "default (tuning unavailable)"
+    malloc = tune_allocator() if tune_malloc else allocator_state()
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -229,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     p.add_argument(
-        "--tune-malloc", action="store_true", help="glibc: no mmap for big blocks (see tune_glibc_malloc)"
+        "--tune-malloc", action="store_true", help="glibc: no mmap for big blocks (moelab.runtime.tune_allocator; the moelab command already does this)"
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     a = p.parse_args(argv)

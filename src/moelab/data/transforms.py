@@ -43,7 +43,7 @@ def normalize(x: torch.Tensor, mean: float | Sequence[float], std: float | Seque
 
 
 @functools.lru_cache(maxsize=32)
-def _zoom_matrix(n_in: int, factor: float) -> np.ndarray:
+def zoom_matrix(n_in: int, factor: float) -> np.ndarray:
     """(n_out, n_in) matrix M with M @ v == scipy.ndimage.zoom(v, factor, order=3) for 1-D v.
 
     A 2-D cubic-spline zoom is separable (prefilter and interpolation are both per axis), so
@@ -79,8 +79,8 @@ def zoom_cubic(x: ArrayLike, factor: float, chunk: int = 8192) -> ArrayLike:
         t = t.permute(0, 3, 1, 2)
     lead = t.shape[:-2]
     h, w = t.shape[-2:]
-    mh = torch.from_numpy(_zoom_matrix(int(h), float(factor))).to(t.device)
-    mw = torch.from_numpy(_zoom_matrix(int(w), float(factor))).to(t.device)
+    mh = torch.from_numpy(zoom_matrix(int(h), float(factor))).to(t.device)
+    mw = torch.from_numpy(zoom_matrix(int(w), float(factor))).to(t.device)
     flat = t.reshape(-1, h, w)
     out = torch.empty((flat.shape[0], mh.shape[0], mw.shape[0]), dtype=t.dtype, device=t.device)
     for start in range(0, flat.shape[0], chunk):

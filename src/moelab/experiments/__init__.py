@@ -29,6 +29,7 @@ FAMILY_MODULES: dict[str, str] = {
     "jacobs": "moelab.experiments.jacobs",
     "cifar_experts": "moelab.experiments.cifar_experts",
     "sparse_mlp": "moelab.experiments.sparse_mlp",
+    "cifar_moe": "moelab.experiments.cifar_moe",
 }
 
 

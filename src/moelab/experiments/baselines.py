@@ -29,11 +29,13 @@ def dense_widths(target: dict, params_of: Callable[[int], float], flops_of: Call
 
 
 def equal_cost_rows(run: Run, widths: dict[str, int], train_dense: Callable[[str, int], dict],
-                    extra: dict | None = None) -> dict[str, dict]:
-    """``{name: row}`` for the two baselines: ``train_dense(name, width) -> row`` once per distinct width;
-    each row gains ``width``, ``matched_to`` (the cost it matches) and ``extra``."""
+                    extra: dict | None = None, names: tuple[str, ...] = EQUAL_COST) -> dict[str, dict]:
+    """``{name: row}`` for the baselines ``names`` (default both): ``train_dense(name, width) -> row`` once per
+    distinct width; each row gains ``width``, ``matched_to`` (the cost it matches) and ``extra``."""
     rows: dict[str, dict] = {}
     for name in EQUAL_COST:
+        if name not in names:
+            continue
         w, key = widths[name], MATCHED_KEY[name]
         ext = {"width": w, "matched_to": key, **(extra or {})}
         same = next((n for n, r in rows.items() if r["width"] == w and "same_model_as" not in r), None)

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,6 +51,7 @@ from torch import nn
 
 from moelab.config import Check, Choice, Float, Int, Switch, refuse
 from moelab.cost import cost_row, count_params, flops_per_example
+from moelab.data.location import cache_dir
 from moelab.data.transforms import random_translate, train_val_split
 from moelab.errors import ConfigError
 from moelab.experiments import family
@@ -150,16 +150,6 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _cache_root() -> Path:
-    try:
-        from moelab.data.location import cache_dir
-
-        return Path(cache_dir())
-    except ImportError:  # pragma: no cover - the data package always has it
-        env = os.environ.get("MOELAB_CACHE_DIR")
-        return Path(env) if env else Path.home() / ".cache" / "moelab"
-
-
 class Images:
     """uint8 NHWC images on the CPU -> normalised float NCHW (channels_last) batches, augmented on the
     whole batch at once (no per-image Python work)."""
@@ -209,7 +199,7 @@ def _to_memory_format(model: nn.Module, cfg: dict) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg["compute"]["channels_last"] else model
 
 
-def _limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
+def limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
     keep = []
     for c in classes:
         idx = np.flatnonzero(y == c)
@@ -292,8 +282,8 @@ class Data:
         used = sorted({c for p in self.pairs for c in p})
         self.used_classes = used
         check_sizes(cfg, {c: int((ds.train_y == c).sum()) for c in used}, {c: int((ds.test_y == c).sum()) for c in used})
-        tr_keep = _limit_per_class(ds.train_y, used, cfg["data"]["train_per_class"])
-        te_keep = _limit_per_class(ds.test_y, used, cfg["data"]["test_per_class"])
+        tr_keep = limit_per_class(ds.train_y, used, cfg["data"]["train_per_class"])
+        te_keep = limit_per_class(ds.test_y, used, cfg["data"]["test_per_class"])
         train_x, train_y = ds.train_x[tr_keep], ds.train_y[tr_keep]
         tr, va = train_val_split(train_y, cfg["data"]["val_size"], seed=run.seed, stratified=True)
         cl = cfg["compute"]["channels_last"]
@@ -457,7 +447,7 @@ def needs_generalist(cfg: dict) -> bool:
 def train_generalist(cfg: dict, run: Run, data: Data) -> tuple[Seed1CNN, dict]:
     """One expert-architecture CNN on all classes (phase ``generalist``), cached by content."""
     key = generalist_key(cfg, data, run.seed)
-    path = _cache_root() / "generalist" / f"{key}.safetensors"
+    path = cache_dir() / "generalist" / f"{key}.safetensors"
     model = Seed1CNN(len(data.classes))
     if cfg["experts"]["cache"] and path.is_file():
         tensors, meta = load_checkpoint(path)
@@ -483,7 +473,7 @@ def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | Non
 
     ``experts.init = "generalist"``: each expert starts as a copy of ``generalist`` (a specialist)."""
     key = expert_key(cfg, data, run.seed)
-    path = _cache_root() / "experts" / f"{key}.safetensors"
+    path = cache_dir() / "experts" / f"{key}.safetensors"
     E = len(data.pairs)
     experts = ConvExperts(E, len(data.classes), impl=cfg["compute"]["impl"])
     if cfg["experts"]["cache"] and path.is_file():
@@ -549,7 +539,7 @@ def expert_outputs(cfg: dict, run: Run, data: Data, experts: ConvExperts, key: s
     """Cached expert probabilities/features for train (plain + flipped), val and test; with
     ``eval_only`` (no gate is trained on them) val and test only, unless the full set is cached."""
     flipped = cfg["experts"]["cache_flipped"] and not eval_only
-    root = _cache_root() / "expert-outputs"
+    root = cache_dir() / "expert-outputs"
     names = [f"{key}-eval", f"{key}-flip", key] if eval_only else [f"{key}-flip" if flipped else key]
     paths = [root / f"{n}.safetensors" for n in names]  # eval_only: any cached set holds val and test
     hit = next((p for p in paths if p.is_file()), None) if cfg["experts"]["cache"] else None

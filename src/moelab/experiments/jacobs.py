@@ -70,7 +70,8 @@ from moelab.models.mlp_mixture import (
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.train.evaluation import routing_stats, save_eval
-from moelab.train.loop import train_phase
+from moelab.train.loop import optimizer_step, seed_module_init, train_phase
+from moelab.train.optim import make_optimizer, make_schedule
 from moelab.train.run import Run
 
 DEFAULTS: dict = {
@@ -209,8 +210,6 @@ def load_data(cfg: dict, run_seed: int, data_dir: str | None) -> dict:
     train_raw = torch.from_numpy(np.ascontiguousarray(tr_x))  # before resizing: for augmentation
     if d["resize"] == "seed_half":
         tr_x, te_x = resize_cubic_half_like_seed(tr_x), resize_cubic_half_like_seed(te_x)
-    elif d["resize"] != "none":
-        raise ConfigError(f"data.resize must be 'seed_half' or 'none', got {d['resize']!r}.")
     h, w = tr_x.shape[1:]
     both = np.concatenate([tr_x, te_x]).reshape(-1, h * w).astype(np.float64)
     shift = float(both.min())
@@ -242,9 +241,9 @@ class Augment:
         self.offset, self.scale = data["pixel_affine"]
         h0, w0 = data["train_raw"].shape[1:]
         if self.resize == "seed_half":
-            from moelab.data.transforms import _zoom_matrix
+            from moelab.data.transforms import zoom_matrix
 
-            mh, mw = (torch.from_numpy(_zoom_matrix(int(n), 0.5)) for n in (h0, w0))
+            mh, mw = (torch.from_numpy(zoom_matrix(int(n), 0.5)) for n in (h0, w0))
         else:
             mh, mw = torch.eye(h0, dtype=torch.float64), torch.eye(w0, dtype=torch.float64)
         ds = range(-shift, shift + 1)
@@ -274,7 +273,7 @@ def _lead(counts: Tensor) -> list[float]:
     return [round(float(c), 4) for c in (counts.float() / max(int(counts.sum()), 1))]
 
 
-def _model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_classes: int) -> dict:
+def model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_classes: int) -> dict:
     acc = float((probs.argmax(1) == labels).float().mean())
     out = {"test_accuracy": acc, "test_error_pct": round(100 * (1 - acc), 4)}
     if gates is not None:
@@ -284,7 +283,7 @@ def _model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_class
     return out
 
 
-def _format_lead(share: list[float]) -> str:
+def format_lead(share: list[float]) -> str:
     return "  ".join(f"E{i + 1} {100 * s:.1f}%" for i, s in enumerate(share) if s > 0)
 
 
@@ -307,10 +306,7 @@ def _label_single(models: dict) -> None:
 
 # ======================================================================== faithful
 def _dtype(name: str) -> torch.dtype:
-    dts = {"float32": torch.float32, "float64": torch.float64}
-    if name not in dts:
-        raise ConfigError(f"faithful.dtype must be 'float32' or 'float64', got {name!r}.")
-    return dts[name]
+    return {"float32": torch.float32, "float64": torch.float64}[name]  # RULES: one of the two
 
 
 @torch.no_grad()
@@ -375,7 +371,7 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
                     log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
         probs, _ = _seed_predict(net, test_xb)
         save_eval(run, phase, data["test_y"], probs, class_names=data["classes"])
-        return {**_model_report(data["test_y"], probs, None, n_cls),
+        return {**model_report(data["test_y"], probs, None, n_cls),
                 "train_error_pct": err_pct(net, train_xb, data["train_y"]), "epochs": f["single_epochs"],
                 "trained_on": "train", "train_time_s": round(time.perf_counter() - t0, 1), "hidden": hidden,
                 **cost_row(net, test_xb[:64])}
@@ -409,7 +405,7 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
                 log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
     probs, gates = _seed_predict(moe, test_xb)
     save_eval(run, "moe", data["test_y"], probs, gates, class_names=data["classes"])
-    rep = _model_report(data["test_y"], probs, gates, n_cls)
+    rep = model_report(data["test_y"], probs, gates, n_cls)
     rep.update(epochs=f["moe_epochs"], trained_on="test" if on_test else "train",
                train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, test_xb[:256]))
     tr_probs, tr_gates = _seed_predict(moe, train_xb)
@@ -424,7 +420,7 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
         models.update(dense_baselines(run, rep, lambda hid: SeedMLP(in_dim, hid, n_cls, dtype=dt),
                                       test_xb[:4], train_dense))
     _label_single(models)
-    run.log(f"moe lead share (test split): {_format_lead(rep['lead_share'])}")
+    run.log(f"moe lead share (test split): {format_lead(rep['lead_share'])}")
     if on_test:
         run.log(f"moe trained on the test split: error {rep['test_error_pct']:.2f}% there, "
                 f"{rep['train_error_pct']:.2f}% on the {len(data['train_y'])} train images it never saw")
@@ -436,47 +432,6 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
 
 
 # ======================================================================== modern
-def _init_seed(run: Run, phase: str) -> None:
-    """Seed torch's global RNG (used by nn.Module init) from the run seed and the phase."""
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=run.generator("init", phase))))
-
-
-def _make_opt(t: dict, params, lr: float):
-    if t["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=t["weight_decay"], fused=True)
-    if t["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=t["momentum"], nesterov=t["momentum"] > 0,
-                               weight_decay=t["weight_decay"], foreach=True)
-    raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {t['optimizer']!r}.")
-
-
-def optimizer_step(opt, sched, objective: Tensor, tot: Tensor, loss: Tensor, aux: Tensor, n: int) -> None:
-    """One optimiser and scheduler step on ``objective``; adds the batch's (loss, aux, count) to ``tot``."""
-    opt.zero_grad(set_to_none=True)
-    objective.backward()
-    opt.step()
-    sched.step()
-    tot += torch.stack([loss.detach().double() * n, aux.detach().double() * n,
-                        torch.tensor(float(n), dtype=torch.float64)])
-
-
-def _make_sched(t: dict, opt, total_steps: int):
-    warm = max(1, int(round(t["warmup_frac"] * total_steps)))
-
-    def onecycle(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
-
-    def cosine(step: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
-
-    scheds = {"onecycle": onecycle, "cosine": cosine, "constant": lambda step: 1.0}
-    if t["schedule"] not in scheds:
-        raise ConfigError(f"train.schedule must be one of {', '.join(scheds)}, got {t['schedule']!r}.")
-    return torch.optim.lr_scheduler.LambdaLR(opt, scheds[t["schedule"]])
-
-
 def _smooth_nll(logp: Tensor, y: Tensor, eps: float) -> Tensor:
     """Cross-entropy with label smoothing from log-probabilities (N, C)."""
     nll = -logp.gather(1, y[:, None]).squeeze(1)
@@ -521,7 +476,7 @@ def balance_loss(kind: str, gate_logits: Tensor, gates: Tensor) -> Tensor:
     raise ConfigError(f"train.balance must be one of {', '.join(BALANCES)}, got {kind!r}.")
 
 
-def _batches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int, norm: tuple[float, float],
+def minibatches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int, norm: tuple[float, float],
              raw: Tensor | None = None, augment: Augment | None = None):
     """This epoch's shuffled minibatches (``run.generator(phase, epoch)`` orders and augments them): rows of
     ``x``, or, with ``augment``, the augmented ``raw`` images. Yields ``(x, y, loss_weight)``.
@@ -538,7 +493,7 @@ def _batches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int, no
         yield (xb - norm[0]) / norm[1], yb, ddp.loss_weight(len(yb), len(idx))
 
 
-def _epoch_means(tot: Tensor) -> list[float]:
+def epoch_means(tot: Tensor) -> list[float]:
     """(k + 1,) sums of k per-example quantities and the example count, summed over ranks -> k means."""
     tot = ddp.all_reduce_sum(tot)
     return [float(v / tot[-1]) for v in tot[:-1]]
@@ -563,10 +518,6 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
     from moelab.data.transforms import train_val_split
 
     t, m, d = cfg["train"], cfg["model"], cfg["data"]
-    if t["loss"] not in LOSSES:
-        raise ConfigError(f"train.loss must be one of {', '.join(LOSSES)}, got {t['loss']!r}.")
-    if t["balance"] not in BALANCES:
-        raise ConfigError(f"train.balance must be one of {', '.join(BALANCES)}, got {t['balance']!r}.")
     n_cls = data["num_classes"]
     h, w = data["shape"]
     x_tr, y_tr, raw_tr = data["train_x"].float(), data["train_y"], data["train_raw"]
@@ -597,11 +548,11 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
         return evaluate
 
     # ---- the mixture
-    _init_seed(run, "moe")
+    seed_module_init(run, "moe")
     moe = MLPMixture(m["num_experts"], in_dim, m["hidden"], n_cls, m["gate_hidden"], m["activation"],
                      m["gate_temperature"])
-    opt = _make_opt(t, moe.parameters(), t["lr"])
-    sched = _make_sched(t, opt, t["epochs"] * steps)
+    opt = make_optimizer(t, moe.parameters(), t["lr"])
+    sched = make_schedule(t, opt, t["epochs"] * steps)
 
     moe_ddp = ddp.wrap_model(moe)  # DDP under torchrun, else moe itself
     world = ddp.current().world_size
@@ -611,7 +562,7 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
     def moe_epoch(epoch: int) -> dict:
         moe.train()
         tot = torch.zeros(3, dtype=torch.float64)
-        for xb, yb, w in _batches(run, "moe", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
+        for xb, yb, w in minibatches(run, "moe", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits, gate_logits = moe_ddp(xb)
             lg = moe.log_gates(gate_logits)
@@ -621,7 +572,7 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
                 aux = balance_loss(t["balance"], gate_logits.float(), lg.exp())
                 loss = loss + t["balance_weight"] * aux
             optimizer_step(opt, sched, loss * w, tot, loss, aux, len(yb))
-        mean_loss, mean_aux = _epoch_means(tot)
+        mean_loss, mean_aux = epoch_means(tot)
         return {"loss": mean_loss, "aux": mean_aux, "lr": opt.param_groups[0]["lr"]}
 
     t0 = time.perf_counter()
@@ -629,7 +580,7 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
                 log_every=t["log_every"])
     probs, gates = _predict(moe, x_te, bf16)
     save_eval(run, "moe", y_te, probs, gates, class_names=data["classes"])
-    rep = _model_report(y_te, probs, gates, n_cls)
+    rep = model_report(y_te, probs, gates, n_cls)
     rep.update(epochs=t["epochs"], train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, x_te[:256]))
     if x_val is not None:
         vp, _ = _predict(moe, x_val, bf16)
@@ -641,16 +592,16 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
 
     def train_dense(phase: str, hidden: int) -> dict:
         """One in-hidden-classes MLP with the single network's recipe (cross-entropy)."""
-        _init_seed(run, phase)
+        seed_module_init(run, phase)
         net = mlp(in_dim, hidden, n_cls, m["activation"])
-        opt = _make_opt(t, net.parameters(), t["single_lr"] or t["lr"])
-        sched = _make_sched(t, opt, s_epochs * steps)
+        opt = make_optimizer(t, net.parameters(), t["single_lr"] or t["lr"])
+        sched = make_schedule(t, opt, s_epochs * steps)
         net_ddp = ddp.wrap_model(net)
 
         def dense_epoch(epoch: int) -> dict:
             net.train()
             tot = torch.zeros(2, dtype=torch.float64)
-            for xb, yb, w in _batches(run, phase, epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
+            for xb, yb, w in minibatches(run, phase, epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     logits = net_ddp(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"])
@@ -660,14 +611,14 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
                 sched.step()
                 tot += torch.stack([loss.detach().double() * len(yb),
                                     torch.tensor(float(len(yb)), dtype=torch.float64)])
-            return {"loss": _epoch_means(tot)[0], "lr": opt.param_groups[0]["lr"]}
+            return {"loss": epoch_means(tot)[0], "lr": opt.param_groups[0]["lr"]}
 
         t0 = time.perf_counter()
         train_phase(run, phase, net, opt, s_epochs, dense_epoch, evaluate=evaluator(net), sched=sched,
                     log_every=t["log_every"])
         probs, _ = _predict(net, x_te, bf16)
         save_eval(run, phase, y_te, probs, class_names=data["classes"])
-        r = _model_report(y_te, probs, None, n_cls)
+        r = model_report(y_te, probs, None, n_cls)
         r.update(epochs=s_epochs, train_time_s=round(time.perf_counter() - t0, 1), hidden=hidden,
                  **cost_row(net, x_te[:64]))
         if x_val is not None:
@@ -680,7 +631,7 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
         models.update(dense_baselines(run, rep, lambda hid: mlp(in_dim, hid, n_cls, m["activation"]),
                                       x_te[:4], train_dense))
     _label_single(models)
-    run.log(f"moe lead share (test split): {_format_lead(rep['lead_share'])}")
+    run.log(f"moe lead share (test split): {format_lead(rep['lead_share'])}")
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
             "protocol": {"mode": "modern", "loss": t["loss"], "balance": t["balance"],

@@ -35,28 +35,26 @@ from torch import Tensor
 
 from moelab.config import Choice, Float, Int, refuse
 from moelab.cost import count_params, flops_per_example
-from moelab.errors import ConfigError, MoelabError
+from moelab.errors import MoelabError
 from moelab.experiments import family
 from moelab.experiments.jacobs import (
     ACTIVATIONS,
     GRAYSCALE,
     Augment,
-    _batches,
-    _epoch_means,
-    _format_lead,
-    _init_seed,
-    _make_opt,
-    _make_sched,
-    _model_report,
     dense_baselines,
+    epoch_means,
+    format_lead,
     load_data,
-    optimizer_step,
+    minibatches,
+    model_report,
 )
 from moelab.models.mlp_mixture import SparseMoEMLP
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
-from moelab.train.evaluation import save_eval
-from moelab.train.loop import train_phase
+from moelab.runtime import torch_threads
+from moelab.train.evaluation import error_pct, save_eval
+from moelab.train.loop import optimizer_step, seed_module_init, train_phase
+from moelab.train.optim import make_optimizer, make_schedule
 from moelab.train.run import Run
 
 ROUTERS = ("topk", "noisy_topk", "switch", "expert_choice", "soft")
@@ -133,8 +131,6 @@ def build_model(m: dict, in_dim: int, num_classes: int, hidden: int | None = Non
     if dense:
         return SparseMoEMLP(in_dim, m["dim"], hidden or m["hidden"], num_classes, m["depth"], 0,
                             activation=m["activation"], arch=m["arch"])
-    if m["router"] not in ROUTERS:
-        raise ConfigError(f"model.router must be one of {', '.join(ROUTERS)}, got {m['router']!r}.")
     from moelab.moe.routers import resolve
 
     defaults = resolve(m["router"])[0].default_loss_weights
@@ -165,18 +161,13 @@ def _predict(model: SparseMoEMLP, x: Tensor, bf16: bool, chunk: int = 2048) -> t
 
 
 def _err(probs: Tensor, y: Tensor) -> float:
-    return round(100 * float((probs.argmax(1) != y).float().mean()), 4)
+    return error_pct(probs, y, 4)
 
 
 @family("sparse_mlp", DEFAULTS, RULES, check_config, RESUMABLE)
 def run(cfg: dict, run_ctx: Run) -> dict:
-    threads = torch.get_num_threads()
-    try:
-        if cfg["threads"] > 0:
-            torch.set_num_threads(cfg["threads"])
+    with torch_threads(cfg["threads"]):
         return _run(cfg, run_ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: dict, run: Run) -> dict:
@@ -202,18 +193,18 @@ def _run(cfg: dict, run: Run) -> dict:
             f"({time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
 
     def train(phase: str, model: SparseMoEMLP) -> dict:
-        opt = _make_opt(t, model.parameters(), t["lr"])
-        sched = _make_sched(t, opt, t["epochs"] * steps)
+        opt = make_optimizer(t, model.parameters(), t["lr"])
+        sched = make_schedule(t, opt, t["epochs"] * steps)
 
         def epoch_fn(epoch: int) -> dict:
             model.train()
             tot = torch.zeros(3, dtype=torch.float64)
-            for xb, yb, wt in _batches(run, phase, epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
+            for xb, yb, wt in minibatches(run, phase, epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     logits, aux = model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"])
                 optimizer_step(opt, sched, (loss + aux) * wt, tot, loss, aux, len(yb))
-            mean_loss, mean_aux = _epoch_means(tot)
+            mean_loss, mean_aux = epoch_means(tot)
             return {"loss": mean_loss, "aux": mean_aux, "lr": opt.param_groups[0]["lr"]}
 
         def evaluate(epoch: int) -> dict:
@@ -230,7 +221,7 @@ def _run(cfg: dict, run: Run) -> dict:
         train_time = round(time.perf_counter() - start, 1)
         probs, gates = _predict(model, x_te, bf16)
         save_eval(run, phase, y_te, probs, gates, class_names=data["classes"])
-        rep = _model_report(y_te, probs, gates, n_cls)
+        rep = model_report(y_te, probs, gates, n_cls)
         rep.update(val_error_pct=_err(_predict(model, x_val, bf16)[0], y_val), epochs=t["epochs"],
                    train_time_s=train_time, params=count_params(model),
                    flops_per_example=round(flops_per_example(model, x_val[:512]), 1))
@@ -239,21 +230,21 @@ def _run(cfg: dict, run: Run) -> dict:
         return rep
 
     models: dict[str, dict] = {}
-    _init_seed(run, "moe")
+    seed_module_init(run, "moe")
     moe = build_model(m, in_dim, n_cls, aux_scale=t["aux_scale"])
     models["moe"] = rep = train("moe", moe)
     rep.update(num_experts=m["num_experts"], router=m["router"], k=m["k"], hidden=m["hidden"])
     if cfg["baselines"]["equal_cost"]:
         # matched to the trained mixture's counts: its active FLOPs on real validation images, router included
         def train_dense(phase: str, hid: int) -> dict:
-            _init_seed(run, phase)
+            seed_module_init(run, phase)
             return {**train(phase, dense(hid)), "hidden": hid}
 
         def dense(hid: int) -> SparseMoEMLP:
             return build_model(m, in_dim, n_cls, hid, dense=True)
 
         models.update(dense_baselines(run, rep, dense, x_val[:4], train_dense))
-    run.log(f"moe lead share (test split): {_format_lead(rep['lead_share'])}")
+    run.log(f"moe lead share (test split): {format_lead(rep['lead_share'])}")
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
             "protocol": {"val_size": len(y_val), "selection": "last epoch; settings chosen on the validation split",

@@ -50,9 +50,9 @@ def _mode() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MOELAB_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "moelab"
-    return base / "kernels"
+    from moelab.data.location import cache_dir
+
+    return cache_dir() / "kernels"
 
 
 def _compiler() -> str | None:

@@ -28,7 +28,7 @@ L2_COEF = 1e-4  # Keras kernel_regularizer=l2(1e-4) on the conv kernels
 HEAD_ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "softmax": lambda: nn.Softmax(dim=-1)}
 
 
-def _check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MoelabError(f"{name} must be an integer >= 1, got {value!r}")
     return value
@@ -77,9 +77,9 @@ class Seed1CNN(nn.Module):
         head_activation: str | nn.Module | None = None,
     ):
         super().__init__()
-        self.num_classes = _check_positive_int("num_classes", num_classes)
-        self.width = _check_positive_int("width", width)
-        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.width = check_positive_int("width", width)
+        self.in_channels = check_positive_int("in_channels", in_channels)
         self.dropout = _check_dropout(dropout)
         self.feature_dim = 4 * width * (IMAGE_SIZE // 8) ** 2  # 128 * 4 * 4 = 2048 for width 32
         self.trunk = seed1_trunk(width, in_channels, self.dropout)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from moelab.errors import MoelabError
-from moelab.models.cifar_cnn import IMAGE_SIZE, L2_COEF, Seed1CNN, _check_positive_int, conv_l2_penalty
+from moelab.models.cifar_cnn import IMAGE_SIZE, L2_COEF, Seed1CNN, check_positive_int, conv_l2_penalty
 
 IMPLS = ("auto", "grouped", "separate", "vmap")
 
@@ -84,7 +84,7 @@ class ConvExperts(nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        self.num_experts = _check_positive_int("num_experts", num_experts)
+        self.num_experts = check_positive_int("num_experts", num_experts)
         self.impl = impl
         # One expert's definition, holding no data (meta device), kept out of the module tree: the
         # separate/vmap paths run its code on the stacked tensors, the grouped path reads its layers.

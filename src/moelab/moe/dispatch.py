@@ -102,7 +102,7 @@ def sort_by_expert(indices: Tensor, num_experts: int, mask: Tensor | None = None
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)  # (N*k,)
     if mask is not None:
-        m = int(counts.sum())  # host sync only for masked routing (capacity)
+        m = int(counts.sum())  # host sync (masked routing only): the kept rows' count sizes the plan
         order = order[:m]
     return DispatchPlan(
         order=order,
@@ -191,7 +191,7 @@ def plan_buckets(counts: list[int], max_buckets: int = 8, call_cost: float = 0.0
 
 def bucket_layout(plan: DispatchPlan, max_buckets: int = 8, call_cost: float = 0.03) -> RowLayout:
     """Rows for a few padded (E_b, C_b, ...) batches (see :func:`plan_buckets`)."""
-    counts = plan.counts.tolist()
+    counts = plan.counts.tolist()  # host sync: the bucket shapes are chosen on the host
     buckets = plan_buckets(counts, max_buckets, call_cost)
     e, dev = len(counts), plan.counts.device
     start = [0] * e  # first padded row of each expert
@@ -326,7 +326,7 @@ def scatter_combine(ys: Tensor, plan: DispatchPlan, weights: Tensor) -> Tensor:
     return combine_rows(ys, flat_layout(plan), weights)
 
 
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def has_native_grouped_mm() -> bool:
@@ -343,9 +343,10 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, counts: Tensor | None = No
     dt = autocast_dtype(a)
     a, b = a.to(dt), b.to(dt)
     align = 16 // a.element_size()
-    if (has_native_grouped_mm() and a.shape[0] > 0 and dt in _GROUPED_MM_DTYPES
+    if (has_native_grouped_mm() and a.shape[0] > 0 and dt in GROUPED_MM_DTYPES
             and a.shape[1] % align == 0 and b.shape[2] % align == 0):
         return torch._grouped_mm(a, b, offs=offsets)
+    # host sync (fallback without native grouped_mm only): split sizes
     sizes = (counts if counts is not None else torch.diff(offsets, prepend=offsets.new_zeros(1))).tolist()
     if a.shape[0] == 0:
         return a.new_zeros(0, b.shape[-1])

@@ -186,7 +186,7 @@ class MLPExperts(Experts):
         """xs (M, in) sorted by expert -> (M, out) (generic path; ``forward_sparse`` has the fast one)."""
         self._check(xs)
         if not self._grouped_ok(D.autocast_dtype(xs)):
-            cap = int(plan.counts.max()) if plan.num_rows else 0
+            cap = int(plan.counts.max()) if plan.num_rows else 0  # host sync: the padded capacity is a shape
             return D.unpad_by_expert(self.forward_slots(D.pad_by_expert(xs, plan, cap)), plan)
         h = xs
         for w, b, last in self._layers():
@@ -249,7 +249,7 @@ class MLPExperts(Experts):
         """``torch._grouped_mm`` can run these shapes in ``dt`` (float dtype, 16-byte aligned rows)."""
         a = _align(dt)
         widths = (self.in_dim, self.w1.shape[2], self.out_dim)
-        return D.has_native_grouped_mm() and dt in D._GROUPED_MM_DTYPES and all(w % a == 0 for w in widths)
+        return D.has_native_grouped_mm() and dt in D.GROUPED_MM_DTYPES and all(w % a == 0 for w in widths)
 
     def _impl(self, dt: torch.dtype, plan: D.DispatchPlan) -> str:
         """"grouped" or "bucketed" for this call. "auto": grouped on accelerators, bucketed bmm on CPU.
@@ -339,7 +339,7 @@ class ModuleExperts(Experts):
         return torch.stack([m(xe) for m, xe in zip(self.experts, xs)])
 
     def forward_groups(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:
-        parts = xs.split(plan.counts.tolist())
+        parts = xs.split(plan.counts.tolist())  # host sync: one module call per expert needs its rows
         return torch.cat([m(p) for m, p in zip(self.experts, parts)])
 
     def forward_sparse(self, x: Tensor, indices: Tensor, weights: Tensor | None = None,

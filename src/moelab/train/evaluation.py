@@ -36,6 +36,11 @@ def save_eval(
     save_checkpoint(eval_path(run.dir, model_name), tensors, {"model": model_name, "classes": class_names or []})
 
 
+def error_pct(probs: torch.Tensor, labels: torch.Tensor, digits: int = 4) -> float:
+    """Top-1 error in percent of (N, C) scores against (N,) labels, rounded to ``digits``."""
+    return round(100 * float((probs.argmax(1) != labels).float().mean()), digits)
+
+
 def load_eval(run_dir: str | Path, model_name: str) -> tuple[dict[str, torch.Tensor], dict]:
     return load_checkpoint(eval_path(run_dir, model_name))
 

@@ -44,6 +44,25 @@ def check_finite(loss: torch.Tensor, phase: str, epoch: int, step: int) -> None:
         )
 
 
+def seed_module_init(run: Run, phase: str) -> None:
+    """Seed torch's global RNG (used by nn.Module init) from the run seed and the phase name, so each
+    phase's initial weights depend on (seed, phase) only, not on what ran before it."""
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=run.generator("init", phase))))
+
+
+def optimizer_step(opt, sched, objective: torch.Tensor, tot: torch.Tensor, loss: torch.Tensor, aux: torch.Tensor,
+                   n: int) -> None:
+    """One optimiser and scheduler step on ``objective``; adds the batch's (loss * n, aux * n, n) to ``tot``
+    (float64, on the host: no sync per step)."""
+    opt.zero_grad(set_to_none=True)
+    objective.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    tot += torch.stack([loss.detach().double() * n, aux.detach().double() * n,
+                        torch.tensor(float(n), dtype=torch.float64)])
+
+
 def _sched_state(sched) -> dict:
     if sched is None:
         return {}

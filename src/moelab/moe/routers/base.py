@@ -16,6 +16,7 @@ of the default ``nn.Linear(dim, E, bias=False)``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -94,12 +95,28 @@ def to_float(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+CHECK_FINITE_ENV = "MOELAB_CHECK_FINITE"
+
+
+def finite_checks_on(device: torch.device) -> bool:
+    """Whether routers test their logits for NaN/inf on ``device``.
+
+    The test reads a value back to the host. On the CPU that costs nothing (no device queue to drain),
+    so it is always on there; on an accelerator it would stall the stream once per MoE layer and
+    forward, so it runs only when ``$MOELAB_CHECK_FINITE=1`` (debugging a diverging run)."""
+    if device.type == "cpu":
+        return os.environ.get(CHECK_FINITE_ENV, "1").strip() != "0"
+    return os.environ.get(CHECK_FINITE_ENV, "0").strip() == "1"
+
+
 def check_finite(logits: Tensor, name: str) -> None:
-    """Raise a MoelabError naming the router on NaN/inf logits (skipped while torch.compile traces).
+    """Raise a MoelabError naming the router on NaN/inf logits (skipped while torch.compile traces, and
+    on accelerators unless :func:`finite_checks_on` says so).
 
     A cheap test first (the sum of finite values is finite unless it overflows), then the exact one."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not finite_checks_on(logits.device):
         return
+    # host sync (CPU: free; accelerators: only with $MOELAB_CHECK_FINITE=1)
     if not bool(torch.isfinite(logits.sum())) and not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).sum())
         raise MoelabError(f"router {name!r} produced {bad} non-finite logits (NaN/inf): check the input and "

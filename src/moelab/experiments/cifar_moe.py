@@ -1,0 +1,406 @@
+"""MoE CNNs on CIFAR-10 against the dense CNN of equal cost (``cifar10-moe``, issue #16).
+
+The dense reference is :class:`moelab.models.fast_cnn.FastCNN` (airbench-style: frozen 2x2 whitening
+conv, three conv blocks, global max-pool, linear head) with its recipe: SGD with Nesterov momentum on
+the *summed* cross-entropy (label smoothing 0.2), airbench's learning-rate and weight-decay scaling, BN
+biases at ``bias_scaler`` times the learning rate, a linear warm-up to the peak at 23% of the steps and
+a linear decay to 0, the whitening bias trained only for the first ``whiten_bias_epochs``, random flips
+and translations of up to ``translate`` pixels, and flip (+ 1-pixel translation) test-time augmentation.
+Airbench's look-ahead weight averaging is left out.
+
+``model.moe`` picks the mixture, applied to the blocks in ``model.moe_blocks``:
+
+``condconv``
+    every 3x3 convolution of those blocks is a :class:`moelab.moe.CondConv2d` with E expert kernels,
+    mixed per image by a softmax (or sigmoid) routing of the block input's pooled features (CondConv,
+    Yang et al. 2019; dynamic convolution, Chen et al. 2020): E times the block's parameters, one
+    convolution per image.
+``blocks``
+    each of those blocks is a :class:`moelab.MoE` of E expert blocks (``model.expert_block``: "same" =
+    E copies of the block replaced, run on exactly their images by :class:`moelab.moe.ModuleExperts`;
+    "resnet" = :class:`moelab.moe.ConvBlockExperts`, stride-2 ResNet basic blocks), every image routed
+    to ``k`` of them (``topk``, or ``switch`` with a capacity) by a linear gate on its pooled features
+    (V-MoE-style image routing).
+
+Baselines in the same run, same recipe, every width counted (:mod:`moelab.cost`): ``dense-equal-flops``
+(the reference widened to the mixture's counted inference FLOPs per example), ``dense-equal-params``
+(widened to its parameter count), ``dense-equal-time`` (the ``dense-equal-flops`` network trained for
+as many steps as fit the mixture's measured training time) and ``dense-reference`` (the unwidened
+reference). Widths: ``(w / 4, w, w)`` for block widths, airbench's ratio; ``model.width`` is the
+reference's ``w``. All choices are made on ``data.val_size`` training images held out (stratified);
+the test split is read once per model at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.config import Check, Choice, Float, Int, Switch, refuse
+from moelab.cost import count_params, flops_per_example
+from moelab.experiments import family
+from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
+from moelab.experiments.cifar_experts import Images
+from moelab.models.fast_cnn import ConvBlock, FastCNN
+from moelab.moe import CondConv2d, ConvBlockExperts, MoE
+from moelab.moe.routers import resolve
+from moelab.parallel import ddp
+from moelab.precision import resolve_bf16
+from moelab.runtime import torch_threads
+from moelab.train.evaluation import error_pct, routing_stats, save_eval
+from moelab.train.loop import seed_module_init, train_phase
+from moelab.train.run import Run
+
+MOES = ("none", "condconv", "blocks")
+BLOCK_ROUTERS = ("topk", "switch")
+
+DEFAULTS: dict = {
+    "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
+    "data": {"name": "cifar10", "val_size": 5000, "train_per_class": 0, "test_per_class": 0},
+    "model": {
+        "width": 128,  # block widths (width / 4, width, width); airbench94: 256
+        "moe": "condconv",  # none | condconv | blocks
+        "moe_blocks": [3],  # which of the blocks 1..3 are mixtures
+        "num_experts": 4,
+        "routing": "softmax",  # condconv: softmax | sigmoid
+        "temperature": 1.0,  # condconv: routing logits / temperature
+        "router": "topk",  # blocks: topk | switch
+        "expert_block": "same",  # blocks: "same" = copies of the replaced block | "resnet" = ConvBlockExperts (stride 2)
+        "k": 1,  # blocks: experts per image (topk)
+        "capacity_factor": 0.0,  # blocks: 0 = the router's default
+    },
+    "train": {
+        "epochs": 10.0,  # may be fractional: the schedule is in steps
+        "batch": 1024,
+        "lr": 11.5,  # airbench's units: per 1024 summed examples, divided by 1 + 1 / (1 - momentum)
+        "momentum": 0.85,
+        "weight_decay": 0.0153,
+        "bias_scaler": 64.0,
+        "label_smoothing": 0.2,
+        "whiten_bias_epochs": 3,
+        "warmup_frac": 0.23,
+        "translate": 2,
+        "flip": True,
+        "aux_scale": 1.0,  # multiplies the router's default auxiliary-loss weights (blocks)
+        "log_every": 1,
+    },
+    "eval": {"tta": 2, "batch": 1000},  # tta: 0 none, 1 flip, 2 flip + 1-pixel translations
+    "compute": {"bf16": Switch("auto"), "channels_last": True},
+    # equal_cost: dense-equal-flops (+ dense-equal-params unless equal_params = false); equal_time needs equal_cost
+    "baselines": {"equal_cost": True, "equal_params": True, "equal_time": True, "reference": True},
+}
+
+
+def _blocks_ok(v) -> bool:
+    return isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v) and all(
+        isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 3 for b in v)
+
+
+RULES: dict = {
+    "threads": Int(ge=0),
+    "data.name": Choice("cifar10"), "data.val_size": Int(ge=1), "data.train_per_class": Int(ge=0),
+    "data.test_per_class": Int(ge=0),
+    "model.width": Int(ge=4), "model.moe": Choice(*MOES),
+    "model.moe_blocks": Check(_blocks_ok, "a non-empty list of distinct block numbers 1..3"),
+    "model.num_experts": Int(ge=1), "model.routing": Choice("softmax", "sigmoid"),
+    "model.temperature": Float(gt=0), "model.router": Choice(*BLOCK_ROUTERS), "model.k": Int(ge=1),
+    "model.expert_block": Choice("same", "resnet"),
+    "model.capacity_factor": Float(gt=0, also=(0.0,)),
+    "train.epochs": Float(gt=0), "train.batch": Int(ge=1), "train.lr": Float(gt=0),
+    "train.momentum": Float(ge=0, lt=1), "train.weight_decay": Float(ge=0), "train.bias_scaler": Float(gt=0),
+    "train.label_smoothing": Float(ge=0, lt=1), "train.whiten_bias_epochs": Int(ge=0),
+    "train.warmup_frac": Float(ge=0, lt=1), "train.translate": Int(ge=0, le=8), "train.aux_scale": Float(ge=0),
+    "train.log_every": Int(ge=1),
+    "eval.tta": Int(ge=0, le=2), "eval.batch": Int(ge=1),
+}
+RESUMABLE = ("threads", "train.log_every", "eval.batch")
+
+
+def check_config(cfg: dict) -> None:
+    """Cross-key rules: k of E experts."""
+    m = cfg["model"]
+    if m["moe"] == "blocks" and m["router"] == "topk" and m["k"] > m["num_experts"]:
+        raise refuse("model.k", m["k"], f"at most model.num_experts = {m['num_experts']} (experts per image)")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def block_widths(width: int) -> tuple[int, int, int]:
+    return (max(1, width // 4), width, width)
+
+
+def build_model(m: dict, width: int | None = None, dense: bool = False, aux_scale: float = 1.0) -> FastCNN:
+    """The mixture of ``m`` (``dense=False``) or the dense FastCNN of block-3 width ``width``."""
+    widths = block_widths(width or m["width"])
+    if dense or m["moe"] == "none":
+        return FastCNN(widths)
+    blocks, e = set(m["moe_blocks"]), m["num_experts"]
+    if m["moe"] == "condconv":
+        def conv(name: str, c_in: int, c_out: int) -> nn.Module | None:
+            if int(name[5]) not in blocks:  # "block{b}.conv{i}"
+                return None
+            return CondConv2d(c_in, c_out, 3, e, padding=1, bias=False, routing=m["routing"],
+                              temperature=m["temperature"])
+
+        return FastCNN(widths, conv_factory=conv)
+    weights = {n: aux_scale * w for n, w in resolve(m["router"])[0].default_loss_weights.items()}
+    opts = {"k": m["k"]} if m["router"] == "topk" else {}
+    if m["capacity_factor"]:
+        opts["capacity_factor"] = m["capacity_factor"]
+
+    def block(b: int, c_in: int, c_out: int) -> nn.Module | None:
+        if b not in blocks:
+            return None
+        gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, e, bias=False))
+        if m["expert_block"] == "resnet":
+            experts = ConvBlockExperts(c_in, c_out, e, stride=2)
+        else:  # E copies of the dense block it replaces (each run on exactly its images)
+            experts = [ConvBlock(c_in, c_out) for _ in range(e)]
+        return MoE(None, e, router=m["router"], experts=experts, gate=gate, aux_loss_weights=weights, **opts)
+
+    return FastCNN(widths, block_factory=block)
+
+
+def active_flops(model: nn.Module, probe: Tensor) -> float:
+    """Counted inference FLOPs per example with every routed expert block run on exactly its images
+    (``impl = "loop"``): the padded slots of the grouped implementation are not the model's cost."""
+    stacks = [m for m in model.modules() if isinstance(m, ConvBlockExperts)]
+    saved = [m.impl for m in stacks]
+    try:
+        for m in stacks:
+            m.impl = "loop"
+        return flops_per_example(model, probe)
+    finally:
+        for m, impl in zip(stacks, saved):
+            m.impl = impl
+
+
+def _routing(model: FastCNN) -> list[Tensor]:
+    """The per-image routing weights (N, E) of each CondConv2d in the last forward (in order)."""
+    return [m.last_routing for m in model.modules() if getattr(m, "last_routing", None) is not None]
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def make_optimizer(model: FastCNN, t: dict, batch: int) -> torch.optim.SGD:
+    """airbench's SGD: lr and weight decay per summed example, BN / whitening biases at ``bias_scaler`` x lr."""
+    scale = 1024 * (1 + 1 / (1 - t["momentum"]))
+    lr, wd = t["lr"] / scale, t["weight_decay"] * batch / scale
+    params = [p for p in model.parameters() if p.requires_grad]
+    biases = [p for p in params if p.dim() == 1 and p is not model.whiten.bias]
+    rest = [p for p in params if p.dim() != 1]
+    groups = [{"params": rest, "lr": lr, "weight_decay": wd, "name": "weights"},
+              {"params": biases, "lr": lr * t["bias_scaler"], "weight_decay": wd / t["bias_scaler"], "name": "biases"},
+              {"params": [model.whiten.bias], "lr": lr * t["bias_scaler"], "weight_decay": wd / t["bias_scaler"],
+               "name": "whiten_bias"}]
+    return torch.optim.SGD(groups, momentum=t["momentum"], nesterov=t["momentum"] > 0)
+
+
+def lr_factor(step: int, total: int, warmup_frac: float) -> float:
+    """airbench's triangle: 0.2 -> 1 at ``warmup_frac`` of the steps, then linearly to 0."""
+    peak = warmup_frac * total
+    return float(np.interp(step, [0, peak, total], [0.2, 1.0, 0.0]))
+
+
+class Recipe:
+    """The training state of one phase: optimiser, step-based schedule (a function of the step, so a
+    resumed run continues it exactly), augmentation."""
+
+    def __init__(self, model: FastCNN, t: dict, train: Images, total_steps: int, bf16: bool, run: Run, phase: str):
+        self.model, self.t, self.train, self.total, self.bf16 = model, t, train, total_steps, bf16
+        self.run, self.phase = run, phase
+        self.opt = make_optimizer(model, t, t["batch"])
+        self.base_lr = [g["lr"] for g in self.opt.param_groups]
+        self.steps_per_epoch = math.ceil(len(train) / t["batch"])
+
+    def _set_lr(self, step: int, epoch: int) -> None:
+        f = lr_factor(step, self.total, self.t["warmup_frac"])
+        for grp, base in zip(self.opt.param_groups, self.base_lr):
+            frozen = grp["name"] == "whiten_bias" and epoch >= self.t["whiten_bias_epochs"]
+            grp["lr"] = 0.0 if frozen else base * f
+
+    def epoch(self, epoch: int) -> dict:
+        t, model = self.t, self.model
+        model.train()
+        g = self.run.generator(self.phase, epoch)
+        perm = torch.randperm(len(self.train), generator=g)
+        tot, seen, start = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+        for i in range(0, len(perm), t["batch"]):
+            step = epoch * self.steps_per_epoch + i // t["batch"]
+            if step >= self.total:
+                break
+            idx = perm[i:i + t["batch"]]
+            flip = torch.rand(len(idx), generator=g) < 0.5 if t["flip"] else None
+            x, y = self.train.batch(idx, flip, t["translate"], g), self.train.y[idx]
+            with _autocast(self.bf16):
+                logits, aux, _ = model.forward_with_aux(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=t["label_smoothing"], reduction="sum")
+            self._set_lr(step, epoch)
+            self.opt.zero_grad(set_to_none=True)
+            (loss + len(y) * t["aux_scale"] * aux).backward()  # airbench's summed loss; aux is a batch mean
+            self.opt.step()
+            tot += loss.detach().double()
+            seen += len(y)
+        dt = time.perf_counter() - start
+        return {"loss": float(tot) / max(seen, 1), "img_per_s": round(seen / max(dt, 1e-9), 1),
+                "lr": self.opt.param_groups[0]["lr"]}
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) -> tuple[Tensor, list[Tensor]]:
+    """-> (class probabilities (N, C), per-image routing weights of each MoE module on the plain images)."""
+    model.eval()
+    probs, routes = [], []
+    for i in range(0, len(images), batch):
+        x = images.batch(torch.arange(i, min(i + batch, len(images))))
+        with _autocast(bf16):
+            logits, _, auxes = model.forward_with_aux(x)
+            logits = logits.float()
+            routes.append([a.gates.float() for a in auxes] + [r.float() for r in _routing(model)])
+            if tta >= 1:
+                logits = 0.5 * logits + 0.5 * model(x.flip(3)).float()
+            if tta >= 2:
+                pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
+                shifted = [pad[:, :, :32, :32], pad[:, :, 2:, 2:]]
+                t_logits = torch.stack([0.5 * model(s).float() + 0.5 * model(s.flip(3)).float() for s in shifted])
+                logits = 0.5 * logits + 0.5 * t_logits.mean(0)
+        probs.append(torch.softmax(logits, -1))
+    per_module = [torch.cat([r[j] for r in routes]) for j in range(len(routes[0]))] if routes and routes[0] else []
+    return torch.cat(probs), per_module
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def load_images(cfg: dict, run: Run) -> dict:
+    from moelab.data import load_dataset
+    from moelab.data.transforms import train_val_split
+    from moelab.experiments.cifar_experts import limit_per_class
+
+    d, cl = cfg["data"], cfg["compute"]["channels_last"]
+    ds = load_dataset(d["name"], data_dir=run.data_dir)
+    classes = list(range(len(ds.classes)))
+    tr_keep = limit_per_class(ds.train_y, classes, d["train_per_class"])
+    te_keep = limit_per_class(ds.test_y, classes, d["test_per_class"])
+    x, y = ds.train_x[tr_keep], ds.train_y[tr_keep]
+    if d["val_size"] >= len(y):
+        raise refuse("data.val_size", d["val_size"], f"fewer than the {len(y)} training images")
+    if cfg["train"]["batch"] > len(y) - d["val_size"]:
+        raise refuse("train.batch", cfg["train"]["batch"],
+                     f"at most the {len(y) - d['val_size']} training images left after data.val_size")
+    tr, va = train_val_split(y, d["val_size"], seed=run.seed, stratified=True)
+    return {"train": Images(x[tr], y[tr], cl), "val": Images(x[va], y[va], cl),
+            "test": Images(ds.test_x[te_keep], ds.test_y[te_keep], cl), "classes": list(ds.classes)}
+
+
+def _err(probs: Tensor, y: Tensor) -> float:
+    return error_pct(probs, y, 3)
+
+
+@family("cifar_moe", DEFAULTS, RULES, check_config, RESUMABLE)
+def run(cfg: dict, run_ctx: Run) -> dict:
+    with torch_threads(cfg["threads"]):
+        return _run(cfg, run_ctx)
+
+
+def _run(cfg: dict, run: Run) -> dict:
+    ddp.require_single_process(f"{run.name} (family cifar_moe)")
+    t, m, ev = cfg["train"], cfg["model"], cfg["eval"]
+    t0 = time.perf_counter()
+    data = load_images(cfg, run)
+    train, val, test = data["train"], data["val"], data["test"]
+    bf16 = resolve_bf16(cfg["compute"]["bf16"], key="compute.bf16")
+    steps_per_epoch = math.ceil(len(train) / t["batch"])
+    whiten_sample = train.batch(torch.arange(min(len(train), 5000)))
+    probe = val.batch(torch.arange(min(len(val), 8)))
+    run.log(f"data: {len(train)} train / {len(val)} val / {len(test)} test images ({time.perf_counter() - t0:.1f} s); "
+            f"bf16 {bf16}, torch threads {torch.get_num_threads()}")
+
+    def fit(phase: str, model: FastCNN, epochs: float) -> dict:
+        if cfg["compute"]["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        model.init_whitening(whiten_sample)
+        total = max(1, round(epochs * steps_per_epoch))
+        recipe = Recipe(model, t, train, total, bf16, run, phase)
+
+        def evaluate(epoch: int) -> dict:
+            probs, routes = predict(model, val, 0, bf16, ev["batch"])
+            row = {"val_err": _err(probs, val.y)}
+            if routes:  # how routing evolves: each expert's share of the validation images' largest gate
+                lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
+                row["val_lead_share"] = [round(float(v), 4) for v in lead]
+            return row
+
+        start = time.perf_counter()
+        train_phase(run, phase, model, recipe.opt, math.ceil(total / steps_per_epoch), recipe.epoch,
+                    evaluate=evaluate, log_every=t["log_every"])
+        train_time = round(time.perf_counter() - start, 1)
+        val_probs, _ = predict(model, val, ev["tta"], bf16, ev["batch"])
+        probs, routes = predict(model, test, ev["tta"], bf16, ev["batch"])
+        gates = routes[-1] if routes else None
+        save_eval(run, phase, test.y, probs, gates, class_names=data["classes"])
+        row = {"test_accuracy": round(1 - _err(probs, test.y) / 100, 5), "test_error_pct": _err(probs, test.y),
+               "val_error_pct": _err(val_probs, val.y), "epochs": round(total / steps_per_epoch, 3),
+               "train_time_s": train_time, "params": count_params(model),
+               "flops_per_example": round(active_flops(model, probe), 1), "widths": list(model.widths)}
+        if gates is not None:
+            row["routing"] = routing_stats(test.y, gates, len(data["classes"]))
+        run.log(f"[{phase}] test acc {100 * row['test_accuracy']:.2f}% (val err {row['val_error_pct']:.2f}%), "
+                f"{row['params']:,} params, {row['flops_per_example'] / 1e6:.1f} MFLOPs/image, {train_time} s")
+        return row
+
+    models: dict[str, dict] = {}
+    seed_module_init(run, "moe")
+    moe = fit("moe", build_model(m, aux_scale=t["aux_scale"]), t["epochs"])
+    moe.update(moe=m["moe"], num_experts=m["num_experts"], moe_blocks=m["moe_blocks"])
+    models["moe"] = moe
+    if cfg["baselines"]["equal_cost"] and m["moe"] != "none":
+        models.update(_equal_cost(cfg, run, moe, probe, fit))
+    if cfg["baselines"]["reference"] and m["moe"] != "none":
+        seed_module_init(run, "dense-reference")
+        models["dense-reference"] = {**fit("dense-reference", build_model(m, dense=True), t["epochs"]),
+                                     "width": m["width"]}
+    return {"test_accuracy": moe["test_accuracy"], "models": models,
+            "protocol": {"val_size": len(val), "selection": "last step; settings chosen on the validation split",
+                         "tta": ev["tta"], "bf16": bf16}}
+
+
+def _equal_cost(cfg: dict, run: Run, moe: dict, probe: Tensor, fit) -> dict[str, dict]:
+    m, t = cfg["model"], cfg["train"]
+
+    def dense(w: int) -> FastCNN:
+        return build_model(m, w, dense=True)
+
+    widths = dense_widths(moe, lambda w: count_params(dense(w)), lambda w: flops_per_example(dense(w), probe[:2]),
+                          hi=8 * m["width"])
+
+    def train_dense(phase: str, w: int) -> dict:
+        seed_module_init(run, phase)
+        return fit(phase, dense(w), t["epochs"])
+
+    names = EQUAL_COST if cfg["baselines"]["equal_params"] else ("dense-equal-flops",)
+    rows = equal_cost_rows(run, widths, train_dense, names=names)
+    if cfg["baselines"]["equal_time"]:
+        ref = rows["dense-equal-flops"]
+        epochs = t["epochs"] * moe["train_time_s"] / max(ref["train_time_s"], 1e-9)
+        run.log(f"[dense-equal-time] the dense-equal-flops network for {epochs:.2f} epochs: the mixture's "
+                f"{moe['train_time_s']} s of training at its measured speed")
+        seed_module_init(run, "dense-equal-time")
+        rows["dense-equal-time"] = {**fit("dense-equal-time", dense(ref["width"]), epochs), "width": ref["width"],
+                                    "matched_to": "train_time_s"}
+    return rows
+
+
+__all__ = ["DEFAULTS", "MOES", "build_model", "lr_factor", "make_optimizer", "predict", "run"]

@@ -1,0 +1,110 @@
+"""``cifar10-moe`` (family ``cifar_moe``): MoE CNNs against their equal-cost dense CNNs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moelab.cost import count_params, flops_per_example
+from moelab.errors import MoelabError
+from moelab.experiments.cifar_moe import build_model, lr_factor, make_optimizer
+from moelab.experiments.runner import run_experiment
+from moelab.moe import CondConv2d, MoE
+
+BASE = {"width": 32, "moe": "condconv", "moe_blocks": [3], "num_experts": 4, "routing": "softmax",
+        "temperature": 1.0, "router": "topk", "k": 1, "capacity_factor": 0.0, "expert_block": "same"}
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOELAB_KERNELS", "off")
+
+
+def test_condconv_model_multiplies_the_last_block_only():
+    dense, moe = build_model(BASE, dense=True), build_model(BASE)
+    assert isinstance(moe.blocks[2].conv1, CondConv2d) and isinstance(moe.blocks[2].conv2, CondConv2d)
+    assert not isinstance(moe.blocks[1].conv1, CondConv2d)
+    block3 = sum(p.numel() for n, p in dense.blocks[2].named_parameters() if "conv" in n)
+    router = 32 * 4 + 4 + 32 * 4 + 4  # two routing Linear(32, 4) with bias
+    assert count_params(moe) == count_params(dense) + 3 * block3 + router
+    x = torch.randn(4, 3, 32, 32)
+    f_dense, f_moe = flops_per_example(dense, x), flops_per_example(moe, x)
+    assert f_dense < f_moe < 1.2 * f_dense  # mixing E kernels per image is cheap next to the convolutions
+
+
+@pytest.mark.parametrize("expert_block", ["same", "resnet"])
+def test_block_moe_routes_images_to_k_experts(expert_block):
+    m = {**BASE, "moe": "blocks", "num_experts": 4, "k": 1, "expert_block": expert_block}
+    net = build_model(m)
+    assert isinstance(net.blocks[2], MoE)
+    logits, aux, auxes = net.forward_with_aux(torch.randn(6, 3, 32, 32))
+    assert logits.shape == (6, 10) and len(auxes) == 1 and float(aux.detach()) > 0  # the switch balance loss
+    assert auxes[0].indices.shape == (6, 1)
+
+
+def test_schedule_and_optimizer_groups():
+    assert lr_factor(0, 100, 0.23) == pytest.approx(0.2) and lr_factor(23, 100, 0.23) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 0.23) == 0 and lr_factor(50, 100, 0.23) == pytest.approx(1 - 27 / 77)
+    net = build_model(BASE, dense=True)
+    t = {"lr": 11.5, "momentum": 0.85, "weight_decay": 0.0153, "bias_scaler": 64.0}
+    opt = make_optimizer(net, t, 1024)
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["weights", "biases", "whiten_bias"]
+    scale = 1024 * (1 + 1 / 0.15)
+    assert opt.param_groups[0]["lr"] == pytest.approx(11.5 / scale)
+    assert opt.param_groups[1]["lr"] == pytest.approx(64 * 11.5 / scale)
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == count_params(net, trainable_only=True)
+
+
+def test_cifar10_moe_end_to_end(real_data_dir, tmp_path):
+    out = tmp_path / "run"
+    sets = ["data.train_per_class=60", "data.test_per_class=10", "data.val_size=100", "train.batch=100",
+            "train.epochs=2", "model.width=16", "eval.tta=2", "eval.batch=64"]
+    s = run_experiment("cifar10-moe", sets, out=out, data_dir=str(real_data_dir), quiet=True)
+    models = s["models"]
+    assert set(models) == {"moe", "dense-equal-flops", "dense-equal-params", "dense-equal-time", "dense-reference"}
+    for r in models.values():
+        assert 0 <= r["test_accuracy"] <= 1 and r["params"] > 0 and r["flops_per_example"] > 0
+        assert r["train_time_s"] >= 0
+    moe, fl, pa = models["moe"], models["dense-equal-flops"], models["dense-equal-params"]
+    assert fl["flops_per_example"] == pytest.approx(moe["flops_per_example"], rel=0.1)
+    assert pa["params"] == pytest.approx(moe["params"], rel=0.1) and pa["params"] > fl["params"]
+    assert models["dense-equal-time"]["width"] == fl["width"]
+    assert models["dense-equal-time"]["epochs"] == pytest.approx(2 * moe["train_time_s"] / fl["train_time_s"], rel=0.2)
+    routing = moe["routing"]
+    assert len(routing["lead_share"]) == 4 and len(routing["class_expert_matrix"]) == 10
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["models"]["moe"]["flops_per_example"] == moe["flops_per_example"]
+    assert all((out / "eval" / f"{m}.safetensors").is_file() for m in models)
+
+
+def test_bench_cnn_rows_and_bad_variant(capsys):
+    from moelab.bench.cnn import bench_cnn, main, parse_variant
+
+    rows = bench_cnn(["condconv:E=2:blocks=3", "blocks:E=2:k=1"], width=16, batch=8, repeats=1)
+    for r in rows:
+        assert r["moe_img_s"] > 0 and r["dense_img_s"] > 0 and r["ratio"] == pytest.approx(
+            r["moe_img_s"] / r["dense_img_s"], rel=1e-6)
+        assert r["dense_mflops"] == pytest.approx(r["moe_mflops"], rel=0.1) and r["moe_params"] > r["dense_params"]
+        assert 0 < r["route_share"] < 1
+    assert parse_variant("blocks:E=8:k=2:router=switch", 64)["router"] == "switch"
+    with pytest.raises(MoelabError, match=r"variant 'condconv:X=3': unknown option 'X=3'"):
+        parse_variant("condconv:X=3", 64)
+    with pytest.raises(MoelabError, match=r"expected condconv:... or blocks:..., got 'dense'"):
+        parse_variant("dense", 64)
+    assert main(["--variants", "condconv:E=2", "--width", "8", "--batch", "4", "--repeats", "1"]) == 0
+    assert "moe/dense" in capsys.readouterr().out
+
+
+def test_cifar10_moe_condconv_with_only_the_flops_baseline(real_data_dir, tmp_path):
+    sets = ["data.train_per_class=30", "data.test_per_class=5", "data.val_size=50", "train.batch=50",
+            "train.epochs=1", "model.width=8", "model.moe=condconv", "eval.tta=0", "baselines.equal_params=false",
+            "baselines.equal_time=false", "baselines.reference=false"]
+    s = run_experiment("cifar10-moe", sets, out=tmp_path / "r", data_dir=str(real_data_dir), quiet=True)
+    assert set(s["models"]) == {"moe", "dense-equal-flops"}
+    moe = s["models"]["moe"]
+    assert moe["moe"] == "condconv" and len(moe["routing"]["lead_share"]) == 4

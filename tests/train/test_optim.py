@@ -1,0 +1,33 @@
+"""The MLP families' optimiser and schedule factories (moelab.train.optim)."""
+
+import math
+
+import pytest
+import torch
+
+from moelab.train.optim import lr_multiplier, make_optimizer, make_schedule
+
+
+def test_onecycle_warms_up_linearly_then_cosine_to_zero():
+    total, frac = 100, 0.1  # 10 warm-up steps
+    assert [lr_multiplier("onecycle", s, total, frac) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_multiplier("onecycle", 10, total, frac) == pytest.approx(1.0)
+    assert lr_multiplier("onecycle", 55, total, frac) == pytest.approx(0.5)
+    assert lr_multiplier("onecycle", 100, total, frac) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier("cosine", 50, total, frac) == pytest.approx(0.5)
+    assert lr_multiplier("constant", 99, total, frac) == 1.0
+
+
+def test_factories_build_the_configured_optimiser_and_a_resumable_schedule():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    t = {"optimizer": "sgd", "weight_decay": 0.01, "momentum": 0.9, "schedule": "onecycle", "warmup_frac": 0.5}
+    opt = make_optimizer(t, p, 0.2)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"]
+    sched = make_schedule(t, opt, 4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.2, 0.2, 0.2 * 0.5 * (1 + math.cos(math.pi / 2))])
+    assert isinstance(make_optimizer({**t, "optimizer": "adamw"}, p, 0.1), torch.optim.AdamW)
