@@ -24,8 +24,10 @@ from moelab.errors import MoelabError
 from moelab.experiments.cifar_moe import DEFAULTS, active_flops, build_model
 from moelab.models.fast_cnn import FastCNN
 from moelab.moe import CondConv2d, MoE
+from moelab.precision import fast_bf16
 
-VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=1", "blocks:E=8:k=1")
+VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=2", "blocks:E=4:k=1",
+            "blocks:E=8:k=1", "blocks:E=4:k=1:expert=resnet")
 
 
 def parse_variant(spec: str, width: int) -> dict:
@@ -34,7 +36,8 @@ def parse_variant(spec: str, width: int) -> dict:
     if kind not in ("condconv", "blocks"):
         raise MoelabError(f"bench cnn: variant {spec!r}: expected condconv:... or blocks:..., got {kind!r}")
     m = {**DEFAULTS["model"], "moe": kind, "width": width}
-    keys = {"E": "num_experts", "k": "k", "blocks": "moe_blocks", "router": "router", "routing": "routing"}
+    keys = {"E": "num_experts", "k": "k", "blocks": "moe_blocks", "router": "router", "routing": "routing",
+            "expert": "expert_block"}
     for opt in opts:
         key, _, val = opt.partition("=")
         if key not in keys or not val:
@@ -122,12 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="';'-separated specs, e.g. 'condconv:E=4:blocks=3;blocks:E=8:k=1:router=switch'")
     p.add_argument("--width", type=int, default=128, help="the MoE networks' model.width")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast where this machine computes bf16 natively, fp32 otherwise")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.dtype == "auto":
+        a.dtype = "bf16" if fast_bf16("cpu") else "fp32"
     t0 = time.perf_counter()
     rows = bench_cnn(a.variants.split(";"), a.width, a.batch, a.dtype, a.repeats)
     print(f"training step, batch {a.batch}, {a.dtype}, {torch.get_num_threads()} threads "

@@ -302,21 +302,25 @@ def _epoch_batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tenso
     return [perm[i : i + batch] for i in range(0, n, batch)]
 
 
-def _train_epoch(n: int, batch: int, gen: torch.Generator, hflip: bool, loss_fn, opt, sched, state: dict) -> dict:
+def _train_epoch(n: int, batch: int, gen: torch.Generator, hflip: bool, loss_fn, opt, sched, state: dict,
+                 progress) -> dict:
     """One epoch of Adam steps over shuffled batches: ``loss_fn(idx, flip) -> loss`` per batch (``flip``
     a random half of the batch when ``hflip``, else None); ``sched`` (or None) steps per batch.
-    Adds the images and seconds to ``state``; returns the epoch's metrics."""
+    Adds the images and seconds to ``state``; reports to ``progress`` (``Run.progress``); returns the
+    epoch's metrics."""
     t0, tot, seen = time.perf_counter(), 0.0, 0
-    for idx in _epoch_batches(n, batch, gen):
-        flip = torch.rand(len(idx), generator=gen) < 0.5 if hflip else None
-        loss = loss_fn(idx, flip)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        tot += loss.item() * len(idx)
-        seen += len(idx)
+    with progress:
+        for idx in _epoch_batches(n, batch, gen):
+            flip = torch.rand(len(idx), generator=gen) < 0.5 if hflip else None
+            loss = loss_fn(idx, flip)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            tot += loss.item() * len(idx)
+            seen += len(idx)
+            progress.update(len(idx))
     dt = time.perf_counter() - t0
     state["images"] += seen
     state["seconds"] += dt
@@ -399,7 +403,8 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
             return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2)
 
         return _train_epoch(len(images), batch, gen, cfg["augment"]["hflip"], loss_fn, opt,
-                            sched if schedule == "onecycle" else None, state)
+                            sched if schedule == "onecycle" else None, state,
+                            run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
 
     def evaluate(epoch: int) -> dict:
         acc = val_acc()
@@ -721,7 +726,8 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
             return loss
 
         return _train_epoch(len(data.train), gc["batch"], gen, cfg["augment"]["hflip"], loss_fn, opt,
-                            sched if gc["schedule"] == "onecycle" else None, state)
+                            sched if gc["schedule"] == "onecycle" else None, state,
+                            run.progress(f"[gate] epoch {epoch + 1}", len(data.train)))
 
     def evaluate(epoch: int) -> dict:
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", extra_dim)
@@ -798,7 +804,8 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
                 probs = torch.softmax(experts(x).float(), dim=-1)
             return F.cross_entropy(combine(kind, g, probs, gc["top_k"]), y) + conv_l2_penalty(both, gc["l2"])
 
-        return _train_epoch(len(data.train), gc["batch"], gen, True, loss_fn, opt, sched, state)
+        return _train_epoch(len(data.train), gc["batch"], gen, True, loss_fn, opt, sched, state,
+                            run.progress(f"[finetune] epoch {epoch + 1}", len(data.train)))
 
     def experts_fn(x):
         return torch.softmax(experts(x).float(), dim=-1)

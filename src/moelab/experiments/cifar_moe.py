@@ -1,34 +1,16 @@
 """MoE CNNs on CIFAR-10 against the dense CNN of equal cost (``cifar10-moe``, issue #16).
 
-The dense reference is :class:`moelab.models.fast_cnn.FastCNN` (airbench-style: frozen 2x2 whitening
-conv, three conv blocks, global max-pool, linear head) with its recipe: SGD with Nesterov momentum on
-the *summed* cross-entropy (label smoothing 0.2), airbench's learning-rate and weight-decay scaling, BN
-biases at ``bias_scaler`` times the learning rate, a linear warm-up to the peak at 23% of the steps and
-a linear decay to 0, the whitening bias trained only for the first ``whiten_bias_epochs``, random flips
-and translations of up to ``translate`` pixels, and flip (+ 1-pixel translation) test-time augmentation.
-Airbench's look-ahead weight averaging is left out.
-
-``model.moe`` picks the mixture, applied to the blocks in ``model.moe_blocks``:
-
-``condconv``
-    every 3x3 convolution of those blocks is a :class:`moelab.moe.CondConv2d` with E expert kernels,
-    mixed per image by a softmax (or sigmoid) routing of the block input's pooled features (CondConv,
-    Yang et al. 2019; dynamic convolution, Chen et al. 2020): E times the block's parameters, one
-    convolution per image.
-``blocks``
-    each of those blocks is a :class:`moelab.MoE` of E expert blocks (``model.expert_block``: "same" =
-    E copies of the block replaced, run on exactly their images by :class:`moelab.moe.ModuleExperts`;
-    "resnet" = :class:`moelab.moe.ConvBlockExperts`, stride-2 ResNet basic blocks), every image routed
-    to ``k`` of them (``topk``, or ``switch`` with a capacity) by a linear gate on its pooled features
-    (V-MoE-style image routing).
-
-Baselines in the same run, same recipe, every width counted (:mod:`moelab.cost`): ``dense-equal-flops``
-(the reference widened to the mixture's counted inference FLOPs per example), ``dense-equal-params``
-(widened to its parameter count), ``dense-equal-time`` (the ``dense-equal-flops`` network trained for
-as many steps as fit the mixture's measured training time) and ``dense-reference`` (the unwidened
-reference). Widths: ``(w / 4, w, w)`` for block widths, airbench's ratio; ``model.width`` is the
-reference's ``w``. All choices are made on ``data.val_size`` training images held out (stratified);
-the test split is read once per model at the end.
+The dense reference is :class:`moelab.models.fast_cnn.FastCNN` (airbench-style) trained with airbench's
+recipe (:class:`Recipe`: summed label-smoothed cross-entropy, Nesterov SGD with airbench's lr / wd
+scaling, BN biases at ``bias_scaler`` x lr, a triangle schedule, flips and translations, flip +
+translation TTA; no look-ahead averaging). ``model.moe`` puts a mixture in the blocks ``model.moe_blocks``:
+``condconv`` (every 3x3 conv a :class:`moelab.moe.CondConv2d`) or ``blocks`` (each block a
+:class:`moelab.MoE` of E expert blocks, every image routed to ``k`` of them by a linear gate on its
+pooled features). Baselines in the same run, same recipe, every width counted (:mod:`moelab.cost`):
+``dense-equal-flops``, ``dense-equal-params``, ``dense-equal-time`` (the equal-flops network given the
+mixture's training time) and ``dense-reference``. All choices are made on ``data.val_size`` training
+images held out (stratified); the test split is read once per model at the end. The design, the
+recipe and the measured numbers: ``docs/results-cifar-moe.md``.
 """
 
 from __future__ import annotations
@@ -233,25 +215,31 @@ class Recipe:
         g = self.run.generator(self.phase, epoch)
         perm = torch.randperm(len(self.train), generator=g)
         tot, seen, start = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
-        for i in range(0, len(perm), t["batch"]):
-            step = epoch * self.steps_per_epoch + i // t["batch"]
-            if step >= self.total:
-                break
-            idx = perm[i:i + t["batch"]]
-            flip = torch.rand(len(idx), generator=g) < 0.5 if t["flip"] else None
-            x, y = self.train.batch(idx, flip, t["translate"], g), self.train.y[idx]
-            with _autocast(self.bf16):
-                logits, aux, _ = model.forward_with_aux(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=t["label_smoothing"], reduction="sum")
-            self._set_lr(step, epoch)
-            self.opt.zero_grad(set_to_none=True)
-            (loss + len(y) * t["aux_scale"] * aux).backward()  # airbench's summed loss; aux is a batch mean
-            self.opt.step()
-            tot += loss.detach().double()
-            seen += len(y)
+        with self.run.progress(f"[{self.phase}] epoch {epoch + 1}", len(perm)) as bar:
+            for i in range(0, len(perm), t["batch"]):
+                step = epoch * self.steps_per_epoch + i // t["batch"]
+                if step >= self.total:
+                    break
+                self._set_lr(step, epoch)
+                tot += self._step(perm[i:i + t["batch"]], g)
+                seen += min(t["batch"], len(perm) - i)
+                bar.update(min(t["batch"], len(perm) - i))
         dt = time.perf_counter() - start
         return {"loss": float(tot) / max(seen, 1), "img_per_s": round(seen / max(dt, 1e-9), 1),
                 "lr": self.opt.param_groups[0]["lr"]}
+
+    def _step(self, idx: Tensor, g: torch.Generator) -> Tensor:
+        """One SGD step on the images ``idx`` (augmented); -> the summed loss (no host sync)."""
+        t = self.t
+        flip = torch.rand(len(idx), generator=g) < 0.5 if t["flip"] else None
+        x, y = self.train.batch(idx, flip, t["translate"], g), self.train.y[idx]
+        with _autocast(self.bf16):
+            logits, aux, _ = self.model.forward_with_aux(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=t["label_smoothing"], reduction="sum")
+        self.opt.zero_grad(set_to_none=True)
+        (loss + len(y) * t["aux_scale"] * aux).backward()  # airbench's summed loss; aux is a batch mean
+        self.opt.step()
+        return loss.detach().double()
 
 
 def _autocast(bf16: bool):
@@ -305,8 +293,51 @@ def load_images(cfg: dict, run: Run) -> dict:
             "test": Images(ds.test_x[te_keep], ds.test_y[te_keep], cl), "classes": list(ds.classes)}
 
 
-def _err(probs: Tensor, y: Tensor) -> float:
-    return error_pct(probs, y, 3)
+class Fitter:
+    """Trains and evaluates one model of the run (a *phase*) with the recipe, on the run's data."""
+
+    def __init__(self, cfg: dict, run: Run, data: dict, bf16: bool):
+        self.cfg, self.run, self.data, self.bf16 = cfg, run, data, bf16
+        self.steps_per_epoch = math.ceil(len(data["train"]) / cfg["train"]["batch"])
+        self.whiten_sample = data["train"].batch(torch.arange(min(len(data["train"]), 5000)))
+        self.probe = data["val"].batch(torch.arange(min(len(data["val"]), 8)))
+
+    def evaluate(self, model: FastCNN) -> dict:
+        """Validation error, and how routing evolves: each expert's share of the largest gate."""
+        val = self.data["val"]
+        probs, routes = predict(model, val, 0, self.bf16, self.cfg["eval"]["batch"])
+        row = {"val_err": error_pct(probs, val.y, 3)}
+        if routes:
+            lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
+            row["val_lead_share"] = [round(float(v), 4) for v in lead]
+        return row
+
+    def __call__(self, phase: str, model: FastCNN, epochs: float) -> dict:
+        cfg, run, t, ev = self.cfg, self.run, self.cfg["train"], self.cfg["eval"]
+        if cfg["compute"]["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        model.init_whitening(self.whiten_sample)
+        total = max(1, round(epochs * self.steps_per_epoch))
+        recipe = Recipe(model, t, self.data["train"], total, self.bf16, run, phase)
+        start = time.perf_counter()
+        train_phase(run, phase, model, recipe.opt, math.ceil(total / self.steps_per_epoch), recipe.epoch,
+                    evaluate=lambda epoch: self.evaluate(model), log_every=t["log_every"])
+        train_time = round(time.perf_counter() - start, 1)
+        val, test = self.data["val"], self.data["test"]
+        val_probs, _ = predict(model, val, ev["tta"], self.bf16, ev["batch"])
+        probs, routes = predict(model, test, ev["tta"], self.bf16, ev["batch"])
+        gates = routes[-1] if routes else None
+        save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"])
+        err = error_pct(probs, test.y, 3)
+        row = {"test_accuracy": round(1 - err / 100, 5), "test_error_pct": err,
+               "val_error_pct": error_pct(val_probs, val.y, 3), "epochs": round(total / self.steps_per_epoch, 3),
+               "train_time_s": train_time, "params": count_params(model),
+               "flops_per_example": round(active_flops(model, self.probe), 1), "widths": list(model.widths)}
+        if gates is not None:
+            row["routing"] = routing_stats(test.y, gates, len(self.data["classes"]))
+        run.log(f"[{phase}] test acc {100 * row['test_accuracy']:.2f}% (val err {row['val_error_pct']:.2f}%), "
+                f"{row['params']:,} params, {row['flops_per_example'] / 1e6:.1f} MFLOPs/image, {train_time} s")
+        return row
 
 
 @family("cifar_moe", DEFAULTS, RULES, check_config, RESUMABLE)
@@ -317,68 +348,31 @@ def run(cfg: dict, run_ctx: Run) -> dict:
 
 def _run(cfg: dict, run: Run) -> dict:
     ddp.require_single_process(f"{run.name} (family cifar_moe)")
-    t, m, ev = cfg["train"], cfg["model"], cfg["eval"]
+    t, m = cfg["train"], cfg["model"]
     t0 = time.perf_counter()
     data = load_images(cfg, run)
-    train, val, test = data["train"], data["val"], data["test"]
     bf16 = resolve_bf16(cfg["compute"]["bf16"], key="compute.bf16")
-    steps_per_epoch = math.ceil(len(train) / t["batch"])
-    whiten_sample = train.batch(torch.arange(min(len(train), 5000)))
-    probe = val.batch(torch.arange(min(len(val), 8)))
-    run.log(f"data: {len(train)} train / {len(val)} val / {len(test)} test images ({time.perf_counter() - t0:.1f} s); "
-            f"bf16 {bf16}, torch threads {torch.get_num_threads()}")
-
-    def fit(phase: str, model: FastCNN, epochs: float) -> dict:
-        if cfg["compute"]["channels_last"]:
-            model = model.to(memory_format=torch.channels_last)
-        model.init_whitening(whiten_sample)
-        total = max(1, round(epochs * steps_per_epoch))
-        recipe = Recipe(model, t, train, total, bf16, run, phase)
-
-        def evaluate(epoch: int) -> dict:
-            probs, routes = predict(model, val, 0, bf16, ev["batch"])
-            row = {"val_err": _err(probs, val.y)}
-            if routes:  # how routing evolves: each expert's share of the validation images' largest gate
-                lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
-                row["val_lead_share"] = [round(float(v), 4) for v in lead]
-            return row
-
-        start = time.perf_counter()
-        train_phase(run, phase, model, recipe.opt, math.ceil(total / steps_per_epoch), recipe.epoch,
-                    evaluate=evaluate, log_every=t["log_every"])
-        train_time = round(time.perf_counter() - start, 1)
-        val_probs, _ = predict(model, val, ev["tta"], bf16, ev["batch"])
-        probs, routes = predict(model, test, ev["tta"], bf16, ev["batch"])
-        gates = routes[-1] if routes else None
-        save_eval(run, phase, test.y, probs, gates, class_names=data["classes"])
-        row = {"test_accuracy": round(1 - _err(probs, test.y) / 100, 5), "test_error_pct": _err(probs, test.y),
-               "val_error_pct": _err(val_probs, val.y), "epochs": round(total / steps_per_epoch, 3),
-               "train_time_s": train_time, "params": count_params(model),
-               "flops_per_example": round(active_flops(model, probe), 1), "widths": list(model.widths)}
-        if gates is not None:
-            row["routing"] = routing_stats(test.y, gates, len(data["classes"]))
-        run.log(f"[{phase}] test acc {100 * row['test_accuracy']:.2f}% (val err {row['val_error_pct']:.2f}%), "
-                f"{row['params']:,} params, {row['flops_per_example'] / 1e6:.1f} MFLOPs/image, {train_time} s")
-        return row
-
+    run.log(f"data: {len(data['train'])} train / {len(data['val'])} val / {len(data['test'])} test images "
+            f"({time.perf_counter() - t0:.1f} s); bf16 {bf16}, torch threads {torch.get_num_threads()}")
+    fit = Fitter(cfg, run, data, bf16)
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")
     moe = fit("moe", build_model(m, aux_scale=t["aux_scale"]), t["epochs"])
     moe.update(moe=m["moe"], num_experts=m["num_experts"], moe_blocks=m["moe_blocks"])
     models["moe"] = moe
     if cfg["baselines"]["equal_cost"] and m["moe"] != "none":
-        models.update(_equal_cost(cfg, run, moe, probe, fit))
+        models.update(_equal_cost(cfg, run, moe, fit))
     if cfg["baselines"]["reference"] and m["moe"] != "none":
         seed_module_init(run, "dense-reference")
         models["dense-reference"] = {**fit("dense-reference", build_model(m, dense=True), t["epochs"]),
                                      "width": m["width"]}
     return {"test_accuracy": moe["test_accuracy"], "models": models,
-            "protocol": {"val_size": len(val), "selection": "last step; settings chosen on the validation split",
-                         "tta": ev["tta"], "bf16": bf16}}
+            "protocol": {"val_size": len(data["val"]), "selection": "last step; settings chosen on the validation split",
+                         "tta": cfg["eval"]["tta"], "bf16": bf16}}
 
 
-def _equal_cost(cfg: dict, run: Run, moe: dict, probe: Tensor, fit) -> dict[str, dict]:
-    m, t = cfg["model"], cfg["train"]
+def _equal_cost(cfg: dict, run: Run, moe: dict, fit: Fitter) -> dict[str, dict]:
+    m, t, probe = cfg["model"], cfg["train"], fit.probe
 
     def dense(w: int) -> FastCNN:
         return build_model(m, w, dense=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -183,13 +182,13 @@ class Run:
             atomic_write_json(self.dir / "summary.json", _jsonable(summary))
         return summary
 
-    def progress(self, iterable, total: int | None = None, desc: str = ""):
-        """A tqdm progress bar on a TTY, the bare iterable otherwise."""
-        if self.quiet or not self.is_main or not sys.stderr.isatty():
-            return iterable
-        from tqdm import tqdm
+    def progress(self, desc: str, total: int, unit: str = "img", every: float = 30.0):
+        """A :class:`moelab.train.progress.Progress` for ``total`` items: a tqdm bar on a TTY, a plain
+        line with rate and ETA in run.log (and stdout) every ``every`` seconds otherwise."""
+        from moelab.train.progress import Progress
 
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        log = self.log if self.is_main else None  # with --quiet: run.log only, no bar
+        return Progress(desc, total, log, unit=unit, every=every, tty=False if self.quiet else None)
 
     def generator(self, *salt: int | str) -> torch.Generator:
         """A torch.Generator seeded from the run seed and ``salt`` (e.g. phase name, epoch): data order
