@@ -74,7 +74,7 @@ from moelab.moe.conv_experts import IMPLS, ConvExperts
 from moelab.parallel import ddp
 from moelab.precision import cpu_bf16_isa, resolve_bf16
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
-from moelab.train.evaluation import routing_stats, save_eval
+from moelab.train.evaluation import accuracy, routing_stats, save_eval
 from moelab.train.loop import train_phase
 from moelab.train.run import Run
 
@@ -381,7 +381,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
         if val_classes is not None:
             keep = torch.tensor(val_classes)
             return (keep[logits[:, keep].argmax(1)] == val.y).float().mean().item()
-        return (logits.argmax(1) == val.y).float().mean().item()
+        return accuracy(logits, val.y)
 
     if keep_best and keep_start and not run.checkpoint_path(phase).is_file():  # the phase has not started
         acc0 = val_acc()
@@ -585,12 +585,12 @@ def expert_reports(data: Data, cache: dict) -> dict:
     models = {}
     for i, (a, b) in enumerate(data.pairs):
         m = (y == a) | (y == b)
-        acc = (probs[i][m].argmax(1) == y[m]).float().mean().item()
+        acc = accuracy(probs[i][m], y[m])
         models[f"expert{i}-{data.classes[a]}-{data.classes[b]}"] = {"test_accuracy": acc, "scope": "own pair"}
     uni = probs.mean(0)
-    models["baseline-uniform"] = {"test_accuracy": (uni.argmax(1) == y).float().mean().item()}
+    models["baseline-uniform"] = {"test_accuracy": accuracy(uni, y)}
     oracle = torch.einsum("ne,enk->nk", data.cover[y], probs)
-    models["oracle-pair"] = {"test_accuracy": (oracle.argmax(1) == y).float().mean().item(),
+    models["oracle-pair"] = {"test_accuracy": accuracy(oracle, y),
                              "scope": "upper bound: each image routed to the experts of its true class"}
     return models, uni
 
@@ -731,7 +731,7 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
 
     def evaluate(epoch: int) -> dict:
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", extra_dim)
-        acc = (logits.argmax(1) == data.val.y).float().mean().item()
+        acc = accuracy(logits, data.val.y)
         if gc["schedule"] == "plateau":
             sched.step(acc)
         return {"val_acc": acc}
@@ -776,7 +776,7 @@ def hierarchical_mixture(cfg: dict, run: Run, data: Data, gen_probs: dict, cache
         run.log(f"[hierarchical] blend {blend:.2f} (validation cross-entropy {min(nll):.4f}; generalist alone "
                 f"{nll[0]:.4f}, mixture alone {nll[-1]:.4f})")
     val_logits = combine_hierarchical(gen_probs["val"], probs["val"], data.cover, blend)
-    val_acc = (val_logits.argmax(1) == data.val.y).float().mean().item()
+    val_acc = accuracy(val_logits, data.val.y)
     logits = combine_hierarchical(gen_probs["test"], probs["test"], data.cover, blend)
     return logits, hierarchical_weights(gen_probs["test"], data.cover), {"blend": blend, "val_acc": val_acc}
 
@@ -813,7 +813,7 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
     def evaluate(epoch: int) -> dict:
         experts.eval()
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", 0, experts_fn)
-        return {"val_acc": (logits.argmax(1) == data.val.y).float().mean().item()}
+        return {"val_acc": accuracy(logits, data.val.y)}
 
     last = train_phase(run, "finetune", both, opt, gc["finetune_epochs"], train_epoch, evaluate, sched=sched)
     both.eval()
@@ -846,7 +846,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
                   for split, images in splits} if generalist is not None else {})
     gen_infer_s = time.perf_counter() - t0
     if generalist is not None:
-        models["generalist"] = {"test_accuracy": (gen_probs["test"].argmax(1) == y).float().mean().item(),
+        models["generalist"] = {"test_accuracy": accuracy(gen_probs["test"], y),
                                 "epochs": cfg["generalist"]["epochs"],
                                 "scope": "the single CNN the specialists / gate trunk start from"}
     save_eval(run, "baseline-uniform", y, uniform, None, data.classes)
@@ -873,7 +873,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
     if kind == HIERARCHICAL:
         t0 = time.perf_counter()
         logits, weights, hinfo = hierarchical_mixture(cfg, run, data, gen_probs, cache)
-        acc = (logits.argmax(1) == y).float().mean().item()
+        acc = accuracy(logits, y)
         models[f"moe-{kind}"] = {"test_accuracy": acc, "val_accuracy": hinfo["val_acc"], "blend": hinfo["blend"],
                                  "scope": "the generalist as top-level gate, each expert within its pair"}
         save_eval(run, f"moe-{kind}", y, torch.softmax(logits, 1), weights, data.classes)
@@ -888,7 +888,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
         gate, ginfo = train_gate(cfg, run, data, cache, generalist)
         extra_dim = gate.extra_dim
         logits, weights = gate_predict(cfg, gate, kind, data.test, cache, "test", extra_dim)
-        acc = (logits.argmax(1) == y).float().mean().item()
+        acc = accuracy(logits, y)
         name = f"moe-{kind}"
         models[name] = {"test_accuracy": acc, "val_accuracy": ginfo["last"].get("val_acc")}
         save_eval(run, name, y, torch.softmax(logits, 1), weights, data.classes)
@@ -904,7 +904,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
             t0 = time.perf_counter()
             finfo = finetune(cfg, run, data, experts, gate, cache)
             logits, weights = gate_predict(cfg, gate, kind, data.test, cache, "test", 0, finfo["experts_fn"])
-            acc = (logits.argmax(1) == y).float().mean().item()
+            acc = accuracy(logits, y)
             models[f"{name}-finetuned"] = {"test_accuracy": acc}
             save_eval(run, f"{name}-finetuned", y, torch.softmax(logits, 1), weights, data.classes)
             timings["finetune"] = {"train_s": round(time.perf_counter() - t0, 1),
@@ -948,7 +948,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
                                     l2=cfg["experts"]["l2"], shift=shift, keep_best=schedule == "plateau",
                                     early_stop=cfg["experts"]["early_stop_patience"] if schedule == "plateau" else 0)
             logits = _predict(m, data.test, cfg)[0]
-            acc = (logits.argmax(1) == y).float().mean().item()
+            acc = accuracy(logits, y)
             save_eval(run, name, y, torch.softmax(logits, 1), None, data.classes)
             timings[name] = {"train_s": round(time.perf_counter() - t0, 1), "train_img_per_s": info["train_img_per_s"],
                              "load_1min": _load()}

@@ -69,7 +69,7 @@ from moelab.models.mlp_mixture import (
 )
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
-from moelab.train.evaluation import routing_stats, save_eval
+from moelab.train.evaluation import accuracy, routing_stats, save_eval
 from moelab.train.loop import optimizer_step, seed_module_init, train_phase
 from moelab.train.optim import make_optimizer, make_schedule
 from moelab.train.run import Run
@@ -274,7 +274,7 @@ def _lead(counts: Tensor) -> list[float]:
 
 
 def model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_classes: int) -> dict:
-    acc = float((probs.argmax(1) == labels).float().mean())
+    acc = accuracy(probs, labels)
     out = {"test_accuracy": acc, "test_error_pct": round(100 * (1 - acc), 4)}
     if gates is not None:
         stats = routing_stats(labels, gates, num_classes)

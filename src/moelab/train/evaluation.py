@@ -36,6 +36,11 @@ def save_eval(
     save_checkpoint(eval_path(run.dir, model_name), tensors, {"model": model_name, "classes": class_names or []})
 
 
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (a fraction) of (N, C) scores against (N,) labels."""
+    return float((scores.argmax(1) == labels).float().mean())
+
+
 def error_pct(probs: torch.Tensor, labels: torch.Tensor, digits: int = 4) -> float:
     """Top-1 error in percent of (N, C) scores against (N,) labels, rounded to ``digits``."""
     return round(100 * float((probs.argmax(1) != labels).float().mean()), digits)
