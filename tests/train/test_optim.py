@@ -31,3 +31,15 @@ def test_factories_build_the_configured_optimiser_and_a_resumable_schedule():
         sched.step()
     assert lrs == pytest.approx([0.1, 0.2, 0.2, 0.2 * 0.5 * (1 + math.cos(math.pi / 2))])
     assert isinstance(make_optimizer({**t, "optimizer": "adamw"}, p, 0.1), torch.optim.AdamW)
+
+
+def test_onecycle_or_plateau_are_torchs_schedulers():
+    from moelab.train.optim import onecycle_or_plateau
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = onecycle_or_plateau("onecycle", opt, 0.1, 2, 5)
+    assert isinstance(sched, torch.optim.lr_scheduler.OneCycleLR) and sched.total_steps == 10
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # starts at lr / div_factor
+    plateau = onecycle_or_plateau("plateau", opt, 0.1, 2, 5, patience=2, factor=0.25)
+    assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert plateau.mode == "max" and plateau.patience == 2 and plateau.factor == 0.25

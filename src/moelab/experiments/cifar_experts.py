@@ -76,6 +76,7 @@ from moelab.precision import cpu_bf16_isa, resolve_bf16
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import accuracy, routing_stats, save_eval
 from moelab.train.loop import train_phase
+from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
 
 CACHE_VERSION = 1
@@ -342,15 +343,6 @@ def _predict(model_fn, images: Images, cfg: dict, flip: bool = False) -> list[to
     return [torch.cat(parts, dim=-2 if parts[0].dim() == 3 else 0) for parts in zip(*outs)]
 
 
-def _make_sched(kind: str, opt, lr: float, epochs: int, steps: int, patience: int = 4, factor: float = 0.5,
-                min_lr: float = 1e-6):
-    if kind == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps),
-                                                   pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=factor, patience=patience,
-                                                      min_lr=min_lr)
-
-
 def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: dict, *,
                      epochs: int, batch: int, lr: float, schedule: str, l2: float, shift: int,
                      plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
@@ -368,7 +360,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     model = _to_memory_format(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = math.ceil(len(images) / batch)
-    sched = _make_sched(schedule, opt, lr, epochs, steps, plateau_patience, plateau_factor, min_lr)
+    sched = onecycle_or_plateau(schedule, opt, lr, epochs, steps, plateau_patience, plateau_factor, min_lr)
     best_path = run.dir / "ckpt" / f"{phase}-best.safetensors"
     state = {"best": -1.0, "best_epoch": -1, "images": 0, "seconds": 0.0}
     if run.resumed and best_path.is_file():
@@ -700,7 +692,7 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
     lr = gc["lr"] if gc["lr"] > 0 else SEED_LR[kind]
     opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc["weight_decay"])
     steps = math.ceil(len(data.train) / gc["batch"])
-    sched = _make_sched(gc["schedule"], opt, lr, gc["epochs"], steps, patience=4)
+    sched = onecycle_or_plateau(gc["schedule"], opt, lr, gc["epochs"], steps, patience=4)
     cover = data.cover
     shift = cfg["augment"]["max_shift"] if gc["shift"] else 0
     state = {"images": 0, "seconds": 0.0}
@@ -789,7 +781,7 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
     params = list(gate.parameters()) + list(experts.parameters())
     opt = torch.optim.Adam(params, lr=gc["finetune_lr"])
     steps = math.ceil(len(data.train) / gc["batch"])
-    sched = _make_sched("onecycle", opt, gc["finetune_lr"], gc["finetune_epochs"], steps)
+    sched = onecycle_or_plateau("onecycle", opt, gc["finetune_lr"], gc["finetune_epochs"], steps)
     both = nn.ModuleDict({"gate": gate, "experts": experts})
     state = {"images": 0, "seconds": 0.0}
 

@@ -2,11 +2,12 @@
 
 The sparse layer's router epilogue, dispatch and combine are a few passes over small tensors; as
 chains of ATen calls their per-call cost dominates at MoE shapes on a CPU. ``moe_cpu.cpp`` does each
-in one pass. It is built with the system C++ compiler against the installed torch the first time a
-fused path runs (about half a minute), cached by content (source, torch, compiler, CPU flags) under
-``$MOELAB_CACHE_DIR/kernels`` (default ``~/.cache/moelab/kernels``), and loaded with
-``torch.ops.load_library``. Every op has a pure-PyTorch twin (the reference the tests compare with),
-used when the kernels are unavailable.
+in one pass. It is built by :func:`torch.utils.cpp_extension.load` (ninja, the system C++ compiler,
+torch's own include paths and ABI flags) the first time a fused path runs (about half a minute), in
+``$MOELAB_CACHE_DIR/kernels/<key>`` (default ``~/.cache/moelab/kernels``; the key hashes source,
+torch, compiler, CPU flags and Python, since ``-march=native`` ties the library to the CPU), and its
+ops registered in ``torch.ops.moelab``. A build that fails leaves no library behind. Every op has a
+pure-PyTorch twin (the reference the tests compare with), used when the kernels are unavailable.
 
 ``MOELAB_KERNELS``: ``auto`` (default: build if needed, fall back to PyTorch with one warning if the
 build fails), ``off`` (PyTorch only), ``on`` (raise if the kernels cannot be built).
@@ -15,14 +16,12 @@ build fails), ``off`` (PyTorch only), ``on`` (raise if the kernels cannot be bui
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -69,20 +68,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+CFLAGS = ["-O3", "-fopenmp", "-w"]
+LDFLAGS = ["-fopenmp"]
+
+
 def _flags() -> list[str]:
-    torch_dir = Path(torch.__file__).parent
-    inc = torch_dir / "include"
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}"]
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-        flags.append("-march=native")  # the library is built on (and keyed by the CPU of) the machine using it
-    return flags
-
-
-def _link_flags() -> list[str]:
-    lib = Path(torch.__file__).parent / "lib"
-    return [f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
+        return [*CFLAGS, "-march=native"]  # the library is built on (and keyed by the CPU of) the machine using it
+    return list(CFLAGS)
 
 
 def _key(cxx: str) -> str:
@@ -92,37 +85,39 @@ def _key(cxx: str) -> str:
         version = ""
     h = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), torch.__version__.encode(), version.encode(), _cpu_flags().encode(),
-                 " ".join(_flags() + _link_flags()).encode(), sys.version.encode()):
+                 " ".join(_flags() + LDFLAGS).encode(), sys.version.encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:20]
 
 
-def _library(cxx: str) -> Path:
-    """Where the built library is (or will be) for this machine, compiler and torch."""
-    return _cache_dir() / _key(cxx) / "moelab_cpu.so"
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the pip package's binary is not there in an unactivated venv."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # cpp_extension then says that ninja is required
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
-def _build(cxx: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:  # one build at a time (e.g. DDP ranks starting together)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [cxx, *_flags(), str(_SOURCE), "-o", tmp, *_link_flags()]
-        print(f"moelab: building the fused CPU kernels once for this machine and torch (~40 s) -> {target}",
+def _build_and_load(cxx: str) -> Path:
+    """Build (once per key; cpp_extension locks the build directory) and load; -> the library's path."""
+    from torch.utils import cpp_extension
+
+    build_dir = _cache_dir() / _key(cxx)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        print(f"moelab: building the fused CPU kernels once for this machine and torch (~40 s) -> {build_dir}",
               file=sys.stderr, flush=True)
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            if res.returncode != 0:
-                raise MoelabError(f"building {_SOURCE.name} failed (exit {res.returncode}): "
-                                  f"{' '.join(cmd)}\n{res.stderr[-4000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    os.environ.setdefault("CXX", cxx)
+    _put_ninja_on_path()
+    # is_python_module=False: the library is loaded with torch.ops.load_library; its path is returned
+    path = cpp_extension.load(name="moelab_cpu", sources=[str(_SOURCE)], extra_cflags=_flags(),
+                              extra_ldflags=LDFLAGS, build_directory=str(build_dir), is_python_module=False,
+                              verbose=False)
+    return Path(path)
 
 
 def load() -> bool:
@@ -143,10 +138,7 @@ def load() -> bool:
             cxx = _compiler()
             if cxx is None:
                 raise MoelabError("no C++ compiler found (set CXX or install g++/clang++)")
-            path = _library(cxx)
-            if not path.exists():
-                _build(cxx, path)
-            torch.ops.load_library(str(path))
+            path = _build_and_load(cxx)
             _state.update(loaded=True, path=path, error=None)
             return True
         except Exception as err:  # noqa: BLE001 - any build/load failure falls back to PyTorch in auto mode

@@ -1,4 +1,8 @@
-"""Optimiser and learning-rate schedule factories for the MLP experiment families (jacobs, sparse_mlp).
+"""Optimiser and learning-rate schedule factories.
+
+:func:`make_optimizer` and :func:`make_schedule` serve the MLP families (jacobs, sparse_mlp);
+:func:`onecycle_or_plateau` the seed-1 CIFAR pipeline (torch's ``OneCycleLR``, stepped per batch, or
+``ReduceLROnPlateau`` on the validation accuracy, stepped per epoch).
 
 ``t`` is the family's ``train`` config section (its RULES have checked every value): ``optimizer``
 ("adamw" | "sgd"), ``weight_decay``, ``momentum``; ``schedule`` ("onecycle" | "cosine" | "constant")
@@ -39,3 +43,15 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_frac: float
 def make_schedule(t: dict, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_multiplier(t["schedule"], step, total_steps, t["warmup_frac"]))
+
+
+def onecycle_or_plateau(kind: str, opt: torch.optim.Optimizer, lr: float, epochs: int, steps: int,
+                        patience: int = 4, factor: float = 0.5, min_lr: float = 1e-6):
+    """``"onecycle"``: :class:`~torch.optim.lr_scheduler.OneCycleLR` peaking at ``lr`` over
+    ``epochs * steps`` steps (25% warm-up, from lr / 10 down to lr / 1000); anything else:
+    :class:`~torch.optim.lr_scheduler.ReduceLROnPlateau` on a maximised metric."""
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps),
+                                                   pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=factor, patience=patience,
+                                                      min_lr=min_lr)
