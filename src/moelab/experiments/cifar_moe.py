@@ -220,10 +220,11 @@ class Recipe:
                 step = epoch * self.steps_per_epoch + i // t["batch"]
                 if step >= self.total:
                     break
+                idx = perm[i:i + t["batch"]]
                 self._set_lr(step, epoch)
-                tot += self._step(perm[i:i + t["batch"]], g)
-                seen += min(t["batch"], len(perm) - i)
-                bar.update(min(t["batch"], len(perm) - i))
+                tot += self._step(idx, g)
+                seen += len(idx)
+                bar.update(len(idx))
         dt = time.perf_counter() - start
         return {"loss": float(tot) / max(seen, 1), "img_per_s": round(seen / max(dt, 1e-9), 1),
                 "lr": self.opt.param_groups[0]["lr"]}
