@@ -7,7 +7,7 @@ from torch import nn
 from moelab import MoE
 from moelab.cost import cost_row, count_flops, count_params, flops_per_example, match_width
 from moelab.errors import MoelabError
-from moelab.models.mlp_mixture import MLPMixture, mlp
+from moelab.models.mlp_mixture import mlp, mlp_mixture
 
 
 def test_mlp_counts_match_hand_count():
@@ -29,11 +29,12 @@ def test_conv_counts_match_hand_count():
 
 
 def test_dense_mixture_is_charged_for_every_expert():
-    mix = MLPMixture(10, 196, 25, 10, 25, "gelu", 1.0)
+    mix = mlp_mixture(10, 196, 25, 10, 25, "gelu", 1.0)
     x = torch.randn(16, 196)
     experts = 10 * 2 * (196 * 25 + 25 * 10)
     gate = 2 * (196 * 25 + 25 * 10)
-    assert flops_per_example(mix, x) == experts + gate
+    combine = 2 * 10 * 10  # sum_i g_i z_i: E gates x C classes
+    assert flops_per_example(mix, x) == experts + gate + combine
 
 
 def test_sparse_layer_is_charged_for_routed_experts_only():
@@ -58,7 +59,7 @@ def test_eval_mode_is_restored_and_empty_batch_is_refused():
 
 
 def test_match_width_finds_the_closest_width():
-    target = count_params(MLPMixture(10, 196, 25, 10, 25, "gelu", 1.0))  # 57035
+    target = count_params(mlp_mixture(10, 196, 25, 10, 25, "gelu", 1.0))  # 57035
     h = match_width(lambda w: count_params(mlp(196, w, 10)), target)
     assert h == 275
     assert match_width(lambda w: w * w, 50) == 7

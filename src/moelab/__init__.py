@@ -1,6 +1,7 @@
 """moelab: Mixture-of-Experts for image classification in PyTorch."""
 
-from moelab.moe import ConvExperts, MLPExperts, ModuleExperts, MoE, MoEAux, losses, make_router
+from moelab.models.conv_experts import ConvExperts
+from moelab.moe import MLPExperts, ModuleExperts, MoE, MoEAux, losses, make_router
 
 __version__ = "0.1.0"
 

@@ -77,7 +77,8 @@ def test_digits_jacobs_default_learns(tmp_path):
     assert s["models"]["single"]["test_accuracy"] > 0.8
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in rows} == {"moe", "single", "dense-equal-params"}  # the FLOPs row: trained once
-    assert s["models"]["moe"]["flops_per_example"] == 2 * (4 * (64 * 16 + 16 * 10) + 64 * 16 + 16 * 4)
+    # 4 experts 64-16-10, the 64-16-4 gate, and the combine sum_i g_i z_i (4 gates x 10 classes)
+    assert s["models"]["moe"]["flops_per_example"] == 2 * (4 * (64 * 16 + 16 * 10) + 64 * 16 + 16 * 4 + 4 * 10)
     assert all(len(r["lead_share"]) == 4 for r in rows if r["phase"] == "moe")
 
 
@@ -112,7 +113,7 @@ def test_mnist_modern_learns(tmp_path):
     assert s["models"]["single"]["test_accuracy"] > 0.7
     assert s["models"]["moe"]["params"] == 11 * (197 * 25 + 26 * 10)
     assert s["models"]["dense-equal-params"]["hidden"] == 275  # 196-275-10: 56935 parameters, 113300 FLOPs
-    assert s["models"]["moe"]["flops_per_example"] == 2 * 11 * (196 * 25 + 25 * 10)
+    assert s["models"]["moe"]["flops_per_example"] == 2 * (11 * (196 * 25 + 25 * 10) + 10 * 10)  # + the combine
 
 
 def test_equal_cost_rows_can_be_turned_off(tmp_path):
@@ -171,8 +172,9 @@ def test_gradcheck_modern_digits(capsys):
 @pytest.mark.parametrize("name", ["digits-jacobs", "mnist-jacobs"])
 def test_augment_is_shift_then_the_seed_preprocessing(name):
     """Augment's matrix form equals translating the original images, then the seed's zoom and scaling."""
+    from moelab.data.augment import Augment
     from moelab.data.transforms import resize_cubic_half_like_seed, translate
-    from moelab.experiments.jacobs import Augment, load_data
+    from moelab.experiments.jacobs import load_data
 
     data_dir = _mnist_dir() if name.startswith("mnist") else None
     d = load_data(resolve_config(name, ["data.train_limit=300", "data.test_limit=10"])[1], 0, data_dir)

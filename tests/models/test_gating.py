@@ -1,4 +1,5 @@
-"""Combine rules of the seed-1 gating variants, against hand-computed examples."""
+"""Combine rules of the seed-1 gating variants (moelab routers with raw gate values, ``moe.layer.mix``),
+against hand-computed examples; the seed mixture as a ``moelab.MoE``."""
 
 import math
 
@@ -6,18 +7,9 @@ import pytest
 import torch
 
 from moelab.errors import MoelabError
-from moelab.models.gating import (
-    GATE_KINDS,
-    GateNet,
-    combine,
-    combine_hierarchical,
-    effective_weights,
-    hierarchical_weights,
-    num_heads,
-    oracle_routing_loss,
-    pair_cover,
-    sparse_gates,
-)
+from moelab.models.gating import GATE_KINDS, GateNet, SeedCombine, combine, gate_router, num_heads, seed_moe
+from moelab.moe.hierarchical import combine_hierarchical, hierarchical_weights, pair_cover
+from moelab.moe.losses import oracle_routing_loss
 
 # 3 experts, 1 example, 2 classes: expert e's softmax output
 PROBS = torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]], [[0.5, 0.5]]])  # (E=3, N=1, K=2)
@@ -27,6 +19,15 @@ G2 = torch.tensor([[0.0, 3.0, -0.25]])
 
 def close(a, b):
     return torch.allclose(a, torch.tensor(b, dtype=a.dtype), atol=1e-6)
+
+
+def sparse_gates(g):
+    """The sparse kind's effective weights: its router's dense view."""
+    return SeedCombine("sparse", g.shape[1])([g], torch.zeros(g.shape[1], g.shape[0], 2))[1]
+
+
+def effective_weights(kind, gates):
+    return SeedCombine(kind, gates[0].shape[1])(gates, torch.zeros(gates[0].shape[1], gates[0].shape[0], 2))[1]
 
 
 def test_standard_is_weighted_sum():
@@ -72,10 +73,52 @@ def test_effective_weights_and_heads():
     assert num_heads("standard") == 1 and num_heads("two-gates-max") == 2
     assert close(effective_weights("two-gates", [G1, G2]), [[2.0, 2.5, 0.75]])
     assert close(effective_weights("sparse", [G1]), [[2.0, 0.0, 1.0]])
-    with pytest.raises(MoelabError):
+    with pytest.raises(MoelabError, match="gate kind 'two-gates' takes 2 gate output"):
         combine("two-gates", [G1], PROBS)
-    with pytest.raises(MoelabError):
+    with pytest.raises(MoelabError, match="gate.kind must be one of .*got 'nope'"):
         combine("nope", [G1], PROBS)
+    with pytest.raises(MoelabError, match=r"gates must be \(N, E\) and probs \(E, N, K\)"):
+        combine("standard", [G1[:, :2]], PROBS)
+
+
+def test_kinds_are_library_routers_with_raw_gate_values():
+    assert gate_router("standard", 3).name == "dense" and gate_router("sparse", 3).k == 2
+    assert gate_router("two-gates-max", 3).mode == "max"
+    assert {gate_router(k, 3).gate_values for k in GATE_KINDS} == {"raw"}
+    with pytest.raises(MoelabError, match="gate_values must be one of softmax, raw, got 'elu'"):
+        gate_router("standard", 3).__class__(None, 3, gate=torch.nn.Identity(), gate_values="elu")
+
+
+@pytest.mark.parametrize("kind", ["standard", "sparse", "two-gates", "two-gates-max"])
+def test_seed_moe_equals_the_combine_rule_on_live_experts(kind):
+    """The mixture as a moelab.MoE (experts run in the layer) equals gate outputs + SeedCombine, with gradients."""
+    torch.manual_seed(0)
+
+    class Stack(torch.nn.Module):  # 4 linear "experts" on flat 3x8x8 images -> class probabilities
+        num_experts = 4
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 192, 5) * 0.1)
+
+        def forward(self, x):
+            return torch.softmax(torch.einsum("nd,edk->enk", x.flatten(1), self.w), -1)
+
+    gate = GateNet(4, num_heads(kind), width=4, dropout=(0.0, 0.0, 0.0)).eval()
+    gate.trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 16 * 4))  # small stand-in trunk
+    gate.heads = torch.nn.ModuleList(torch.nn.Linear(64, 4) for _ in range(num_heads(kind)))
+    stack, x = Stack(), torch.randn(6, 3, 8, 8)
+    moe = seed_moe(stack, gate, kind, top_k=2)
+    y, aux = moe(x)
+    ref, w = SeedCombine(kind, 4, 2)(gate(x), stack(x))
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(aux.gates, w)
+    gy = torch.autograd.grad(y.square().sum(), [stack.w, gate.heads[0].weight])
+    gr = torch.autograd.grad(ref.square().sum(), [stack.w, gate.heads[0].weight])
+    for a, b in zip(gy, gr):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(MoelabError, match="expert-aware gate reads the experts' outputs"):
+        seed_moe(stack, gate, "expert-aware")
 
 
 def test_oracle_routing_loss():

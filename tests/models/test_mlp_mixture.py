@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 from moelab.errors import MoelabError
 from moelab.models.mlp_mixture import (
-    MLPMixture,
     SeedMixture,
     SeedMLP,
     add_bias_column,
     jacobs_competitive_loss_seed,
+    mixture_predict,
     mlp,
+    mlp_mixture,
     seed_mixture_gradients,
     seed_mlp_gradients,
 )
@@ -224,15 +225,17 @@ def test_add_bias_column():
 
 def test_modern_mixture_budget_and_shapes():
     torch.manual_seed(0)
-    m = MLPMixture(10, 196, 25, 10, 25, "gelu")
+    m = mlp_mixture(10, 196, 25, 10, 25, "gelu")
     # ten 196-25-10 experts and a 196-25-10 gate, biases included: the seed's budget
     assert sum(p.numel() for p in m.parameters()) == 11 * (197 * 25 + 26 * 10)
     single = mlp(196, 25, 10)
     assert sum(p.numel() for p in single.parameters()) == 197 * 25 + 26 * 10
     x = torch.rand(7, 196)
-    logits, gate_logits = m(x)
+    y, aux = m(x)
+    logits, gate_logits = aux.expert_outputs, aux.logits
     assert logits.shape == (10, 7, 10) and gate_logits.shape == (7, 10)
-    probs, gates = m.predict(x)
+    torch.testing.assert_close(y, torch.einsum("ne,enc->nc", torch.softmax(gate_logits, -1), logits))
+    probs, gates = mixture_predict(m, x)
     torch.testing.assert_close(probs.sum(1), torch.ones(7))
     torch.testing.assert_close(gates.sum(1), torch.ones(7))
     # the mixture probability is sum_i g_i softmax(z_i)
@@ -246,15 +249,15 @@ def test_bad_dimensions_raise():
     with pytest.raises(MoelabError):
         mlp(196, 25, 10, activation="nope")
     with pytest.raises(MoelabError):
-        MLPMixture(num_experts=-1)
+        mlp_mixture(num_experts=-1)
 
 
 def test_modern_gradients_match_float64_autograd_of_reference():
-    """MLPMixture on MLPExperts computes what a loop of nn.Sequential experts computes."""
+    """mlp_mixture on MLPExperts computes what a loop of nn.Sequential experts computes."""
     torch.manual_seed(1)
-    m = MLPMixture(3, 8, 4, 5, 4, "gelu").double()
+    m = mlp_mixture(3, 8, 4, 5, 4, "gelu").double()
     x = torch.rand(6, 8, dtype=torch.float64)
-    logits, _ = m(x)
+    logits = m(x)[1].expert_outputs
     for e in range(3):
         h = F.gelu(x @ m.experts.w1[e] + m.experts.b1[e])
         torch.testing.assert_close(logits[e], h @ m.experts.w2[e] + m.experts.b2[e])

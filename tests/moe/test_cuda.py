@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from moelab import MoE
+from moelab.models.conv_experts import ConvExperts
 from moelab.moe import MLPExperts
-from moelab.moe.conv_experts import ConvExperts
 from tests.moe.moe_helpers import assert_close, seeded  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")

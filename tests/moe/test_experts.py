@@ -152,6 +152,13 @@ def test_callable_experts_adapter():
     dense = st(x)
     want = (w.unsqueeze(-1) * dense[idx, torch.arange(6)[:, None]]).sum(1)
     assert_close(ex.forward_sparse(x, idx, w), want, 1e-5, "adapter")
+    calls = []
+    st.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    mask = torch.rand(6, 2) > 0.3
+    per = ex.forward_sparse(x, idx, None, mask)  # (N, k, out): each row's chosen experts, dropped ones zero
+    assert calls == [6]  # the stack ran once on the N rows, not on N * k routed copies
+    assert_close(per, dense[idx, torch.arange(6)[:, None]] * mask.unsqueeze(-1), 1e-5, "per-assignment")
+    assert_close(ex.forward_sparse(x, idx, w, mask), (per * w.unsqueeze(-1)).sum(1), 1e-5, "masked")
 
 
 def test_autocast_bf16_sparse_close_to_fp32():

@@ -27,7 +27,7 @@ from torch import nn
 
 from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import Seed1CNN
-from moelab.moe.conv_experts import ConvExperts
+from moelab.models.conv_experts import ConvExperts
 from moelab.precision import cpu_bf16_isa
 from moelab.runtime import allocator_state, tune_allocator
 

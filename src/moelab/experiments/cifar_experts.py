@@ -25,7 +25,7 @@ Pipeline (one ``moelab run cifar10-experts``):
    by at most 3 pixels; it regularises the gate without running the experts).
    ``gate.kind = "hierarchical"`` (``cifar10-hierarchical``) trains no gate: the generalist's class
    probabilities weigh the experts by their pairs' mass and each expert decides within its pair
-   (:func:`moelab.models.gating.combine_hierarchical`), so only the val/test outputs are computed.
+   (:func:`moelab.moe.hierarchical.combine_hierarchical`), so only the val/test outputs are computed.
 5. Optional joint fine-tuning of experts + gate (``gate.finetune_epochs``).
 6. Baselines (``baselines = true``): the uniform average of the experts (always reported: it is
    free), the gate trunk alone as a 10-way classifier (gate recipe), one CNN of the expert
@@ -57,20 +57,10 @@ from moelab.errors import ConfigError
 from moelab.experiments import family
 from moelab.experiments.baselines import dense_widths, equal_cost_rows
 from moelab.models.cifar_cnn import Seed1CNN, conv_l2_penalty
-from moelab.models.gating import (
-    GATE_KINDS,
-    HIERARCHICAL,
-    SEED_LR,
-    GateNet,
-    combine,
-    combine_hierarchical,
-    effective_weights,
-    hierarchical_weights,
-    num_heads,
-    oracle_routing_loss,
-    pair_cover,
-)
-from moelab.moe.conv_experts import IMPLS, ConvExperts
+from moelab.models.conv_experts import IMPLS, ConvExperts
+from moelab.models.gating import GATE_KINDS, HIERARCHICAL, SEED_LR, GateNet, SeedCombine, num_heads, seed_moe
+from moelab.moe.hierarchical import combine_hierarchical, hierarchical_weights, pair_cover
+from moelab.moe.losses import oracle_routing_loss
 from moelab.parallel import ddp
 from moelab.precision import cpu_bf16_isa, resolve_bf16
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
@@ -518,7 +508,7 @@ def _subset(images: Images, classes: list[int]) -> Images:
 
 def _expert_fn(modules: nn.ModuleList):
     """x -> (probs (E, N, K), pooled features (N, E*C)). The experts run one after the other: the
-    ``separate`` form of ConvExperts, the fastest measured in bf16 on this CPU (conv_experts.AUTO_TABLE)."""
+    ``separate`` form of ConvExperts, the fastest measured in bf16 on this CPU (ConvExperts.AUTO_TABLE)."""
 
     def fn(x):
         probs, feats = [], []
@@ -598,14 +588,27 @@ def cost_probe(data: Data) -> torch.Tensor:
     return data.test.batch(torch.arange(min(COST_PROBE, len(data.test)))).contiguous()
 
 
+class ExpertProbs(nn.Module):
+    """The frozen experts as one stack for :class:`moelab.MoE`: images -> every expert's class probabilities
+    ``(E, N, K)`` (:func:`_expert_fn`)."""
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        self.experts, self.num_experts = experts, len(experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _expert_fn(self.experts)(x)[0]
+
+
 class MixtureForward(nn.Module):
     """The mixture as it runs at inference on a batch of images -> logits, for counting its cost.
 
     Every expert runs (as in :func:`expert_outputs`): the gate kinds all weigh the ten outputs, and
     ``sparse`` zeroes all but ``top_k`` gate values only *after* every expert has run, so it is charged
-    for all of them. Then the gate (``expert-aware``: on the experts' log-probabilities and pooled
-    features too) and the combine rule; ``hierarchical``: the generalist instead of a gate;
-    ``gate=None``: the uniform average. Parameters are the modules'; shared ones are counted once."""
+    for all of them. The seed's gate kinds are a :class:`moelab.MoE` (:func:`moelab.models.gating.seed_moe`);
+    ``expert-aware``: the gate also reads the experts' log-probabilities and pooled features (combined by
+    :class:`~moelab.models.gating.SeedCombine`, the same routers); ``hierarchical``: the generalist instead
+    of a gate; ``gate=None``: the uniform average. Parameters are the modules'; shared ones are counted once."""
 
     def __init__(self, experts: nn.ModuleList, kind: str, gate: GateNet | None = None,
                  generalist: Seed1CNN | None = None, cover: torch.Tensor | None = None, top_k: int = 2,
@@ -613,18 +616,20 @@ class MixtureForward(nn.Module):
         super().__init__()
         self.experts, self.kind, self.gate, self.generalist = experts, kind, gate, generalist
         self.cover, self.top_k, self.blend = cover, top_k, blend
+        self.moe = seed_moe(ExpertProbs(experts), gate, kind, top_k) if gate is not None and gate.extra is None \
+            else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(x)[0]
         probs, feats = _expert_fn(self.experts)(x)
         if self.kind == HIERARCHICAL:
             r = torch.softmax(self.generalist(x).float(), dim=1)
             return combine_hierarchical(r, probs, self.cover, self.blend)
         if self.gate is None:
             return probs.mean(0)
-        extra = None
-        if self.gate.extra is not None:
-            extra = torch.cat([probs.clamp_min(1e-6).log().permute(1, 0, 2).flatten(1), feats], dim=1)
-        return combine(self.kind, self.gate(x, extra), probs, self.top_k)
+        extra = torch.cat([probs.clamp_min(1e-6).log().permute(1, 0, 2).flatten(1), feats], dim=1)
+        return SeedCombine(self.kind, probs.shape[0], self.top_k)(self.gate(x, extra), probs)[0]
 
 
 def mixture_cost(probe: torch.Tensor, experts: ConvExperts, kind: str = "uniform", gate: GateNet | None = None,
@@ -693,7 +698,7 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
     opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc["weight_decay"])
     steps = math.ceil(len(data.train) / gc["batch"])
     sched = onecycle_or_plateau(gc["schedule"], opt, lr, gc["epochs"], steps, patience=4)
-    cover = data.cover
+    cover, mixer = data.cover, SeedCombine(kind, E, gc["top_k"])
     shift = cfg["augment"]["max_shift"] if gc["shift"] else 0
     state = {"images": 0, "seconds": 0.0}
 
@@ -701,8 +706,7 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
         extra = _extra(cache, split, idx, flip) if extra_dim else None
         with _autocast(cfg):
             g = gate(x, extra)
-        g = [t.float() for t in g]
-        return g, combine(kind, g, _gate_probs(cache, split, idx, flip), gc["top_k"])
+        return mixer([t.float() for t in g], _gate_probs(cache, split, idx, flip))  # (logits, weights)
 
     def train_epoch(epoch: int) -> dict:
         gate.train()
@@ -711,10 +715,10 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
         def loss_fn(idx, flip):
             x = data.train.batch(idx, flip, shift, gen) if use_trunk else None
             y = data.train.y[idx]
-            g, logits = forward(x, "train", idx, flip)
+            logits, weights = forward(x, "train", idx, flip)
             loss = F.cross_entropy(logits, y, label_smoothing=gc["label_smoothing"]) + conv_l2_penalty(gate, gc["l2"])
             if gc["aux_weight"] > 0:
-                loss = loss + gc["aux_weight"] * oracle_routing_loss(effective_weights(kind, g, gc["top_k"]), y, cover)
+                loss = loss + gc["aux_weight"] * oracle_routing_loss(weights, y, cover)
             return loss
 
         return _train_epoch(len(data.train), gc["batch"], gen, cfg["augment"]["hflip"], loss_fn, opt,
@@ -740,6 +744,7 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
     or ``experts_fn(x) -> probs`` when the experts were fine-tuned)."""
     gate.eval()
     bs = cfg["compute"]["eval_batch"]
+    mixer = SeedCombine(kind, gate.num_experts, cfg["gate"]["top_k"])
     logits, weights = [], []
     for i in range(0, len(images), bs):
         idx = torch.arange(i, min(i + bs, len(images)))
@@ -748,8 +753,9 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
         with _autocast(cfg):
             g = [t.float() for t in gate(x, extra)]
             probs = experts_fn(x) if experts_fn is not None else cache[f"{split}.probs"][:, idx].float()
-        logits.append(combine(kind, g, probs.float(), cfg["gate"]["top_k"]))
-        weights.append(effective_weights(kind, g, cfg["gate"]["top_k"]))
+        lg, w = mixer(g, probs.float())
+        logits.append(lg)
+        weights.append(w)
     return torch.cat(logits), torch.cat(weights)
 
 
@@ -783,6 +789,7 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
     steps = math.ceil(len(data.train) / gc["batch"])
     sched = onecycle_or_plateau("onecycle", opt, gc["finetune_lr"], gc["finetune_epochs"], steps)
     both = nn.ModuleDict({"gate": gate, "experts": experts})
+    mixer = SeedCombine(kind, len(data.pairs), gc["top_k"])
     state = {"images": 0, "seconds": 0.0}
 
     def train_epoch(epoch: int) -> dict:
@@ -794,7 +801,7 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
             with _autocast(cfg):
                 g = [t.float() for t in gate(x)]
                 probs = torch.softmax(experts(x).float(), dim=-1)
-            return F.cross_entropy(combine(kind, g, probs, gc["top_k"]), y) + conv_l2_penalty(both, gc["l2"])
+            return F.cross_entropy(mixer(g, probs)[0], y) + conv_l2_penalty(both, gc["l2"])
 
         return _train_epoch(len(data.train), gc["batch"], gen, True, loss_fn, opt, sched, state,
                             run.progress(f"[finetune] epoch {epoch + 1}", len(data.train)))

@@ -55,18 +55,22 @@ from torch import Tensor
 
 from moelab.config import Choice, Float, Int, Switch, refuse
 from moelab.cost import cost_row, count_params, flops_per_example
+from moelab.data.augment import Augment
 from moelab.errors import ConfigError, MoelabError
 from moelab.experiments import family
-from moelab.experiments.baselines import dense_widths, equal_cost_rows
+from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
 from moelab.models.mlp_mixture import (
-    MLPMixture,
     SeedMixture,
     SeedMLP,
     add_bias_column,
+    mixture_log_gates,
+    mixture_predict,
     mlp,
+    mlp_mixture,
     seed_mixture_gradients,
     seed_mlp_gradients,
 )
+from moelab.moe import MoE
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.train.evaluation import accuracy, routing_stats, save_eval
@@ -224,51 +228,6 @@ def load_data(cfg: dict, run_seed: int, data_dir: str | None) -> dict:
     }
 
 
-class Augment:
-    """Random translations of the *original* images (fill 0), then the experiment's own preprocessing
-    (the seed's cubic zoom, rounded like scipy does for uint8, and its scaling), on whole batches.
-
-    With ``data.resize = "seed_half"`` a shift of 1 pixel of the 28x28 image is half a pixel of the 14x14
-    one: gentler than shifting the small images, and every augmented image is what the seed's pipeline
-    makes of a shifted digit. Shift and zoom are both linear, so image i becomes ``A[dy_i] X_i B[dx_i]`` with
-    the (2 * shift + 1) matrices ``A[d] = M_h S_d`` and ``B[d] = (M_w S_d)^T`` precomputed (``S_d`` shifts by d
-    with zero fill, ``M`` is the zoom): two small batched GEMMs, no gather over pixels.
-    """
-
-    def __init__(self, data: dict, shift: int):
-        self.shift = shift
-        self.resize = data["resize"]
-        self.offset, self.scale = data["pixel_affine"]
-        h0, w0 = data["train_raw"].shape[1:]
-        if self.resize == "seed_half":
-            from moelab.data.transforms import zoom_matrix
-
-            mh, mw = (torch.from_numpy(zoom_matrix(int(n), 0.5)) for n in (h0, w0))
-        else:
-            mh, mw = torch.eye(h0, dtype=torch.float64), torch.eye(w0, dtype=torch.float64)
-        ds = range(-shift, shift + 1)
-        self.a = torch.stack([mh @ self._shift_matrix(h0, d) for d in ds]).float()  # (2s+1, h, h0)
-        self.b = torch.stack([(mw @ self._shift_matrix(w0, d)).T for d in ds]).float()  # (2s+1, w0, w)
-
-    @staticmethod
-    def _shift_matrix(n: int, d: int) -> Tensor:
-        """(S v)[r] = v[r - d], 0 where r - d is outside."""
-        m = torch.zeros(n, n, dtype=torch.float64)
-        r = torch.arange(max(0, d), min(n, n + d))
-        m[r, r - d] = 1.0
-        return m
-
-    def __call__(self, raw: Tensor, g: torch.Generator) -> Tensor:
-        """uint8 (n, h0, w0) -> float32 (n, h * w) preprocessed like the data set's images."""
-        n = raw.shape[0]
-        dy = torch.randint(0, 2 * self.shift + 1, (n,), generator=g)
-        dx = torch.randint(0, 2 * self.shift + 1, (n,), generator=g)
-        x = torch.bmm(torch.bmm(self.a.index_select(0, dy), raw.float()), self.b.index_select(0, dx))  # (n, h, w)
-        if self.resize == "seed_half":  # scipy.ndimage.zoom returns uint8 for uint8 images: round half up, clip
-            x.add_(0.5).floor_().clamp_(0, 255)
-        return x.flatten(1).add_(self.offset).div_(self.scale)
-
-
 def _lead(counts: Tensor) -> list[float]:
     return [round(float(c), 4) for c in (counts.float() / max(int(counts.sum()), 1))]
 
@@ -288,12 +247,13 @@ def format_lead(share: list[float]) -> str:
 
 
 # ======================================================================== equal-cost baselines
-def dense_baselines(run: Run, moe_row: dict, make_dense, probe: Tensor, train_dense) -> dict[str, dict]:
-    """``dense-equal-params`` / ``dense-equal-flops``: ``make_dense(hidden)`` widened to the mixture's
-    counted parameters / inference FLOPs (on ``probe``), trained by ``train_dense(phase, hidden)``."""
+def dense_baselines(run: Run, moe_row: dict, make_dense, probe: Tensor, train_dense,
+                    names: tuple[str, ...] = EQUAL_COST) -> dict[str, dict]:
+    """``dense-equal-params`` / ``dense-equal-flops`` (those in ``names``): ``make_dense(hidden)`` widened to the
+    mixture's counted parameters / inference FLOPs (on ``probe``), trained by ``train_dense(phase, hidden)``."""
     widths = dense_widths(moe_row, lambda h: count_params(make_dense(h)),
                           lambda h: flops_per_example(make_dense(h), probe))
-    return equal_cost_rows(run, widths, train_dense)
+    return equal_cost_rows(run, widths, train_dense, names=names)
 
 
 def _label_single(models: dict) -> None:
@@ -505,8 +465,8 @@ def _predict(model, x: Tensor, bf16: bool, chunk: int = 8192) -> tuple[Tensor, T
     probs, gates = [], []
     for i in range(0, x.shape[0], chunk):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if isinstance(model, MLPMixture):
-                p, g = model.predict(x[i:i + chunk])
+            if isinstance(model, MoE):
+                p, g = mixture_predict(model, x[i:i + chunk])
                 gates.append(g.float())
             else:
                 p = torch.softmax(model(x[i:i + chunk]).float(), -1)
@@ -549,8 +509,8 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
 
     # ---- the mixture
     seed_module_init(run, "moe")
-    moe = MLPMixture(m["num_experts"], in_dim, m["hidden"], n_cls, m["gate_hidden"], m["activation"],
-                     m["gate_temperature"])
+    moe = mlp_mixture(m["num_experts"], in_dim, m["hidden"], n_cls, m["gate_hidden"], m["activation"],
+                      m["gate_temperature"])
     opt = make_optimizer(t, moe.parameters(), t["lr"])
     sched = make_schedule(t, opt, t["epochs"] * steps)
 
@@ -564,8 +524,9 @@ def run_modern(cfg: dict, run: Run, data: dict) -> dict:
         tot = torch.zeros(3, dtype=torch.float64)
         for xb, yb, w in minibatches(run, "moe", epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits, gate_logits = moe_ddp(xb)
-            lg = moe.log_gates(gate_logits)
+                _, out = moe_ddp(xb)  # MoEAux: the experts' logits (E, N, C) and the gate's (N, E)
+            logits, gate_logits = out.expert_outputs, out.logits
+            lg = mixture_log_gates(moe, gate_logits)
             loss = mixture_loss(t["loss"], logits, lg, yb, t["label_smoothing"])
             aux = torch.zeros(())
             if t["balance"] != "none" and t["balance_weight"] != 0:
@@ -742,13 +703,13 @@ def gradcheck_main(experiment: str, overrides: list[str] | None = None, *, data_
         what = "Jacobs competitive loss 0.5 * sum_i g_i ||y - o_i||^2 (the seed's mean_squared_error_ME)"
     else:
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        model = MLPMixture(m["num_experts"], x.shape[1], m["hidden"], n_cls, m["gate_hidden"], m["activation"],
-                           m["gate_temperature"]).double()
+        model = mlp_mixture(m["num_experts"], x.shape[1], m["hidden"], n_cls, m["gate_hidden"], m["activation"],
+                            m["gate_temperature"]).double()
         kind, eps = cfg["train"]["loss"], cfg["train"]["label_smoothing"]
 
         def loss_fn(params: dict[str, Tensor]) -> Tensor:
-            logits, gate_logits = functional_call(model, params, (x,))
-            return mixture_loss(kind, logits, model.log_gates(gate_logits), y, eps)
+            out = functional_call(model, params, (x,))[1]
+            return mixture_loss(kind, out.expert_outputs, mixture_log_gates(model, out.logits), y, eps)
         what = f"modern loss {kind!r}"
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}

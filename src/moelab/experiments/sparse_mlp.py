@@ -19,8 +19,8 @@ augmentation, label smoothing; ``baselines.equal_cost = false`` skips them):
     total (all E experts).
 
 Data: the seed's 14x14 MNIST (``data.resize = "seed_half"``), standardised, random +-1 px shifts of the
-28x28 image before the zoom (the jacobs experiments' :class:`~moelab.experiments.jacobs.Augment`), and
-``data.val_size`` training images held out (stratified) as a validation split: every design choice was
+28x28 image before the zoom (:class:`moelab.data.augment.Augment`; optional random rotation and zoom,
+``train.rotate`` / ``train.scale``), and ``data.val_size`` training images held out (stratified) as a validation split: every design choice was
 made on it; the summary reports validation and test error of the last epoch.
 """
 
@@ -35,12 +35,12 @@ from torch import Tensor
 
 from moelab.config import Choice, Float, Int, refuse
 from moelab.cost import count_params, flops_per_example
+from moelab.data.augment import Augment
 from moelab.errors import MoelabError
 from moelab.experiments import family
 from moelab.experiments.jacobs import (
     ACTIVATIONS,
     GRAYSCALE,
-    Augment,
     dense_baselines,
     epoch_means,
     format_lead,
@@ -94,10 +94,12 @@ DEFAULTS: dict = {
         "label_smoothing": 0.1,
         "aux_scale": 1.0,  # multiplies the router's default auxiliary-loss weights
         "shift": 1,  # random translation of the 28x28 images by up to this many pixels before the zoom
+        "rotate": 0.0,  # random rotation of the 28x28 images by up to this many degrees (0: off)
+        "scale": 0.0,  # random zoom of the 28x28 images by a factor in [1 - scale, 1 + scale] (0: off)
         "bf16": False,  # the sparse path is slower in bf16 on CPU (gather / scatter), see docs
         "log_every": 5,
     },
-    "baselines": {"equal_cost": True},
+    "baselines": {"equal_cost": True, "equal_params": True},  # equal_params = false: only dense-equal-flops
 }
 
 
@@ -113,6 +115,7 @@ RULES: dict = {
     "train.lr": Float(gt=0), "train.weight_decay": Float(ge=0), "train.momentum": Float(ge=0, lt=1),
     "train.schedule": Choice("onecycle", "cosine", "constant"), "train.warmup_frac": Float(ge=0, lt=1),
     "train.label_smoothing": Float(ge=0, lt=1), "train.aux_scale": Float(ge=0), "train.shift": Int(ge=0, le=8),
+    "train.rotate": Float(ge=0, le=45), "train.scale": Float(ge=0, lt=0.5),
     "train.log_every": Int(ge=1),
 }
 RESUMABLE = ("threads", "train.log_every")
@@ -185,7 +188,8 @@ def _run(cfg: dict, run: Run) -> dict:
     norm = (float(x_tr.mean()), float(x_tr.std())) if d["standardize"] else (0.0, 1.0)
     x_val = (x_val - norm[0]) / norm[1]
     x_te, y_te = (data["test_x"].float() - norm[0]) / norm[1], data["test_y"]
-    augment = Augment(data, t["shift"]) if t["shift"] > 0 else None
+    augment = Augment(data, t["shift"], t["rotate"], t["scale"])
+    augment = augment if augment.active else None
     bf16 = resolve_bf16(t["bf16"], key="train.bf16")
     in_dim, bs = h * w, t["batch_size"]
     steps = math.ceil(len(y_tr) / bs)
@@ -243,7 +247,8 @@ def _run(cfg: dict, run: Run) -> dict:
         def dense(hid: int) -> SparseMoEMLP:
             return build_model(m, in_dim, n_cls, hid, dense=True)
 
-        models.update(dense_baselines(run, rep, dense, x_val[:4], train_dense))
+        names = ("dense-equal-params",) * cfg["baselines"]["equal_params"] + ("dense-equal-flops",)
+        models.update(dense_baselines(run, rep, dense, x_val[:4], train_dense, names))
     run.log(f"moe lead share (test split): {format_lead(rep['lead_share'])}")
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],

@@ -1,24 +1,27 @@
-"""Gate networks and combine rules of seed experiment 1 (frozen CNN experts on CIFAR-10 class pairs).
+"""Gate networks of seed experiment 1 (frozen CNN experts on CIFAR-10 class pairs), and its gate kinds as
+moelab routers.
 
 Notation: ``probs`` are the experts' softmax outputs, shape ``(E, N, K)``; a gate output ``g`` is
 ``(N, E)``, un-normalised (dense + ELU in the seed). Every combine rule returns the mixture's
 *logits* ``(N, K)``: the seed applies a softmax on top, so training uses ``cross_entropy(logits, y)``
 and the mixture's class probabilities are ``softmax(logits)``.
 
-Rules (``GATE_KINDS``):
+The rules are moelab routers with ``gate_values="raw"`` (the gate's outputs weigh the experts as they are),
+mixed by :func:`moelab.moe.layer.mix` (``GATE_ROUTERS``, :class:`SeedCombine`):
 
-* ``standard``: ``sum_e g[:, e] * probs[e]`` (the seed's ``gating_multiplier``).
+* ``standard``: ``sum_e g[:, e] * probs[e]`` (the seed's ``gating_multiplier``): router ``seed_standard``.
 * ``sparse``: the two largest gate values kept, the others set to -inf, then ReLU (so masked experts
-  and kept-but-negative values weigh 0), then the standard sum (the seed's ``sparseGating``).
-* ``two-gates``: two gate heads; their weights are summed, then the standard sum (``merge_two_gates``).
-* ``two-gates-max``: two standard mixtures, one per gate head, element-wise max (``reduce_max``).
+  and kept-but-negative values weigh 0), then the standard sum (the seed's ``sparseGating``): ``seed_sparse``.
+* ``two-gates``: two gate heads; their weights are summed, then the standard sum (``merge_two_gates``):
+  ``seed_two_gates``.
+* ``two-gates-max``: two standard mixtures, one per gate head, element-wise max (``reduce_max``):
+  ``seed_two_gates_max``.
 * ``expert-aware`` (not in the seed): the standard sum, but the gate head also sees the frozen
   experts' outputs (log-probabilities) and pooled trunk features, so choosing experts no longer
   rests on the gate's own trunk alone.
-* ``hierarchical`` (not in the seed; :func:`combine_hierarchical`): a two-level hierarchical mixture
-  (Jordan & Jacobs 1994) whose top-level gate is a 10-way CNN classifier (the generalist): it weighs
-  each expert by its probability mass on the expert's pair, and each expert only decides *within*
-  its pair. No gate is trained.
+* ``hierarchical`` (not in the seed; :func:`moelab.moe.hierarchical.combine_hierarchical`): a two-level
+  hierarchical mixture (Jordan & Jacobs 1994) whose top-level gate is a 10-way CNN classifier (the
+  generalist). No gate is trained.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ from torch import nn
 
 from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import IMAGE_SIZE, seed1_trunk
+from moelab.moe.layer import MoE, mix
+from moelab.moe.routers import Router, make_router
 
 GATE_KINDS = ("standard", "sparse", "two-gates", "two-gates-max", "expert-aware")
-HIERARCHICAL = "hierarchical"  # no trained gate network: see combine_hierarchical
+HIERARCHICAL = "hierarchical"  # no trained gate network: see moelab.moe.hierarchical
 # The seed's Adam learning rates per gating variant (expert-aware: like standard).
 SEED_LR = {"standard": 1e-3, "sparse": 1e-4, "two-gates": 5e-4, "two-gates-max": 5e-4, "expert-aware": 1e-3}
+#: gate kind -> the moelab router (an alias in moelab.moe.routers.ALIASES) that combines like the seed
+GATE_ROUTERS = {"standard": "seed_standard", "expert-aware": "seed_standard", "sparse": "seed_sparse",
+                "two-gates": "seed_two_gates", "two-gates-max": "seed_two_gates_max"}
 
 
 def check_kind(kind: str) -> str:
@@ -47,88 +55,58 @@ def num_heads(kind: str) -> int:
     return 2 if check_kind(kind) in ("two-gates", "two-gates-max") else 1
 
 
-def combine_standard(gates: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """``(N, E)`` weights x ``(E, N, K)`` expert probabilities -> ``(N, K)``: ``sum_e g_e * p_e``."""
-    if probs.dim() != 3 or gates.shape != probs.shape[:2][::-1]:
-        raise MoelabError(f"combine: gates must be (N, E) and probs (E, N, K); got {tuple(gates.shape)}, "
-                          f"{tuple(probs.shape)}")
-    return torch.einsum("ne,enk->nk", gates, probs)
+def gate_router(kind: str, num_experts: int, top_k: int = 2, gate: nn.Module | None = None) -> Router:
+    """The router of gate kind ``kind``; without ``gate`` it routes gate outputs it is given, ``(N, heads * E)``."""
+    opts = {"k": min(top_k, num_experts)} if check_kind(kind) == "sparse" else {}
+    return make_router(GATE_ROUTERS[kind], None, num_experts, gate=gate or nn.Identity(), **opts)
 
 
-def sparse_gates(gates: torch.Tensor, k: int = 2) -> torch.Tensor:
-    """Keep the ``k`` largest gate values per row, mask the rest with -inf, then ReLU (masked -> 0)."""
-    k = min(k, gates.shape[1])
-    top = gates.topk(k, dim=1)
-    masked = torch.full_like(gates, float("-inf")).scatter(1, top.indices, top.values)
-    return torch.relu(masked)
+class SeedCombine:
+    """``(gate head outputs [(N, E)] * heads, expert probs (E, N, K)) -> (logits (N, K), weights (N, E))``:
+    the kind's router on the concatenated gate outputs, then :func:`moelab.moe.layer.mix`. ``weights`` is
+    the routing's dense view (two heads: their sum, or their mean for ``two-gates-max``), for statistics."""
+
+    def __init__(self, kind: str, num_experts: int, top_k: int = 2):
+        self.kind, self.heads = kind, num_heads(kind)
+        self.router = gate_router(kind, num_experts, top_k)
+
+    def __call__(self, gates: Sequence[torch.Tensor], probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(gates) != self.heads:
+            raise MoelabError(f"gate kind {self.kind!r} takes {self.heads} gate output(s), got {len(gates)}")
+        if probs.dim() != 3 or any(g.shape != probs.shape[:2][::-1] for g in gates):
+            raise MoelabError(f"combine: gates must be (N, E) and probs (E, N, K); got "
+                              f"{[tuple(g.shape) for g in gates]}, {tuple(probs.shape)}")
+        r = self.router(torch.cat(list(gates), dim=1) if self.heads > 1 else gates[0])
+        return mix(r, probs), r.dense_gates()
+
+
+class ConcatHeads(nn.Module):
+    """A :class:`GateNet` as a router's gate: x -> its head outputs side by side, ``(N, heads * E)``."""
+
+    def __init__(self, gate: GateNet):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = self.gate(x)
+        return torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
+
+
+def seed_moe(experts: nn.Module, gate: GateNet, kind: str, top_k: int = 2) -> MoE:
+    """The seed-1 mixture as a :class:`moelab.MoE`: ``experts`` maps images (N, 3, H, W) to every expert's class
+    probabilities (E, N, K) (and has ``num_experts``), ``gate`` is the seed's gate CNN, the router is the kind's
+    (``GATE_ROUTERS``). ``moe(x) -> (logits (N, K), MoEAux)``. Not for ``expert-aware`` (its gate reads the
+    experts' outputs, which a router's gate does not see)."""
+    if check_kind(kind) == "expert-aware":
+        raise MoelabError("seed_moe: the expert-aware gate reads the experts' outputs; combine it with SeedCombine")
+    e = int(experts.num_experts)
+    return MoE(None, e, experts=experts, gate=ConcatHeads(gate), router=GATE_ROUTERS[kind],
+               k=min(top_k, e) if kind == "sparse" else None)
 
 
 def combine(kind: str, gates: Sequence[torch.Tensor], probs: torch.Tensor, top_k: int = 2) -> torch.Tensor:
-    """The mixture's logits ``(N, K)`` for gate variant ``kind`` from its gate head outputs."""
-    kind = check_kind(kind)
-    if len(gates) != num_heads(kind):
-        raise MoelabError(f"gate kind {kind!r} takes {num_heads(kind)} gate output(s), got {len(gates)}")
-    if kind in ("standard", "expert-aware"):
-        return combine_standard(gates[0], probs)
-    if kind == "sparse":
-        return combine_standard(sparse_gates(gates[0], top_k), probs)
-    if kind == "two-gates":
-        return combine_standard(gates[0] + gates[1], probs)
-    return torch.maximum(combine_standard(gates[0], probs), combine_standard(gates[1], probs))
-
-
-def effective_weights(kind: str, gates: Sequence[torch.Tensor], top_k: int = 2) -> torch.Tensor:
-    """One ``(N, E)`` weight per expert, for routing statistics (two heads: their sum)."""
-    kind = check_kind(kind)
-    if kind == "sparse":
-        return sparse_gates(gates[0], top_k)
-    return gates[0] if len(gates) == 1 else gates[0] + gates[1]
-
-
-def pair_cover(pairs: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
-    """``(K, E)`` 0/1 matrix: class k is in expert e's pair."""
-    cover = torch.zeros(num_classes, len(pairs))
-    for e, pair in enumerate(pairs):
-        cover[list(pair), e] = 1.0
-    return cover
-
-
-def hierarchical_weights(class_probs: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
-    """``(N, K)`` top-level class probabilities -> ``(N, E)`` expert weights: each expert's share of
-    the probability mass on its pair (rows sum to 1)."""
-    mass = class_probs.float() @ cover  # (N, E)
-    return mass / mass.sum(1, keepdim=True).clamp_min(1e-12)
-
-
-def combine_hierarchical(class_probs: torch.Tensor, probs: torch.Tensor, cover: torch.Tensor,
-                         blend: float = 1.0) -> torch.Tensor:
-    """Logits ``(N, K)`` of the two-level mixture ``p(y) = 1/c_y sum_{e covers y} r(pair_e) q_e(y)``.
-
-    ``class_probs`` r ``(N, K)``: the top-level classifier's softmax; ``probs`` ``(E, N, K)``: the
-    experts' softmax; ``cover`` ``(K, E)``: :func:`pair_cover`. ``q_e`` is expert e's output
-    renormalised over its own pair (what it was trained to tell apart), ``r(pair_e)`` the top level's
-    mass on that pair, ``c_y`` the number of experts covering class y (classes in no pair keep r(y)).
-    With every class in the same number of pairs, p sums to 1. ``blend`` interpolates the log
-    probabilities: 0 gives ``log r`` (the top level alone), 1 the mixture."""
-    if probs.dim() != 3 or class_probs.shape != probs.shape[1:] or cover.shape != (probs.shape[2], probs.shape[0]):
-        raise MoelabError(f"combine_hierarchical: class_probs must be (N, K), probs (E, N, K) and cover (K, E); "
-                          f"got {tuple(class_probs.shape)}, {tuple(probs.shape)}, {tuple(cover.shape)}")
-    r = class_probs.float()
-    mass = r @ cover  # (N, E)
-    within = probs.float() * cover.t().unsqueeze(1)  # (E, N, K), zero outside each expert's pair
-    within = within / within.sum(-1, keepdim=True).clamp_min(1e-12)
-    per_class = cover.sum(1)  # (K,)
-    p = torch.einsum("ne,enk->nk", mass, within) / per_class.clamp_min(1.0)
-    p = torch.where(per_class > 0, p, r)
-    return torch.lerp(r.clamp_min(1e-12).log(), p.clamp_min(1e-12).log(), float(blend))
-
-
-def oracle_routing_loss(gates: torch.Tensor, labels: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
-    """Auxiliary routing target: ``-log`` of the softmax-over-experts mass on the experts whose pair
-    holds the true class. ``cover`` is a ``(K, E)`` 0/1 matrix (class k is in expert e's pair)."""
-    logp = torch.log_softmax(gates.float(), dim=1)
-    mask = cover[labels].bool()  # (N, E)
-    return -torch.logsumexp(logp.masked_fill(~mask, float("-inf")), dim=1).mean()
+    """The mixture's logits ``(N, K)`` for gate kind ``kind`` (one-off :class:`SeedCombine`)."""
+    return SeedCombine(kind, probs.shape[0], top_k)(gates, probs)[0]
 
 
 class GateNet(nn.Module):

@@ -30,7 +30,7 @@ gradient. The single network (:class:`SeedMLP`, the seed's benchmark NN) uses th
 hand, in blocks of examples with preallocated buffers (no autograd graph over 60000 x 275 activations):
 the seed's 3000 full-batch epochs take minutes instead of an hour.
 
-Modern (:class:`MLPMixture`, :func:`mlp`)
+Modern (:func:`mlp_mixture`, :func:`mlp`)
 -----------------------------------------
 The same parameter budget (E experts ``in-hidden-classes`` and an ``in-hidden-E`` gate, biases as usual)
 built from :class:`moelab.moe.MLPExperts`, producing logits for cross-entropy-type losses.
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
+from moelab.moe import MLPExperts, MoE
 
 SEED_HIDDEN = 25
 SEED_CLASSES = 10
@@ -323,44 +324,39 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, activation: str = "gelu") ->
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), acts[activation](), nn.Linear(hidden_dim, out_dim))
 
 
-class MLPMixture(nn.Module):
-    """E MLP experts ``in-hidden-classes`` (batched :class:`moelab.moe.MLPExperts`) and an MLP gate
-    ``in-gate_hidden-E`` with a dense softmax (:class:`moelab.moe.routers.DenseRouter`).
+def mlp_mixture(num_experts: int = 10, in_dim: int = 196, hidden_dim: int = SEED_HIDDEN,
+                num_classes: int = SEED_CLASSES, gate_hidden_dim: int = SEED_HIDDEN, activation: str = "gelu",
+                gate_temperature: float = 1.0) -> MoE:
+    """The modern seed-2 mixture as a :class:`moelab.MoE`: E MLP experts ``in-hidden-classes``
+    (:class:`moelab.moe.MLPExperts`) and an MLP gate ``in-gate_hidden-E`` with a dense softmax
+    (router ``dense``, ``temperature``).
 
-    ``forward(x (N, in)) -> (expert_logits (E, N, classes), gate_logits (N, E))``; ``topk`` > 0 keeps only
-    the k largest gate logits per example (the others get gate 0) when combining.
-    """
+    ``y, aux = moe(x)``: ``aux.expert_outputs`` (E, N, classes) are the experts' logits, ``aux.logits``
+    (N, E) the gate's, ``aux.gates`` softmax(gate logits / temperature), and ``y`` the logit mixture
+    ``sum_i g_i z_i``. The class probabilities of the mixture, ``sum_i g_i softmax(z_i)``:
+    :func:`mixture_predict`."""
+    _check_dims(num_experts=num_experts, in_dim=in_dim, hidden_dim=hidden_dim, num_classes=num_classes,
+                gate_hidden_dim=gate_hidden_dim)
+    return MoE(in_dim, num_experts, router="dense",
+               experts=MLPExperts(num_experts, in_dim, hidden_dim, num_classes, activation=activation),
+               gate=mlp(in_dim, gate_hidden_dim, num_experts, activation),
+               router_kwargs={"temperature": gate_temperature})
 
-    def __init__(self, num_experts: int = 10, in_dim: int = 196, hidden_dim: int = SEED_HIDDEN,
-                 num_classes: int = SEED_CLASSES, gate_hidden_dim: int = SEED_HIDDEN, activation: str = "gelu",
-                 gate_temperature: float = 1.0):
-        super().__init__()
-        from moelab.moe import MLPExperts
-        from moelab.moe.routers import DenseRouter
 
-        _check_dims(num_experts=num_experts, in_dim=in_dim, hidden_dim=hidden_dim, num_classes=num_classes,
-                    gate_hidden_dim=gate_hidden_dim)
-        self.num_experts, self.num_classes = num_experts, num_classes
-        self.experts = MLPExperts(num_experts, in_dim, hidden_dim, num_classes, activation=activation)
-        self.router = DenseRouter(None, num_experts, gate=mlp(in_dim, gate_hidden_dim, num_experts, activation),
-                                  temperature=gate_temperature)
+def mixture_log_gates(moe: MoE, gate_logits: Tensor) -> Tensor:
+    """(N, E) gate logits -> log softmax(logits / temperature), in float32 at least."""
+    if gate_logits.dtype in (torch.bfloat16, torch.float16):
+        gate_logits = gate_logits.float()
+    return torch.log_softmax(gate_logits / moe.router.temperature, dim=-1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.experts.forward_dense(x), self.router.gate(x)
 
-    def log_gates(self, gate_logits: Tensor) -> Tensor:
-        """(N, E) gate logits -> log softmax(logits / temperature), in float32 at least."""
-        if gate_logits.dtype in (torch.bfloat16, torch.float16):
-            gate_logits = gate_logits.float()
-        return torch.log_softmax(gate_logits / self.router.temperature, dim=-1)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (class probabilities sum_i g_i softmax(z_i) (N, classes), gates (N, E))."""
-        logits, gate_logits = self(x)
-        gates = self.log_gates(gate_logits).exp()
-        probs = torch.softmax(logits.to(gates.dtype), dim=-1)
-        return torch.einsum("ne,enc->nc", gates, probs), gates
+@torch.no_grad()
+def mixture_predict(moe: MoE, x: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (class probabilities sum_i g_i softmax(z_i) (N, classes), gates (N, E))."""
+    _, aux = moe(x)
+    gates = mixture_log_gates(moe, aux.logits).exp()
+    probs = torch.softmax(aux.expert_outputs.to(gates.dtype), dim=-1)
+    return torch.einsum("ne,enc->nc", gates, probs), gates
 
 
 # ------------------------------------------------------------------ sparse (mnist-sparse)
@@ -386,8 +382,6 @@ class SparseMoEMLP(nn.Module):
                  capacity_factor: float | None = None, aux_loss_weights: dict | None = None,
                  moe_layers: str = "all", activation: str = "gelu", arch: str = "residual"):
         super().__init__()
-        from moelab.moe import MoE
-
         _check_dims(in_dim=in_dim, dim=dim, hidden_dim=hidden_dim, num_classes=num_classes, depth=depth)
         if moe_layers not in ("all", "last"):
             raise MoelabError(f"moe_layers must be 'all' or 'last', got {moe_layers!r}")

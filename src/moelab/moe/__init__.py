@@ -3,10 +3,9 @@
 from moelab.moe import dispatch, losses, routers
 from moelab.moe.condconv import CondConv2d
 from moelab.moe.conv_blocks import ConvBlockExperts
-from moelab.moe.conv_experts import ConvExperts
 from moelab.moe.experts import Experts, MLPExperts, ModuleExperts
 from moelab.moe.layer import MoE, MoEAux
 from moelab.moe.routers import ROUTERS, make_router
 
-__all__ = ["MoE", "MoEAux", "Experts", "MLPExperts", "ModuleExperts", "ConvExperts", "ConvBlockExperts",
+__all__ = ["MoE", "MoEAux", "Experts", "MLPExperts", "ModuleExperts", "ConvBlockExperts",
            "CondConv2d", "ROUTERS", "make_router", "routers", "losses", "dispatch"]

@@ -312,6 +312,20 @@ class CallableExperts(Experts):
     def forward_dense(self, x: Tensor) -> Tensor:
         return self.stack(x)
 
+    def forward_sparse(self, x: Tensor, indices: Tensor, weights: Tensor | None = None,
+                       mask: Tensor | None = None) -> Tensor:
+        """The stack runs every expert on every row it is given: run it once on the N rows (not on the N*k
+        routed copies) and keep each row's chosen experts: (N, *out), or (N, k, *out) without weights."""
+        ys = self.stack(x)  # (E, N, *out)
+        n, k = indices.shape
+        picked = ys[indices, torch.arange(n, device=x.device).unsqueeze(1)]  # (N, k, *out)
+        tail = (1,) * (picked.dim() - 2)
+        if mask is not None:
+            picked = picked * mask.view(n, k, *tail).to(picked.dtype)
+        if weights is None:
+            return picked
+        return (weights.to(picked.dtype).view(n, k, *tail) * picked).sum(1)
+
     def forward_groups(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:
         ys = self.stack(xs)  # (E, M, ...)
         return ys[plan.expert, torch.arange(xs.shape[0], device=xs.device)]

@@ -25,7 +25,7 @@ from moelab.errors import MoelabError
 from moelab.moe.experts import CallableExperts, Experts, MLPExperts, ModuleExperts
 from moelab.moe.routers import Router, Routing, make_router
 
-__all__ = ["MoE", "MoEAux", "LOSS_NAMES"]
+__all__ = ["MoE", "MoEAux", "LOSS_NAMES", "mix"]
 
 LOSS_NAMES = ("balance", "z", "importance", "load", "entropy")
 
@@ -47,6 +47,22 @@ class MoEAux:
     def gates(self) -> Tensor:
         """(N, E) combine weights, dense view (built on first access for sparse routers)."""
         return self.routing.dense_gates()
+
+
+def mix(r: Routing, expert_outputs: Tensor) -> Tensor:
+    """Every expert's output ``(E, N, *out)`` mixed by routing ``r`` -> ``(N, *out)``.
+
+    What :class:`MoE` does once the experts have run on every token: for "dense" and "sparse" routings the
+    weighted sum by ``r.dense_gates()`` (unselected experts weigh 0), for "multi" one mixture per gate set,
+    then their sum or element-wise max. Public so that a mixture over *cached* expert outputs (frozen
+    experts, run once) routes and combines exactly like the layer."""
+    if r.kind in ("dense", "sparse"):
+        return torch.einsum("ne,en...->n...", r.dense_gates().to(expert_outputs.dtype), expert_outputs)
+    if r.kind == "multi":
+        per_gate = torch.einsum("gne,en...->gn...", r.multi_gates.to(expert_outputs.dtype), expert_outputs)
+        return per_gate.sum(0) if r.multi_mode == "sum" else per_gate.amax(0)
+    raise MoelabError(f"mix: routing kind {r.kind!r} runs experts on a subset of tokens or slots; only dense, "
+                      f"sparse and multi routings mix outputs computed for every token")
 
 
 class MoE(nn.Module):
@@ -136,15 +152,13 @@ class MoE(nn.Module):
         r = self.router(xr)
         xf = xr.reshape(-1, *xr.shape[2:]) if r.kind == "soft" else xr
         expert_outputs = None
-        if r.kind == "dense" or (r.kind == "sparse" and r.mask is None and r.indices.shape[1] == self.num_experts):
+        every = r.kind in ("dense", "multi") or (r.kind == "sparse" and r.mask is None
+                                                  and r.indices.shape[1] == self.num_experts)
+        if every:
             expert_outputs = self.experts.forward_dense(xf)  # (E, N, *out)
-            y = torch.einsum("ne,en...->n...", r.dense_gates().to(expert_outputs.dtype), expert_outputs)
+            y = mix(r, expert_outputs)
         elif r.kind == "sparse":
             y = self.experts.forward_sparse(xf, r.indices, r.weights, r.mask)
-        elif r.kind == "multi":
-            expert_outputs = self.experts.forward_dense(xf)
-            mix = torch.einsum("gne,en...->gn...", r.multi_gates.to(expert_outputs.dtype), expert_outputs)
-            y = mix.sum(0) if r.multi_mode == "sum" else mix.amax(0)
         elif r.kind == "expert_choice":
             y = self._expert_choice(xf, r)
         elif r.kind == "soft":

@@ -14,6 +14,7 @@ Auxiliary router losses (scalars)
     switch_balance_loss     E * sum_i f_i P_i                      (Fedus et al. 2021)
     router_z_loss           mean_n logsumexp(z_n)^2                (Zoph et al. 2022)
     gate_entropy            mean_n -sum_i g_ni log g_ni            (regulariser; sign set by its weight)
+    oracle_routing_loss     -log sum_{i covers y} softmax(g)_i     (routing target from known expert domains)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from moelab.errors import MoelabError
 
 __all__ = [
+    "oracle_routing_loss",
     "safe_log",
     "mixture_log_prob",
     "mixture_cross_entropy",
@@ -174,3 +176,11 @@ def gate_entropy(gates: Tensor) -> Tensor:
     pos = g > 0
     plogp = torch.where(pos, g * torch.log(torch.where(pos, g, torch.ones_like(g))), torch.zeros_like(g))
     return -plogp.sum(-1).mean()
+
+
+def oracle_routing_loss(gates: torch.Tensor, labels: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """Auxiliary routing target: ``-log`` of the softmax-over-experts mass on the experts whose pair
+    holds the true class. ``cover`` is a ``(K, E)`` 0/1 matrix (class k is in expert e's pair)."""
+    logp = torch.log_softmax(gates.float(), dim=1)
+    mask = cover[labels].bool()  # (N, E)
+    return -torch.logsumexp(logp.masked_fill(~mask, float("-inf")), dim=1).mean()

@@ -42,6 +42,11 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("hash", {"mode": "random"}),
     "two_gates": ("multi_gate", {"num_gates": 2, "mode": "sum"}),
     "two_gates_max": ("multi_gate", {"num_gates": 2, "mode": "max"}),
+    # the CIFAR seed's combine rules: its gates (dense + ELU) weigh the experts un-normalised
+    "seed_standard": ("dense", {"gate_values": "raw"}),
+    "seed_sparse": ("topk", {"k": 2, "gate_values": "raw"}),
+    "seed_two_gates": ("multi_gate", {"num_gates": 2, "mode": "sum", "gate_values": "raw"}),
+    "seed_two_gates_max": ("multi_gate", {"num_gates": 2, "mode": "max", "gate_values": "raw"}),
 }
 
 

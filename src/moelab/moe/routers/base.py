@@ -110,17 +110,30 @@ def finite_checks_on(device: torch.device) -> bool:
 
 
 def check_finite(logits: Tensor, name: str) -> None:
-    """Raise a MoelabError naming the router on NaN/inf logits (skipped while torch.compile traces, and
-    on accelerators unless :func:`finite_checks_on` says so).
+    """Raise a MoelabError naming the router on NaN/inf logits (skipped while torch.compile traces or a
+    torch.func transform runs, and on accelerators unless :func:`finite_checks_on` says so).
 
     A cheap test first (the sum of finite values is finite unless it overflows), then the exact one."""
-    if torch.compiler.is_compiling() or not finite_checks_on(logits.device):
-        return
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or not finite_checks_on(logits.device):
+        return  # no data-dependent branch under torch.compile, vmap or grad transforms
     # host sync (CPU: free; accelerators: only with $MOELAB_CHECK_FINITE=1)
     if not bool(torch.isfinite(logits.sum())) and not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).sum())
         raise MoelabError(f"router {name!r} produced {bad} non-finite logits (NaN/inf): check the input and "
                           f"the gate's weights (learning rate too high?)")
+
+
+GATE_VALUES = ("softmax", "raw")
+
+
+def check_gate_values(name: str, gate_values: str) -> str:
+    """``"softmax"``: combine weights are the softmax of the gate's logits (the usual router).
+    ``"raw"``: the gate's outputs *are* the combine weights, un-normalised (the CIFAR seed's dense + ELU
+    gates); top-k routers keep the k largest and pass them through ReLU (the seed's sparse gating)."""
+    if gate_values not in GATE_VALUES:
+        raise MoelabError(f"router {name!r}: gate_values must be one of {', '.join(GATE_VALUES)}, got {gate_values!r}")
+    return gate_values
 
 
 def check_k(name: str, k: int, num_experts: int) -> int:

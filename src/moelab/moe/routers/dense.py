@@ -3,6 +3,9 @@
 
     x (N, d) -> logits (N, E) = gate(x) / temperature -> gates (N, E) = softmax(logits)
     y = sum_i gates[:, i] * expert_i(x)
+
+``gate_values="raw"``: gates = gate(x) as they are, un-normalised (the CIFAR seed's "standard" gating:
+a dense layer + ELU whose outputs weigh the experts' probabilities).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe import losses as L
-from moelab.moe.routers.base import Router, Routing, zero_long
+from moelab.moe.routers.base import Router, Routing, check_gate_values, zero_long
 
 
 class DenseRouter(Router):
@@ -20,13 +23,14 @@ class DenseRouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, gate_values: str = "softmax"):
         super().__init__(dim, num_experts, gate=gate)
         self.temperature = temperature
+        self.gate_values = check_gate_values(self.name, gate_values)
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)
-        gates = torch.softmax(logits / self.temperature, dim=-1)  # (N, E)
+        gates = torch.softmax(logits / self.temperature, dim=-1) if self.gate_values == "softmax" else logits  # (N, E)
         n = x.shape[0]
         return Routing(
             "dense", gates=gates, logits=logits,

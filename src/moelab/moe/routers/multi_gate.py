@@ -6,6 +6,7 @@
     mode "max": y = max_g mixture_g  element-wise (seed "two-gates-max")
 
 ``gate`` may be one module mapping x -> (N, G*E) or a list of G modules each mapping x -> (N, E).
+``gate_values="raw"``: gates_g = logits_g as they are, un-normalised (the seed's dense + ELU gate heads).
 Reported gates (N, E): the summed weights (mode "sum") or their mean (mode "max").
 Losses: importance CV^2 of the reported gates, z-loss and entropy averaged over heads.
 """
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.moe import losses as L
-from moelab.moe.routers.base import Router, Routing, zero_long
+from moelab.moe.routers.base import Router, Routing, check_gate_values, zero_long
 
 
 class _ConcatGates(nn.Module):
@@ -37,7 +38,7 @@ class MultiGateRouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | Sequence[nn.Module] | None = None,
-                 num_gates: int = 2, mode: str = "sum"):
+                 num_gates: int = 2, mode: str = "sum", gate_values: str = "softmax"):
         if mode not in ("sum", "max"):
             raise MoelabError(f"router 'multi_gate': mode must be 'sum' or 'max', got {mode!r}")
         if not isinstance(num_gates, int) or num_gates < 1:
@@ -48,11 +49,12 @@ class MultiGateRouter(Router):
             gate = _ConcatGates(gate)
         super().__init__(dim, num_experts, gate=gate, num_logits=num_experts * num_gates)
         self.num_gates, self.mode = num_gates, mode
+        self.gate_values = check_gate_values(self.name, gate_values)
 
     def route(self, x: Tensor) -> Routing:
         n, e, g = x.shape[0], self.num_experts, self.num_gates
         logits = self.logits(x).view(n, g, e).transpose(0, 1)  # (G, N, E)
-        gates = torch.softmax(logits, dim=-1)  # (G, N, E)
+        gates = torch.softmax(logits, dim=-1) if self.gate_values == "softmax" else logits  # (G, N, E)
         view = gates.sum(0) if self.mode == "sum" else gates.mean(0)  # (N, E)
         return Routing(
             "multi", gates=view, logits=logits.transpose(0, 1).reshape(n, g * e), multi_gates=gates,

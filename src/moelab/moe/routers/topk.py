@@ -5,6 +5,9 @@ noise): keep the k largest logits, softmax over them.
     weights (N, k) = softmax(logits[indices])   (sums to 1 over the selected experts)
     y = sum_j weights[:, j] * expert_{indices[:, j]}(x)
 
+``gate_values="raw"``: the k largest gate outputs, through ReLU, are the weights, un-normalised (the CIFAR
+seed's ``sparseGating``: the others masked with -inf, then ReLU, so masked and negative values weigh 0).
+
 Optional ``capacity_factor``: expert capacity C = ceil(cf * N * k / E); assignments beyond it
 are dropped (mask), first choices before second choices.
 Losses: Switch balance (f from the top-k assignments), z-loss, importance CV^2, gate entropy.
@@ -23,6 +26,7 @@ from moelab.moe.routers.base import (
     Routing,
     capacity_mask,
     check_capacity_factor,
+    check_gate_values,
     check_k,
     counts_of,
     expert_capacity,
@@ -77,17 +81,21 @@ class TopKRouter(Router):
     default_loss_weights = {"balance": 0.01}
 
     def __init__(self, dim: int | None, num_experts: int, k: int = 2, *, gate: nn.Module | None = None,
-                 capacity_factor: float | None = None, normalize: bool = True):
+                 capacity_factor: float | None = None, normalize: bool = True, gate_values: str = "softmax"):
         super().__init__(dim, num_experts, gate=gate)
+        self.gate_values = check_gate_values(self.name, gate_values)
         self.k = check_k(self.name, k, num_experts)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
         self.normalize = normalize
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)
-        if kernels.enabled(logits):
+        if self.gate_values == "softmax" and kernels.enabled(logits):
             return fused_sparse_routing(logits, self.k, self.normalize, self.capacity_factor)
         probs = torch.softmax(logits, dim=-1)  # (N, E)
         top, indices = topk(logits, self.k)  # (N, k)
-        weights = torch.softmax(top, dim=-1) if self.normalize else probs.gather(1, indices)
+        if self.gate_values == "raw":
+            weights = torch.relu(top)
+        else:
+            weights = torch.softmax(top, dim=-1) if self.normalize else probs.gather(1, indices)
         return sparse_routing(logits, probs, indices, weights, self.capacity_factor)
