@@ -152,7 +152,7 @@ def test_mnist_faithful_train_on_test(tmp_path):
 
 
 def test_gradcheck_faithful(capsys):
-    from moelab.experiments.jacobs import gradcheck_main
+    from moelab.experiments.jacobs_gradcheck import gradcheck_main
 
     data_dir = _mnist_dir()
     code = gradcheck_main("mnist-jacobs-faithful", ["data.train_limit=50", "data.test_limit=10"],
@@ -164,7 +164,7 @@ def test_gradcheck_faithful(capsys):
 
 
 def test_gradcheck_modern_digits(capsys):
-    from moelab.experiments.jacobs import gradcheck_main
+    from moelab.experiments.jacobs_gradcheck import gradcheck_main
 
     assert gradcheck_main("digits-jacobs", [], max_coords=40) == 0, capsys.readouterr().out
 
@@ -174,7 +174,7 @@ def test_augment_is_shift_then_the_seed_preprocessing(name):
     """Augment's matrix form equals translating the original images, then the seed's zoom and scaling."""
     from moelab.data.augment import Augment
     from moelab.data.transforms import resize_cubic_half_like_seed, translate
-    from moelab.experiments.jacobs import load_data
+    from moelab.experiments.digit_common import load_data
 
     data_dir = _mnist_dir() if name.startswith("mnist") else None
     d = load_data(resolve_config(name, ["data.train_limit=300", "data.test_limit=10"])[1], 0, data_dir)

@@ -38,7 +38,7 @@ from moelab.cost import count_params, flops_per_example
 from moelab.data.augment import Augment
 from moelab.errors import MoelabError
 from moelab.experiments import family
-from moelab.experiments.jacobs import (
+from moelab.experiments.digit_common import (
     ACTIVATIONS,
     GRAYSCALE,
     dense_baselines,

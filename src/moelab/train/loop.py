@@ -63,6 +63,33 @@ def optimizer_step(opt, sched, objective: torch.Tensor, tot: torch.Tensor, loss:
                         torch.tensor(float(n), dtype=torch.float64)])
 
 
+def minibatch_epoch(model: nn.Module, opt, sched, batches, forward: Callable, loss_fn: Callable, *,
+                    bf16: bool = False, device_type: str = "cpu") -> dict:
+    """One epoch of minibatch training, the loop every minibatch experiment shares.
+
+    ``batches`` yields ``(x, y, loss_weight)``; ``forward(x)`` runs under autocast (bf16 when asked) and
+    ``loss_fn(out, y) -> (loss, aux or None)`` outside it; one optimiser + scheduler step per batch on
+    ``(loss + aux) * loss_weight``. Returns the epoch's mean ``loss`` (and ``aux`` when there is one) over
+    examples, summed over data-parallel ranks, and the last learning rate."""
+    from moelab.parallel import ddp
+
+    model.train()
+    tot = torch.zeros(3, dtype=torch.float64)
+    has_aux = False
+    for xb, yb, w in batches:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            out = forward(xb)
+        loss, aux = loss_fn(out, yb)
+        has_aux = has_aux or aux is not None
+        aux = torch.zeros((), device=loss.device) if aux is None else aux
+        optimizer_step(opt, sched, (loss + aux) * w, tot, loss, aux, len(yb))
+    tot = ddp.all_reduce_sum(tot)
+    row = {"loss": float(tot[0] / tot[2])}
+    if has_aux:
+        row["aux"] = float(tot[1] / tot[2])
+    return {**row, "lr": opt.param_groups[0]["lr"]}
+
+
 def _sched_state(sched) -> dict:
     if sched is None:
         return {}

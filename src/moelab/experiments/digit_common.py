@@ -1,0 +1,175 @@
+"""What the digit experiments share (the jacobs and sparse_mlp families): the grayscale data sets loaded the
+seed's way, shuffled (and augmented) minibatches, model rows with routing statistics, the equal-cost
+dense baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moelab.config import refuse
+from moelab.cost import count_params, flops_per_example
+from moelab.data.augment import Augment
+from moelab.errors import ConfigError
+from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
+from moelab.parallel import ddp
+from moelab.train.evaluation import accuracy, routing_stats
+from moelab.train.run import Run
+
+GRAYSCALE = ("digits", "mnist", "fashion-mnist")
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "sigmoid")
+
+
+def check_sizes(cfg: dict, name: str, n_train: int, n_test: int) -> None:
+    """The sizes that must fit the data set (``n_train`` / ``n_test`` images), before anything trains."""
+    d = cfg["data"]
+    for key, n, split in (("train_limit", n_train, "training"), ("test_limit", n_test, "test")):
+        if d[key] > n:
+            raise refuse(f"data.{key}", d[key], f"at most the {n} {split} images of {name} (0: all)")
+    n_tr = min(n_train, d["train_limit"] or n_train)
+    if d["val_size"] >= n_tr:
+        raise refuse("data.val_size", d["val_size"], f"fewer than the {n_tr} training images of {name}")
+    n_fit, bs = n_tr - d["val_size"], cfg["train"]["batch_size"]
+    if cfg.get("mode", "modern") == "modern" and bs > n_fit:
+        raise refuse("train.batch_size", bs, f"at most the {n_fit} training images left after "
+                     f"data.val_size = {d['val_size']}")
+
+
+def grayscale(x: np.ndarray, name: str) -> np.ndarray:
+    if x.shape[-1] != 1:
+        raise ConfigError(f"jacobs experiments need grayscale images; data set '{name}' has {x.shape[-1]} channels.")
+    return x[..., 0]
+
+
+def load_data(cfg: dict, run_seed: int, data_dir: str | None) -> dict:
+    """The experiment's images as float64 (N, H*W) in [0, 1] (the seed's scaling) and int64 labels."""
+    from moelab.data import load_dataset
+    from moelab.data.transforms import resize_cubic_half_like_seed
+
+    d = cfg["data"]
+    ds = load_dataset(d["dataset"], data_dir=data_dir)
+    tr_x, te_x = grayscale(ds.train_x, ds.name), grayscale(ds.test_x, ds.name)
+    tr_y, te_y = ds.train_y, ds.test_y
+    check_sizes(cfg, ds.name, len(tr_y), len(te_y))
+    if cfg["seed_protocol"]["shuffle_split"]:  # the seed: np.random.shuffle(ids) over all images, first 60000 train
+        from moelab.train.run import seeded_generator
+
+        all_x, all_y = np.concatenate([tr_x, te_x]), np.concatenate([tr_y, te_y])
+        ids = torch.randperm(len(all_x), generator=seeded_generator(run_seed, "split")).numpy()
+        tr_x, tr_y = all_x[ids[:len(tr_x)]], all_y[ids[:len(tr_x)]]
+        te_x, te_y = all_x[ids[len(tr_x):]], all_y[ids[len(tr_x):]]
+    if d["train_limit"] > 0:
+        tr_x, tr_y = tr_x[:d["train_limit"]], tr_y[:d["train_limit"]]
+    if d["test_limit"] > 0:
+        te_x, te_y = te_x[:d["test_limit"]], te_y[:d["test_limit"]]
+    train_raw = torch.from_numpy(np.ascontiguousarray(tr_x))  # before resizing: for augmentation
+    if d["resize"] == "seed_half":
+        tr_x, te_x = resize_cubic_half_like_seed(tr_x), resize_cubic_half_like_seed(te_x)
+    h, w = tr_x.shape[1:]
+    both = np.concatenate([tr_x, te_x]).reshape(-1, h * w).astype(np.float64)
+    shift = float(both.min())
+    both += shift  # the seed's normalisation, over the whole data set (sic: +=; the minimum is 0)
+    scale = float(both.max())
+    both /= scale
+    return {
+        "train_x": torch.from_numpy(both[:len(tr_x)]), "train_y": torch.from_numpy(np.asarray(tr_y)),
+        "test_x": torch.from_numpy(both[len(tr_x):]), "test_y": torch.from_numpy(np.asarray(te_y)),
+        "train_raw": train_raw, "pixel_affine": (shift, scale), "resize": d["resize"],
+        "shape": (h, w), "classes": list(ds.classes), "num_classes": len(ds.classes),
+    }
+
+
+def lead_share(counts: Tensor) -> list[float]:
+    return [round(float(c), 4) for c in (counts.float() / max(int(counts.sum()), 1))]
+
+
+def model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_classes: int) -> dict:
+    acc = accuracy(probs, labels)
+    out = {"test_accuracy": acc, "test_error_pct": round(100 * (1 - acc), 4)}
+    if gates is not None:
+        stats = routing_stats(labels, gates, num_classes)
+        out.update(stats)
+        out["lead_share_pct"] = [round(100 * s, 2) for s in stats["lead_share"]]
+    return out
+
+
+def format_lead(share: list[float]) -> str:
+    return "  ".join(f"E{i + 1} {100 * s:.1f}%" for i, s in enumerate(share) if s > 0)
+
+
+# ======================================================================== equal-cost baselines
+def dense_baselines(run: Run, moe_row: dict, make_dense, probe: Tensor, train_dense,
+                    names: tuple[str, ...] = EQUAL_COST) -> dict[str, dict]:
+    """``dense-equal-params`` / ``dense-equal-flops`` (those in ``names``): ``make_dense(hidden)`` widened to the
+    mixture's counted parameters / inference FLOPs (on ``probe``), trained by ``train_dense(phase, hidden)``."""
+    widths = dense_widths(moe_row, lambda h: count_params(make_dense(h)),
+                          lambda h: flops_per_example(make_dense(h), probe))
+    return equal_cost_rows(run, widths, train_dense, names=names)
+
+
+def label_single(models: dict) -> None:
+    """The single network is one expert's size: say so in its row."""
+    s, moe = models["single"], models["moe"]
+    if s.get("params") and moe.get("params"):
+        s["note"] = (f"smaller network: one expert's size, {moe['params'] / s['params']:.1f}x fewer parameters "
+                     f"than the mixture (compare with dense-equal-params / dense-equal-flops)")
+
+
+def minibatches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int, norm: tuple[float, float],
+             raw: Tensor | None = None, augment: Augment | None = None):
+    """This epoch's shuffled minibatches (``run.generator(phase, epoch)`` orders and augments them): rows of
+    ``x``, or, with ``augment``, the augmented ``raw`` images. Yields ``(x, y, loss_weight)``.
+
+    Under torch.distributed every rank draws and augments the same global batch (so the data are those
+    of one process) and keeps its contiguous part (``ddp.local_share``); ``loss_weight`` makes DDP's
+    gradient average the gradient of the global-batch mean loss (1.0 in one process)."""
+    g = run.generator(phase, epoch)
+    perm = torch.randperm(y.shape[0], generator=g)
+    for i in range(0, y.shape[0], bs):
+        idx = perm[i:i + bs]
+        xb = augment(raw.index_select(0, idx), g) if augment is not None else x.index_select(0, idx)
+        xb, yb = ddp.local_share(xb), ddp.local_share(y.index_select(0, idx))
+        yield (xb - norm[0]) / norm[1], yb, ddp.loss_weight(len(yb), len(idx))
+
+
+def epoch_means(tot: Tensor) -> list[float]:
+    """(k + 1,) sums of k per-example quantities and the example count, summed over ranks -> k means."""
+    tot = ddp.all_reduce_sum(tot)
+    return [float(v / tot[-1]) for v in tot[:-1]]
+
+
+class Splits:
+    """Train / validation / test tensors of a digit experiment, standardised with the training mean and std.
+
+    ``val_size`` training images (stratified, seeded by the run) are held out as the validation split
+    (0: none; then ``val`` is None and ``eval_*`` is the test split). ``raw`` keeps the original training
+    images for ``augment`` (:class:`moelab.data.augment.Augment`, or None)."""
+
+    def __init__(self, data: dict, val_size: int, seed: int, standardize: bool, augment: Augment | None):
+        from moelab.data.transforms import train_val_split
+
+        x, y, raw = data["train_x"].float(), data["train_y"], data["train_raw"]
+        self.val_x = self.val_y = None
+        if val_size > 0:
+            tr_idx, val_idx = train_val_split(y.numpy(), val_size, seed=seed)
+            self.val_x, self.val_y = x[val_idx], y[val_idx]
+            x, y, raw = x[tr_idx], y[tr_idx], raw[tr_idx]
+        self.norm = (float(x.mean()), float(x.std())) if standardize else (0.0, 1.0)
+        self.train_x, self.train_y, self.raw, self.augment = x, y, raw, augment
+        self.classes = data["classes"]
+        self.test_x, self.test_y = (data["test_x"].float() - self.norm[0]) / self.norm[1], data["test_y"]
+        if self.val_x is not None:
+            self.val_x = (self.val_x - self.norm[0]) / self.norm[1]
+
+    @property
+    def eval_split(self) -> tuple[Tensor, Tensor, str]:
+        """(x, y, metric name) evaluated after epochs: validation, or test when there is none."""
+        if self.val_x is not None:
+            return self.val_x, self.val_y, "val_err"
+        return self.test_x, self.test_y, "test_err"
+
+    def batches(self, run: Run, phase: str, epoch: int, batch_size: int):
+        """This epoch's shuffled (and augmented) minibatches, :func:`minibatches`."""
+        return minibatches(run, phase, epoch, self.train_x, self.train_y, batch_size, self.norm, self.raw,
+                           self.augment)
