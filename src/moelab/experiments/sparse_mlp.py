@@ -41,11 +41,10 @@ from moelab.experiments import family
 from moelab.experiments.digit_common import (
     ACTIVATIONS,
     GRAYSCALE,
+    Splits,
     dense_baselines,
-    epoch_means,
     format_lead,
     load_data,
-    minibatches,
     model_report,
 )
 from moelab.models.mlp_mixture import SparseMoEMLP
@@ -53,7 +52,7 @@ from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.runtime import torch_threads
 from moelab.train.evaluation import error_pct, save_eval
-from moelab.train.loop import optimizer_step, seed_module_init, train_phase
+from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
 from moelab.train.optim import make_optimizer, make_schedule
 from moelab.train.run import Run
 
@@ -173,88 +172,75 @@ def run(cfg: dict, run_ctx: Run) -> dict:
         return _run(cfg, run_ctx)
 
 
-def _run(cfg: dict, run: Run) -> dict:
-    from moelab.data.transforms import train_val_split
+def _train(run: Run, phase: str, model: SparseMoEMLP, t: dict, sp: Splits, bf16: bool) -> dict:
+    """Train one network with the family's recipe (:func:`moelab.train.loop.minibatch_epoch`) -> its model row."""
+    steps = math.ceil(len(sp.train_y) / t["batch_size"])
+    opt = make_optimizer(t, model.parameters(), t["lr"])
+    sched = make_schedule(t, opt, t["epochs"] * steps)
 
+    def loss_fn(out, yb):
+        logits, aux = out
+        return F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"]), aux
+
+    def epoch_fn(epoch: int) -> dict:
+        return minibatch_epoch(model, opt, sched, sp.batches(run, phase, epoch, t["batch_size"]), model, loss_fn,
+                               bf16=bf16)
+
+    def evaluate(epoch: int) -> dict:
+        probs, gates = _predict(model, sp.val_x, bf16)
+        row = {"val_err": _err(probs, sp.val_y)}
+        if gates is not None:
+            row["lead_max"] = round(float(torch.bincount(gates.argmax(1), minlength=gates.shape[1]).max())
+                                    / len(sp.val_y), 4)
+        return row
+
+    start = time.perf_counter()
+    train_phase(run, phase, model, opt, t["epochs"], epoch_fn, evaluate=evaluate, sched=sched,
+                log_every=t["log_every"])
+    train_time = round(time.perf_counter() - start, 1)
+    probs, gates = _predict(model, sp.test_x, bf16)
+    save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
+    rep = model_report(sp.test_y, probs, gates, probs.shape[1])
+    rep.update(val_error_pct=_err(_predict(model, sp.val_x, bf16)[0], sp.val_y), epochs=t["epochs"],
+               train_time_s=train_time, params=count_params(model),
+               flops_per_example=round(flops_per_example(model, sp.val_x[:512]), 1))
+    run.log(f"[{phase}] test err {rep['test_error_pct']:.2f}%, val err {rep['val_error_pct']:.2f}%, "
+            f"{rep['params']} params, {rep['flops_per_example']:.0f} FLOPs/example, {train_time} s")
+    return rep
+
+
+def _run(cfg: dict, run: Run) -> dict:
     t, m, d = cfg["train"], cfg["model"], cfg["data"]
     ddp.require_single_process(f"{run.name} (family sparse_mlp)")
     t0 = time.perf_counter()
     data = load_data({**cfg, "seed_protocol": {"shuffle_split": False}}, run.seed, run.data_dir)
     n_cls, (h, w) = data["num_classes"], data["shape"]
-    x_tr, y_tr, raw_tr = data["train_x"].float(), data["train_y"], data["train_raw"]
-    tr_idx, val_idx = train_val_split(y_tr.numpy(), d["val_size"], seed=run.seed)
-    x_val, y_val = x_tr[val_idx], y_tr[val_idx]
-    x_tr, y_tr, raw_tr = x_tr[tr_idx], y_tr[tr_idx], raw_tr[tr_idx]
-    norm = (float(x_tr.mean()), float(x_tr.std())) if d["standardize"] else (0.0, 1.0)
-    x_val = (x_val - norm[0]) / norm[1]
-    x_te, y_te = (data["test_x"].float() - norm[0]) / norm[1], data["test_y"]
     augment = Augment(data, t["shift"], t["rotate"], t["scale"])
-    augment = augment if augment.active else None
-    bf16 = resolve_bf16(t["bf16"], key="train.bf16")
-    in_dim, bs = h * w, t["batch_size"]
-    steps = math.ceil(len(y_tr) / bs)
-    run.log(f"data: {d['dataset']} {h}x{w}, {len(y_tr)} train / {len(y_val)} val / {len(y_te)} test images "
-            f"({time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
-
-    def train(phase: str, model: SparseMoEMLP) -> dict:
-        opt = make_optimizer(t, model.parameters(), t["lr"])
-        sched = make_schedule(t, opt, t["epochs"] * steps)
-
-        def epoch_fn(epoch: int) -> dict:
-            model.train()
-            tot = torch.zeros(3, dtype=torch.float64)
-            for xb, yb, wt in minibatches(run, phase, epoch, x_tr, y_tr, bs, norm, raw_tr, augment):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits, aux = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"])
-                optimizer_step(opt, sched, (loss + aux) * wt, tot, loss, aux, len(yb))
-            mean_loss, mean_aux = epoch_means(tot)
-            return {"loss": mean_loss, "aux": mean_aux, "lr": opt.param_groups[0]["lr"]}
-
-        def evaluate(epoch: int) -> dict:
-            probs, gates = _predict(model, x_val, bf16)
-            row = {"val_err": _err(probs, y_val)}
-            if gates is not None:
-                row["lead_max"] = round(float(torch.bincount(gates.argmax(1), minlength=gates.shape[1]).max())
-                                        / len(y_val), 4)
-            return row
-
-        start = time.perf_counter()
-        train_phase(run, phase, model, opt, t["epochs"], epoch_fn, evaluate=evaluate, sched=sched,
-                    log_every=t["log_every"])
-        train_time = round(time.perf_counter() - start, 1)
-        probs, gates = _predict(model, x_te, bf16)
-        save_eval(run, phase, y_te, probs, gates, class_names=data["classes"])
-        rep = model_report(y_te, probs, gates, n_cls)
-        rep.update(val_error_pct=_err(_predict(model, x_val, bf16)[0], y_val), epochs=t["epochs"],
-                   train_time_s=train_time, params=count_params(model),
-                   flops_per_example=round(flops_per_example(model, x_val[:512]), 1))
-        run.log(f"[{phase}] test err {rep['test_error_pct']:.2f}%, val err {rep['val_error_pct']:.2f}%, "
-                f"{rep['params']} params, {rep['flops_per_example']:.0f} FLOPs/example, {train_time} s")
-        return rep
-
+    sp = Splits(data, d["val_size"], run.seed, d["standardize"], augment if augment.active else None)
+    bf16, in_dim = resolve_bf16(t["bf16"], key="train.bf16"), h * w
+    run.log(f"data: {d['dataset']} {h}x{w}, {len(sp.train_y)} train / {len(sp.val_y)} val / {len(sp.test_y)} test "
+            f"images ({time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")
-    moe = build_model(m, in_dim, n_cls, aux_scale=t["aux_scale"])
-    models["moe"] = rep = train("moe", moe)
+    models["moe"] = rep = _train(run, "moe", build_model(m, in_dim, n_cls, aux_scale=t["aux_scale"]), t, sp, bf16)
     rep.update(num_experts=m["num_experts"], router=m["router"], k=m["k"], hidden=m["hidden"])
     if cfg["baselines"]["equal_cost"]:
         # matched to the trained mixture's counts: its active FLOPs on real validation images, router included
-        def train_dense(phase: str, hid: int) -> dict:
-            seed_module_init(run, phase)
-            return {**train(phase, dense(hid)), "hidden": hid}
-
         def dense(hid: int) -> SparseMoEMLP:
             return build_model(m, in_dim, n_cls, hid, dense=True)
 
+        def train_dense(phase: str, hid: int) -> dict:
+            seed_module_init(run, phase)
+            return {**_train(run, phase, dense(hid), t, sp, bf16), "hidden": hid}
+
         names = ("dense-equal-params",) * cfg["baselines"]["equal_params"] + ("dense-equal-flops",)
-        models.update(dense_baselines(run, rep, dense, x_val[:4], train_dense, names))
+        models.update(dense_baselines(run, rep, dense, sp.val_x[:4], train_dense, names))
     run.log(f"moe lead share (test split): {format_lead(rep['lead_share'])}")
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
-            "protocol": {"val_size": len(y_val), "selection": "last epoch; settings chosen on the validation split",
-                         "dense_hidden": {n: r.get("hidden") for n, r in models.items() if n != "moe"}, "router": m["router"], "k": m["k"],
-                         "num_experts": m["num_experts"]}}
+            "protocol": {"val_size": len(sp.val_y), "selection": "last epoch; settings chosen on the validation split",
+                         "dense_hidden": {n: r.get("hidden") for n, r in models.items() if n != "moe"},
+                         "router": m["router"], "k": m["k"], "num_experts": m["num_experts"]}}
 
 
 __all__ = ["DEFAULTS", "ROUTERS", "build_model", "run", "MoelabError"]
