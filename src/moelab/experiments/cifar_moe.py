@@ -28,7 +28,7 @@ from moelab.config import Check, Choice, Float, Int, Switch, refuse
 from moelab.cost import count_params, flops_per_example
 from moelab.experiments import family
 from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
-from moelab.experiments.cifar_experts import Images
+from moelab.experiments.cifar_common import Images, limit_per_class
 from moelab.models.fast_cnn import ConvBlock, FastCNN
 from moelab.moe import CondConv2d, ConvBlockExperts, MoE
 from moelab.moe.routers import resolve
@@ -276,7 +276,6 @@ def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) ->
 def load_images(cfg: dict, run: Run) -> dict:
     from moelab.data import load_dataset
     from moelab.data.transforms import train_val_split
-    from moelab.experiments.cifar_experts import limit_per_class
 
     d, cl = cfg["data"], cfg["compute"]["channels_last"]
     ds = load_dataset(d["name"], data_dir=run.data_dir)

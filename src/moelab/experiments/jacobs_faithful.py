@@ -50,104 +50,112 @@ def _seed_predict(model, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor |
     return probs, (torch.cat(gates).float() if gates else None)
 
 
-def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
-    f, proto = cfg["faithful"], cfg["seed_protocol"]
-    dt = _dtype(f["dtype"])
-    m = cfg["model"]
-    n_cls = data["num_classes"]
+class FullBatch:
+    """The faithful mode's tensors: biased inputs ``(N, 1 + D)`` for prediction, their transposes restricted
+    to the pixels that are non-zero somewhere (``rows``) and one-hot targets, for the hand-written
+    full-batch gradients."""
 
-    def prep(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        xb = add_bias_column(x.to(dt))
-        return xb, xb.T.contiguous(), F.one_hot(y, n_cls).to(dt).T.contiguous()
+    def __init__(self, data: dict, dt: torch.dtype):
+        n_cls = data["num_classes"]
 
-    train_xb, train_xt, train_yt = prep(data["train_x"], data["train_y"])
-    test_xb, test_xt, test_yt = prep(data["test_x"], data["test_y"])
-    # Inputs that are 0 in every image (39 of MNIST 14x14's pixels) contribute exactly 0 to the forward pass
-    # and get exactly 0 gradient: leave them out of the training GEMMs (the same update, 20% fewer FLOPs).
-    rows = torch.cat([torch.ones(1, dtype=torch.bool),
-                      (data["train_x"] != 0).any(0) | (data["test_x"] != 0).any(0)]).nonzero().squeeze(1)
-    train_xt, test_xt = train_xt[rows].contiguous(), test_xt[rows].contiguous()
-    in_dim = data["train_x"].shape[1]
-    lr, chunk, workers = f["lr"], f["chunk"], f["workers"]
-    if workers > 1:
-        torch.set_num_threads(1)  # parallel over blocks instead (restored by run())
-    models: dict[str, dict] = {}
+        def prep(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            xb = add_bias_column(x.to(dt))
+            return xb, xb.T.contiguous(), F.one_hot(y, n_cls).to(dt).T.contiguous()
 
-    def err_pct(model, xb: Tensor, y: Tensor) -> float:
-        return round(100 * float((_seed_predict(model, xb)[0].argmax(1) != y).float().mean()), 4)
+        self.train_xb, train_xt, self.train_yt = prep(data["train_x"], data["train_y"])
+        self.test_xb, test_xt, self.test_yt = prep(data["test_x"], data["test_y"])
+        # Inputs that are 0 in every image (39 of MNIST 14x14's pixels) contribute exactly 0 to the forward pass
+        # and get exactly 0 gradient: leave them out of the training GEMMs (the same update, 20% fewer FLOPs).
+        self.rows = torch.cat([torch.ones(1, dtype=torch.bool),
+                               (data["train_x"] != 0).any(0) | (data["test_x"] != 0).any(0)]).nonzero().squeeze(1)
+        self.train_xt, self.test_xt = train_xt[self.rows].contiguous(), test_xt[self.rows].contiguous()
+        self.train_y, self.test_y, self.classes = data["train_y"], data["test_y"], data["classes"]
+        self.in_dim, self.num_classes, self.dt = data["train_x"].shape[1], n_cls, dt
 
-    # ---- dense networks (the seed's benchmark NN: always trained on the train split)
-    n_tr = train_xt.shape[1]
 
-    def train_dense(phase: str, hidden: int) -> dict:
-        """One SeedMLP in-hidden-classes trained like the seed's single network (full-batch GD, MSE)."""
-        net = SeedMLP(in_dim, hidden, n_cls, generator=run.generator("init", phase), dtype=dt)
-        opt = torch.optim.SGD(net.parameters(), lr=lr)
+def _err_pct(model, xb: Tensor, y: Tensor) -> float:
+    return round(100 * float((_seed_predict(model, xb)[0].argmax(1) != y).float().mean()), 4)
 
-        def dense_epoch(epoch: int) -> dict:
-            r = seed_mlp_gradients(net, train_xt, train_yt, chunk=chunk, rows=rows, workers=workers)
-            opt.step()
-            return {"loss": r["loss"], "train_err": round(100 * (1 - r["correct"] / n_tr), 4)}
 
-        t0 = time.perf_counter()
-        train_phase(run, phase, net, opt, f["single_epochs"], dense_epoch,
-                    evaluate=lambda e: {"test_err": err_pct(net, test_xb, data["test_y"])},
-                    log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
-        probs, _ = _seed_predict(net, test_xb)
-        save_eval(run, phase, data["test_y"], probs, class_names=data["classes"])
-        return {**model_report(data["test_y"], probs, None, n_cls),
-                "train_error_pct": err_pct(net, train_xb, data["train_y"]), "epochs": f["single_epochs"],
-                "trained_on": "train", "train_time_s": round(time.perf_counter() - t0, 1), "hidden": hidden,
-                **cost_row(net, test_xb[:64])}
+def _train_seed_mlp(run: Run, f: dict, fb: FullBatch, phase: str, hidden: int) -> dict:
+    """One SeedMLP in-hidden-classes trained like the seed's single network (full-batch GD, MSE, train split)."""
+    net = SeedMLP(fb.in_dim, hidden, fb.num_classes, generator=run.generator("init", phase), dtype=fb.dt)
+    opt = torch.optim.SGD(net.parameters(), lr=f["lr"])
+    n_tr = fb.train_xt.shape[1]
 
-    models["single"] = train_dense("single", m["hidden"])
+    def dense_epoch(epoch: int) -> dict:
+        r = seed_mlp_gradients(net, fb.train_xt, fb.train_yt, chunk=f["chunk"], rows=fb.rows, workers=f["workers"])
+        opt.step()
+        return {"loss": r["loss"], "train_err": round(100 * (1 - r["correct"] / n_tr), 4)}
 
-    # ---- the mixture
-    on_test = proto["train_on_test"]
-    fit_xt, fit_yt = (test_xt, test_yt) if on_test else (train_xt, train_yt)
-    moe = SeedMixture(m["num_experts"], in_dim, m["hidden"], n_cls, m["gate_hidden"],
-                      generator=run.generator("init", "moe"), dtype=dt)
-    opt = torch.optim.SGD(moe.parameters(), lr=lr)
+    t0 = time.perf_counter()
+    train_phase(run, phase, net, opt, f["single_epochs"], dense_epoch,
+                evaluate=lambda e: {"test_err": _err_pct(net, fb.test_xb, fb.test_y)},
+                log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
+    probs, _ = _seed_predict(net, fb.test_xb)
+    save_eval(run, phase, fb.test_y, probs, class_names=fb.classes)
+    return {**model_report(fb.test_y, probs, None, fb.num_classes),
+            "train_error_pct": _err_pct(net, fb.train_xb, fb.train_y), "epochs": f["single_epochs"],
+            "trained_on": "train", "train_time_s": round(time.perf_counter() - t0, 1), "hidden": hidden,
+            **cost_row(net, fb.test_xb[:64])}
+
+
+def _train_seed_mixture(run: Run, f: dict, m: dict, fb: FullBatch, on_test: bool) -> dict:
+    """The seed's mixture, full-batch GD with its gradient, on the train split (or the test split, as the seed)."""
+    fit_xt, fit_yt = (fb.test_xt, fb.test_yt) if on_test else (fb.train_xt, fb.train_yt)
+    moe = SeedMixture(m["num_experts"], fb.in_dim, m["hidden"], fb.num_classes, m["gate_hidden"],
+                      generator=run.generator("init", "moe"), dtype=fb.dt)
+    opt = torch.optim.SGD(moe.parameters(), lr=f["lr"])
     n_fit = fit_xt.shape[1]
 
     def moe_epoch(epoch: int) -> dict:
-        r = seed_mixture_gradients(moe, fit_xt, fit_yt, gate_grad_scale=f["gate_grad_scale"], chunk=chunk,
-                                   lead_counts=True, rows=rows, workers=workers)
+        r = seed_mixture_gradients(moe, fit_xt, fit_yt, gate_grad_scale=f["gate_grad_scale"], chunk=f["chunk"],
+                                   lead_counts=True, rows=fb.rows, workers=f["workers"])
         opt.step()
         share = lead_share(r["lead_counts"])
         return {"loss": r["loss"], "fit_err": round(100 * (1 - r["correct"] / n_fit), 4),
                 "lead_max": max(share), "lead_share": share}
 
     def moe_eval(epoch: int) -> dict:
-        row = {"test_err": err_pct(moe, test_xb, data["test_y"])}
+        row = {"test_err": _err_pct(moe, fb.test_xb, fb.test_y)}
         if on_test:
-            row["unseen_train_err"] = err_pct(moe, train_xb, data["train_y"])
+            row["unseen_train_err"] = _err_pct(moe, fb.train_xb, fb.train_y)
         return row
 
     t0 = time.perf_counter()
     train_phase(run, "moe", moe, opt, f["moe_epochs"], moe_epoch, evaluate=moe_eval,
                 log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
-    probs, gates = _seed_predict(moe, test_xb)
-    save_eval(run, "moe", data["test_y"], probs, gates, class_names=data["classes"])
-    rep = model_report(data["test_y"], probs, gates, n_cls)
+    probs, gates = _seed_predict(moe, fb.test_xb)
+    save_eval(run, "moe", fb.test_y, probs, gates, class_names=fb.classes)
+    rep = model_report(fb.test_y, probs, gates, fb.num_classes)
     rep.update(epochs=f["moe_epochs"], trained_on="test" if on_test else "train",
-               train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, test_xb[:256]))
-    tr_probs, tr_gates = _seed_predict(moe, train_xb)
-    rep["train_error_pct"] = round(100 * float((tr_probs.argmax(1) != data["train_y"]).float().mean()), 4)
-    rep["train_lead_share"] = routing_stats(data["train_y"], tr_gates, n_cls)["lead_share"]
+               train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, fb.test_xb[:256]))
+    tr_probs, tr_gates = _seed_predict(moe, fb.train_xb)
+    rep["train_error_pct"] = round(100 * float((tr_probs.argmax(1) != fb.train_y).float().mean()), 4)
+    rep["train_lead_share"] = routing_stats(fb.train_y, tr_gates, fb.num_classes)["lead_share"]
     if on_test:
         rep["note"] = ("trained on the test split (the seed's protocol): test_accuracy is accuracy on its own "
                        "training data; train_error_pct is the error on the train images it never saw")
         rep["unseen_error_pct"] = rep["train_error_pct"]
-    models["moe"] = rep
+    return rep
+
+
+def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
+    f, proto, m = cfg["faithful"], cfg["seed_protocol"], cfg["model"]
+    fb = FullBatch(data, _dtype(f["dtype"]))
+    if f["workers"] > 1:
+        torch.set_num_threads(1)  # parallel over blocks instead (restored by run())
+    on_test = proto["train_on_test"]
+    models = {"single": _train_seed_mlp(run, f, fb, "single", m["hidden"])}
+    models["moe"] = rep = _train_seed_mixture(run, f, m, fb, on_test)
     if cfg["baselines"]["equal_cost"]:
-        models.update(dense_baselines(run, rep, lambda hid: SeedMLP(in_dim, hid, n_cls, dtype=dt),
-                                      test_xb[:4], train_dense))
+        models.update(dense_baselines(run, rep, lambda hid: SeedMLP(fb.in_dim, hid, fb.num_classes, dtype=fb.dt),
+                                      fb.test_xb[:4], lambda phase, hid: _train_seed_mlp(run, f, fb, phase, hid)))
     label_single(models)
     run.log(f"moe lead share (test split): {format_lead(rep['lead_share'])}")
     if on_test:
         run.log(f"moe trained on the test split: error {rep['test_error_pct']:.2f}% there, "
-                f"{rep['train_error_pct']:.2f}% on the {len(data['train_y'])} train images it never saw")
+                f"{rep['train_error_pct']:.2f}% on the {len(fb.train_y)} train images it never saw")
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
             "protocol": {"mode": "faithful", "moe_trained_on": rep["trained_on"],

@@ -1,0 +1,269 @@
+"""The CIFAR seed pipeline's data and training helpers (``cifar10-experts`` and friends; ``Images`` and
+``limit_per_class`` also serve ``cifar10-moe``): normalised, augmented batches; the data splits; one
+classifier trained with the seed's recipe."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.config import refuse
+from moelab.data.transforms import random_translate, train_val_split
+from moelab.models.cifar_cnn import conv_l2_penalty
+from moelab.moe.hierarchical import pair_cover
+from moelab.precision import resolve_bf16
+from moelab.train.checkpoint import load_checkpoint, save_checkpoint
+from moelab.train.evaluation import accuracy
+from moelab.train.loop import train_phase
+from moelab.train.optim import onecycle_or_plateau
+from moelab.train.run import Run
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+def config_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class Images:
+    """uint8 NHWC images on the CPU -> normalised float NCHW (channels_last) batches, augmented on the
+    whole batch at once (no per-image Python work)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, channels_last: bool):
+        self.x = torch.from_numpy(np.ascontiguousarray(x))  # (N, 32, 32, 3) uint8
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        self.channels_last = channels_last
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None, shift: int = 0,
+              gen: torch.Generator | None = None) -> torch.Tensor:
+        x = self.x[idx].permute(0, 3, 1, 2).float().div_(255.0)  # NCHW view of NHWC = channels_last
+        x = (x - self.mean) / self.std
+        if flip is not None:
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if shift > 0:
+            x = random_translate(x, shift, gen, fill="edge")
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x
+
+
+def load_average() -> float:
+    """The 1-minute load average (the CPU is shared: timings are only comparable at similar load)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        return float("nan")
+
+
+def use_bf16(cfg: dict) -> bool:
+    """``compute.bf16`` resolved: ``"auto"`` = bf16 only where this CPU computes it natively."""
+    return resolve_bf16(cfg["compute"]["bf16"], key="compute.bf16")
+
+
+def autocast_for(cfg: dict):
+    if use_bf16(cfg):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_memory_format(model: nn.Module, cfg: dict) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if cfg["compute"]["channels_last"] else model
+
+
+def limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
+    keep = []
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        keep.append(idx[:per_class] if per_class > 0 else idx)
+    return np.sort(np.concatenate(keep))
+
+
+def check_sizes(cfg: dict, train_per_class: dict[int, int], test_per_class: dict[int, int]) -> None:
+    """The sizes that must fit the data set (images per used class), before anything trains."""
+    d = cfg["data"]
+    for key, counts, split in (("train_per_class", train_per_class, "training"), ("test_per_class", test_per_class, "test")):
+        if d[key] > min(counts.values()):
+            raise refuse(f"data.{key}", d[key], f"at most {min(counts.values())} (the fewest {split} images of "
+                         f"a used class; 0: all)")
+    n_train = sum(min(n, d["train_per_class"] or n) for n in train_per_class.values())
+    if d["val_size"] >= n_train:
+        raise refuse("data.val_size", d["val_size"], f"fewer than the {n_train} training images")
+    n_fit = n_train - d["val_size"]
+    for key in ("experts.batch", "generalist.batch", "gate.batch", "baseline.batch"):
+        sec, name = key.split(".")
+        if cfg[sec][name] > n_fit:
+            raise refuse(key, cfg[sec][name], f"at most the {n_fit} training images left after data.val_size")
+
+
+
+
+class Data:
+    def __init__(self, cfg: dict, run: Run):
+        from moelab.data import load_dataset
+
+        ds = load_dataset(cfg["data"]["name"], data_dir=run.data_dir)
+        self.classes = list(ds.classes)
+        self.checksum = ds.checksum
+        self.pairs = [list(p) for p in cfg["data"]["pairs"]]
+        used = sorted({c for p in self.pairs for c in p})
+        self.used_classes = used
+        check_sizes(cfg, {c: int((ds.train_y == c).sum()) for c in used}, {c: int((ds.test_y == c).sum()) for c in used})
+        tr_keep = limit_per_class(ds.train_y, used, cfg["data"]["train_per_class"])
+        te_keep = limit_per_class(ds.test_y, used, cfg["data"]["test_per_class"])
+        train_x, train_y = ds.train_x[tr_keep], ds.train_y[tr_keep]
+        tr, va = train_val_split(train_y, cfg["data"]["val_size"], seed=run.seed, stratified=True)
+        cl = cfg["compute"]["channels_last"]
+        self.train = Images(train_x[tr], train_y[tr], cl)
+        self.val = Images(train_x[va], train_y[va], cl)
+        self.test = Images(ds.test_x[te_keep], ds.test_y[te_keep], cl)
+        self.cover = pair_cover(self.pairs, len(self.classes))  # (K, E): class k is in expert e's pair
+        self.key = {"checksum": self.checksum, "data": cfg["data"], "train": len(self.train), "val": len(self.val)}
+
+
+
+
+def epoch_batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i : i + batch] for i in range(0, n, batch)]
+
+
+def run_epoch(n: int, batch: int, gen: torch.Generator, hflip: bool, loss_fn, opt, sched, state: dict,
+                 progress) -> dict:
+    """One epoch of Adam steps over shuffled batches: ``loss_fn(idx, flip) -> loss`` per batch (``flip``
+    a random half of the batch when ``hflip``, else None); ``sched`` (or None) steps per batch.
+    Adds the images and seconds to ``state``; reports to ``progress`` (``Run.progress``); returns the
+    epoch's metrics."""
+    t0, tot, seen = time.perf_counter(), 0.0, 0
+    with progress:
+        for idx in epoch_batches(n, batch, gen):
+            flip = torch.rand(len(idx), generator=gen) < 0.5 if hflip else None
+            loss = loss_fn(idx, flip)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            tot += loss.item() * len(idx)
+            seen += len(idx)
+            progress.update(len(idx))
+    dt = time.perf_counter() - t0
+    state["images"] += seen
+    state["seconds"] += dt
+    return {"loss": tot / max(seen, 1), "lr": opt.param_groups[0]["lr"], "img_per_s": seen / dt}
+
+
+@torch.no_grad()
+def predict_batches(model_fn, images: Images, cfg: dict, flip: bool = False) -> list[torch.Tensor]:
+    """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches; concatenated float outputs."""
+    bs = cfg["compute"]["eval_batch"]
+    outs: list[list[torch.Tensor]] = []
+    for i in range(0, len(images), bs):
+        idx = torch.arange(i, min(i + bs, len(images)))
+        x = images.batch(idx, flip=torch.ones(len(idx), dtype=torch.bool) if flip else None)
+        with autocast_for(cfg):
+            o = model_fn(x)
+        o = o if isinstance(o, tuple) else (o,)
+        outs.append([t.float() for t in o])
+    return [torch.cat(parts, dim=-2 if parts[0].dim() == 3 else 0) for parts in zip(*outs)]
+
+
+def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: dict, *,
+                     epochs: int, batch: int, lr: float, schedule: str, l2: float, shift: int,
+                     plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
+                     early_stop: int = 0, keep_best: bool = False, keep_start: bool = False,
+                     val_classes: list[int] | None = None) -> dict:
+    """A 10-way CNN classifier (an expert on its pair, or a baseline): cross-entropy + conv L2, random
+    shift + flip, Adam; one-cycle or plateau schedule; optional early stopping and best checkpoint
+    by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``). Returns speed + best stats.
+
+    ``keep_start`` (a warm-started model): the starting weights are the first candidate (epoch 0), so
+    fine-tuning that never beats them on ``val`` leaves the model as it came. ``val_classes``: the
+    validation accuracy takes the argmax over these classes only (a warm-started specialist is
+    judged on telling its pair apart: a 10-way generalist spreads mass over classes the pair's images
+    never show, so its 10-way accuracy on them says little)."""
+    model = to_memory_format(model, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = math.ceil(len(images) / batch)
+    sched = onecycle_or_plateau(schedule, opt, lr, epochs, steps, plateau_patience, plateau_factor, min_lr)
+    best_path = run.dir / "ckpt" / f"{phase}-best.safetensors"
+    state = {"best": -1.0, "best_epoch": -1, "images": 0, "seconds": 0.0}
+    if run.resumed and best_path.is_file():
+        _, meta = load_checkpoint(best_path)
+        state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
+
+    def val_acc() -> float:
+        model.eval()
+        logits = predict_batches(model, val, cfg)[0]
+        if val_classes is not None:
+            keep = torch.tensor(val_classes)
+            return (keep[logits[:, keep].argmax(1)] == val.y).float().mean().item()
+        return accuracy(logits, val.y)
+
+    if keep_best and keep_start and not run.checkpoint_path(phase).is_file():  # the phase has not started
+        acc0 = val_acc()
+        state["best"], state["best_epoch"] = acc0, -1
+        save_checkpoint(best_path, model.state_dict(), {"best": acc0, "best_epoch": -1})
+        run.metric(phase=phase, epoch=0, val_acc=acc0)
+        run.log(f"phase={phase}  epoch=0  val_acc={acc0:.4g}  (the starting point)")
+
+    def train_epoch(epoch: int) -> dict:
+        if early_stop and state["best"] >= 0 and epoch - state["best_epoch"] > early_stop:
+            return {"stopped": 1}
+        model.train()
+        gen = run.generator(phase, epoch)
+
+        def loss_fn(idx, flip):
+            x, y = images.batch(idx, flip, shift, gen), images.y[idx]
+            with autocast_for(cfg):
+                out = model(x)
+            return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2)
+
+        return run_epoch(len(images), batch, gen, cfg["augment"]["hflip"], loss_fn, opt,
+                            sched if schedule == "onecycle" else None, state,
+                            run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
+
+    def evaluate(epoch: int) -> dict:
+        acc = val_acc()
+        if schedule == "plateau":
+            sched.step(acc)
+        if keep_best and acc > state["best"]:
+            state["best"], state["best_epoch"] = acc, epoch
+            save_checkpoint(best_path, model.state_dict(), {"best": acc, "best_epoch": epoch})
+        return {"val_acc": acc}
+
+    last = train_phase(run, phase, model, opt, epochs, train_epoch, evaluate, sched=sched)
+    if keep_best and best_path.is_file():
+        tensors, meta = load_checkpoint(best_path)
+        model.load_state_dict(tensors)
+        state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
+    model.eval()
+    speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
+    return {"last": last, "best_val": state["best"], "best_epoch": state["best_epoch"] + 1, "train_img_per_s": speed,
+            "train_s": state["seconds"]}
+
+
+def images_of(images: Images, classes: list[int]) -> Images:
+    keep = torch.isin(images.y, torch.tensor(classes))
+    out = Images.__new__(Images)
+    out.x, out.y, out.channels_last = images.x[keep], images.y[keep], images.channels_last
+    out.mean, out.std = images.mean, images.std
+    return out
+
+
+def full_classes(data: Data) -> Images:
+    if len(data.used_classes) == len(data.classes):
+        return data.train
+    return images_of(data.train, data.used_classes)
