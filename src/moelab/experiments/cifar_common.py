@@ -180,6 +180,30 @@ def predict_batches(model_fn, images: Images, cfg: dict, flip: bool = False) -> 
     return [torch.cat(parts, dim=-2 if parts[0].dim() == 3 else 0) for parts in zip(*outs)]
 
 
+def validation_accuracy(model: nn.Module, val: Images, cfg: dict, classes: list[int] | None = None) -> float:
+    """Accuracy on ``val``; with ``classes``, the argmax over those classes only."""
+    model.eval()
+    logits = predict_batches(model, val, cfg)[0]
+    if classes is not None:
+        keep = torch.tensor(classes)
+        return (keep[logits[:, keep].argmax(1)] == val.y).float().mean().item()
+    return accuracy(logits, val.y)
+
+
+def _start_as_best(run: Run, phase: str, model: nn.Module, acc0: float, best_path, state: dict) -> None:
+    """A warm-started model's starting weights as the first best candidate (epoch 0)."""
+    state["best"], state["best_epoch"] = acc0, -1
+    save_checkpoint(best_path, model.state_dict(), {"best": acc0, "best_epoch": -1})
+    run.metric(phase=phase, epoch=0, val_acc=acc0)
+    run.log(f"phase={phase}  epoch=0  val_acc={acc0:.4g}  (the starting point)")
+
+
+def _restore_best(model: nn.Module, best_path, state: dict) -> None:
+    tensors, meta = load_checkpoint(best_path)
+    model.load_state_dict(tensors)
+    state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
+
+
 def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: dict, *,
                      epochs: int, batch: int, lr: float, schedule: str, l2: float, shift: int,
                      plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
@@ -189,11 +213,9 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     shift + flip, Adam; one-cycle or plateau schedule; optional early stopping and best checkpoint
     by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``). Returns speed + best stats.
 
-    ``keep_start`` (a warm-started model): the starting weights are the first candidate (epoch 0), so
-    fine-tuning that never beats them on ``val`` leaves the model as it came. ``val_classes``: the
-    validation accuracy takes the argmax over these classes only (a warm-started specialist is
-    judged on telling its pair apart: a 10-way generalist spreads mass over classes the pair's images
-    never show, so its 10-way accuracy on them says little)."""
+    ``keep_start`` (a warm-started model): its starting weights are the first candidate (epoch 0): fine-tuning
+    that never beats them on ``val`` leaves the model as it came. ``val_classes``: validation accuracy over
+    these classes only (a warm-started specialist is judged on telling its pair apart)."""
     model = to_memory_format(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = math.ceil(len(images) / batch)
@@ -205,19 +227,10 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
         state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
 
     def val_acc() -> float:
-        model.eval()
-        logits = predict_batches(model, val, cfg)[0]
-        if val_classes is not None:
-            keep = torch.tensor(val_classes)
-            return (keep[logits[:, keep].argmax(1)] == val.y).float().mean().item()
-        return accuracy(logits, val.y)
+        return validation_accuracy(model, val, cfg, val_classes)
 
     if keep_best and keep_start and not run.checkpoint_path(phase).is_file():  # the phase has not started
-        acc0 = val_acc()
-        state["best"], state["best_epoch"] = acc0, -1
-        save_checkpoint(best_path, model.state_dict(), {"best": acc0, "best_epoch": -1})
-        run.metric(phase=phase, epoch=0, val_acc=acc0)
-        run.log(f"phase={phase}  epoch=0  val_acc={acc0:.4g}  (the starting point)")
+        _start_as_best(run, phase, model, val_acc(), best_path, state)
 
     def train_epoch(epoch: int) -> dict:
         if early_stop and state["best"] >= 0 and epoch - state["best_epoch"] > early_stop:
@@ -232,8 +245,8 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
             return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2)
 
         return run_epoch(len(images), batch, gen, cfg["augment"]["hflip"], loss_fn, opt,
-                            sched if schedule == "onecycle" else None, state,
-                            run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
+                         sched if schedule == "onecycle" else None, state,
+                         run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
 
     def evaluate(epoch: int) -> dict:
         acc = val_acc()
@@ -246,9 +259,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
 
     last = train_phase(run, phase, model, opt, epochs, train_epoch, evaluate, sched=sched)
     if keep_best and best_path.is_file():
-        tensors, meta = load_checkpoint(best_path)
-        model.load_state_dict(tensors)
-        state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
+        _restore_best(model, best_path, state)
     model.eval()
     speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
     return {"last": last, "best_val": state["best"], "best_epoch": state["best_epoch"] + 1, "train_img_per_s": speed,

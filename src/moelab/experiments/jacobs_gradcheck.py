@@ -111,15 +111,30 @@ def gradcheck_main(experiment: str, overrides: list[str] | None = None, *, data_
             out = functional_call(model, params, (x,))[1]
             return mixture_loss(kind, out.expert_outputs, mixture_log_gates(model, out.logits), y, eps)
         what = f"modern loss {kind!r}"
+    print(f"gradcheck {name}: {what}; {num_examples} training images, float64; autograd vs central differences "
+          f"(h = 1e-4); relative error = max |autograd - numeric| / max |gradient| per group")
+    auto, worst = _compare_groups(model, loss_fn, g, max_coords)
+    if cfg["mode"] == "faithful":
+        # the hand-written full-batch gradient that training uses, against autograd
+        seed_mixture_gradients(model, xin.T.contiguous(), target.T.contiguous(), gate_grad_scale=1.0, chunk=8)
+        hand = max(relative_error(auto[k], p.grad) for k, p in model.named_parameters())
+        print(f"  training gradient (hand-written, gate_grad_scale=1) vs autograd: max relative error {hand:.3e}")
+        worst["hand-written"] = hand
+    ok = all(v < tol for v in worst.values())
+    print(f"{'OK: all' if ok else 'FAILED: not all'} below {tol:g} ({time.perf_counter() - t0:.1f} s)")
+    return 0 if ok else 1
+
+
+def _compare_groups(model, loss_fn, g: torch.Generator, max_coords: int) -> tuple[dict, dict[str, float]]:
+    """Autograd vs finite differences of ``loss_fn(params)`` per parameter group, printed; -> (autograd
+    gradients by name, worst relative error by group). Parameters with more than ``max_coords`` elements are
+    checked on ``max_coords`` random ones."""
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
     auto = dict(zip(leaves, torch.autograd.grad(loss_fn(leaves), list(leaves.values()))))
-    # every element of a parameter with up to max_coords elements, else max_coords random ones
     coords = {k: (torch.arange(p.numel()) if p.numel() <= max_coords else
                   torch.randperm(p.numel(), generator=g)[:max_coords].sort().values) for k, p in params.items()}
     fd = finite_difference_grads(loss_fn, params, coords)
-    print(f"gradcheck {name}: {what}; {num_examples} training images, float64; autograd vs central differences "
-          f"(h = 1e-4); relative error = max |autograd - numeric| / max |gradient| per group")
     worst: dict[str, float] = {}
     counted: dict[str, list[int]] = {}
     for k in params:
@@ -133,15 +148,7 @@ def gradcheck_main(experiment: str, overrides: list[str] | None = None, *, data_
         if grp in worst:
             print(f"  {grp:<15} max relative error {worst[grp]:.3e}   ({counted[grp][0]} of {counted[grp][1]} "
                   f"elements checked)")
-    if cfg["mode"] == "faithful":
-        # the hand-written full-batch gradient that training uses, against autograd
-        seed_mixture_gradients(model, xin.T.contiguous(), target.T.contiguous(), gate_grad_scale=1.0, chunk=8)
-        hand = max(relative_error(auto[k], p.grad) for k, p in model.named_parameters())
-        print(f"  training gradient (hand-written, gate_grad_scale=1) vs autograd: max relative error {hand:.3e}")
-        worst["hand-written"] = hand
-    ok = all(v < tol for v in worst.values())
-    print(f"{'OK: all' if ok else 'FAILED: not all'} below {tol:g} ({time.perf_counter() - t0:.1f} s)")
-    return 0 if ok else 1
+    return auto, worst
 
 
 def seed_loss(p: dict[str, Tensor], x: Tensor, target: Tensor) -> Tensor:
