@@ -133,12 +133,6 @@ def minibatches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int,
         yield (xb - norm[0]) / norm[1], yb, ddp.loss_weight(len(yb), len(idx))
 
 
-def epoch_means(tot: Tensor) -> list[float]:
-    """(k + 1,) sums of k per-example quantities and the example count, summed over ranks -> k means."""
-    tot = ddp.all_reduce_sum(tot)
-    return [float(v / tot[-1]) for v in tot[:-1]]
-
-
 class Splits:
     """Train / validation / test tensors of a digit experiment, standardised with the training mean and std.
 

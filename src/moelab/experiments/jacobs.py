@@ -73,7 +73,7 @@ from moelab.models.mlp_mixture import mixture_log_gates, mixture_predict, mlp, m
 from moelab.moe import MoE
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
-from moelab.train.evaluation import save_eval
+from moelab.train.evaluation import error_pct, save_eval
 from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
 from moelab.train.optim import make_optimizer, make_schedule
 from moelab.train.run import Run
@@ -226,17 +226,13 @@ def _predict(model, x: Tensor, bf16: bool, chunk: int = 8192) -> tuple[Tensor, T
     return torch.cat(probs), (torch.cat(gates) if gates else None)
 
 
-def _err_pct(probs: Tensor, y: Tensor) -> float:
-    return round(100 * float((probs.argmax(1) != y).float().mean()), 4)
-
-
 def _evaluator(model, sp: Splits, bf16: bool):
     """After-epoch metrics: error on the validation split (test without one), and lead shares for a mixture."""
     x, y, name = sp.eval_split
 
     def evaluate(epoch: int) -> dict:
         probs, gates = _predict(model, x, bf16)
-        row = {name: _err_pct(probs, y)}
+        row = {name: error_pct(probs, y)}
         if gates is not None:
             row["lead_share"] = lead_share(torch.bincount(gates.argmax(1), minlength=gates.shape[1]))
             row["lead_max"] = max(row["lead_share"])
@@ -263,7 +259,7 @@ def _fit(run: Run, phase: str, model, loss_fn, t: dict, sp: Splits, bf16: bool, 
     rep = model_report(sp.test_y, probs, gates, probs.shape[1])
     rep.update(epochs=epochs, train_time_s=round(time.perf_counter() - t0, 1), **cost_row(model, sp.test_x[:256]))
     if sp.val_x is not None:
-        rep["val_error_pct"] = _err_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y)
+        rep["val_error_pct"] = error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y)
     return rep
 
 

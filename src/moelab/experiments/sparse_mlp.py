@@ -162,10 +162,6 @@ def _predict(model: SparseMoEMLP, x: Tensor, bf16: bool, chunk: int = 2048) -> t
     return torch.cat(probs), (torch.cat(gates) if gates else None)
 
 
-def _err(probs: Tensor, y: Tensor) -> float:
-    return error_pct(probs, y, 4)
-
-
 @family("sparse_mlp", DEFAULTS, RULES, check_config, RESUMABLE)
 def run(cfg: dict, run_ctx: Run) -> dict:
     with torch_threads(cfg["threads"]):
@@ -188,7 +184,7 @@ def _train(run: Run, phase: str, model: SparseMoEMLP, t: dict, sp: Splits, bf16:
 
     def evaluate(epoch: int) -> dict:
         probs, gates = _predict(model, sp.val_x, bf16)
-        row = {"val_err": _err(probs, sp.val_y)}
+        row = {"val_err": error_pct(probs, sp.val_y)}
         if gates is not None:
             row["lead_max"] = round(float(torch.bincount(gates.argmax(1), minlength=gates.shape[1]).max())
                                     / len(sp.val_y), 4)
@@ -201,7 +197,7 @@ def _train(run: Run, phase: str, model: SparseMoEMLP, t: dict, sp: Splits, bf16:
     probs, gates = _predict(model, sp.test_x, bf16)
     save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
     rep = model_report(sp.test_y, probs, gates, probs.shape[1])
-    rep.update(val_error_pct=_err(_predict(model, sp.val_x, bf16)[0], sp.val_y), epochs=t["epochs"],
+    rep.update(val_error_pct=error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y), epochs=t["epochs"],
                train_time_s=train_time, params=count_params(model),
                flops_per_example=round(flops_per_example(model, sp.val_x[:512]), 1))
     run.log(f"[{phase}] test err {rep['test_error_pct']:.2f}%, val err {rep['val_error_pct']:.2f}%, "

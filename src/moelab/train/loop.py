@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moelab.errors import MoelabError
+from moelab.parallel import ddp
 from moelab.train.checkpoint import (
     KILL_ENV,
     load_checkpoint,
@@ -71,8 +72,6 @@ def minibatch_epoch(model: nn.Module, opt, sched, batches, forward: Callable, lo
     ``loss_fn(out, y) -> (loss, aux or None)`` outside it; one optimiser + scheduler step per batch on
     ``(loss + aux) * loss_weight``. Returns the epoch's mean ``loss`` (and ``aux`` when there is one) over
     examples, summed over data-parallel ranks, and the last learning rate."""
-    from moelab.parallel import ddp
-
     model.train()
     tot = torch.zeros(3, dtype=torch.float64)
     has_aux = False
