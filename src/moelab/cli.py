@@ -24,14 +24,15 @@ def _cmd_run(a: argparse.Namespace) -> int:
         if a.resume:
             raise MoelabError("moelab run: --seeds and --resume do not go together; run the same --seeds "
                               "command with the same --out again to continue its unfinished seeds.")
-        run_seeds(a.experiment, a.set, out=a.out, data_dir=a.data_dir, seed=a.seed or 0, n=a.seeds, quiet=a.quiet)
+        run_seeds(a.experiment, a.set, out=a.out, data_dir=a.data_dir, seed=a.seed or 0, n=a.seeds, quiet=a.quiet,
+                  device=a.device)
         return 0
     from moelab.parallel.ddp import maybe_init_from_env
 
     with maybe_init_from_env() as dist_ctx:
         run_experiment(
             a.experiment, a.set, out=a.out, data_dir=a.data_dir, seed=a.seed, resume=a.resume,
-            quiet=a.quiet, is_main=dist_ctx.is_main,
+            quiet=a.quiet, is_main=dist_ctx.is_main, device=a.device,
         )
     return 0
 
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N >= 1 seeds (seed, seed+1, ...) into OUT/seed-K folders, then compare them")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
     r.add_argument("--nproc", type=int, default=0, help="data-parallel on N local processes (torchrun)")
+    r.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="cpu, cuda, cuda:N or auto (default: auto = CUDA when available, else the CPU)")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
     r.set_defaults(func=_cmd_run)
 

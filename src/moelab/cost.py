@@ -44,9 +44,13 @@ def flops_per_example(model: nn.Module, batch: Tensor) -> float:
     """Inference FLOPs per example of ``model`` on ``batch`` (N, ...): counted in eval mode, divided by N.
 
     The model's train/eval mode is restored afterwards. For a routed model the count is that batch's
-    routing (pass a few hundred real examples: the average is then what inference costs)."""
+    routing (pass a few hundred real examples: the average is then what inference costs). The batch is
+    moved to the model's device (its first parameter's) when they differ."""
     if batch.shape[0] < 1:
         raise MoelabError("flops_per_example: the batch is empty")
+    param = next(model.parameters(), None)
+    if param is not None and param.device != batch.device and batch.device.type != "meta":
+        batch = batch.to(param.device)
     was_training = model.training
     model.eval()
     try:

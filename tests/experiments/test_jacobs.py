@@ -175,9 +175,12 @@ def test_augment_is_shift_then_the_seed_preprocessing(name):
     from moelab.data.augment import Augment
     from moelab.data.transforms import resize_cubic_half_like_seed, translate
     from moelab.experiments.digit_common import load_data
+    from moelab.experiments.jacobs import Config
+    from moelab.schema import typed
 
     data_dir = _mnist_dir() if name.startswith("mnist") else None
-    d = load_data(resolve_config(name, ["data.train_limit=300", "data.test_limit=10"])[1], 0, data_dir)
+    c = typed(Config, resolve_config(name, ["data.train_limit=300", "data.test_limit=10"])[1])
+    d = load_data(c.data, 0, data_dir)
     raw = d["train_raw"]
     x = Augment(d, 1)(raw, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)

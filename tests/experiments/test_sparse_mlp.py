@@ -11,8 +11,9 @@ from moelab.cost import count_params, flops_per_example
 from moelab.errors import ConfigError
 from moelab.experiments import resolve_config
 from moelab.experiments.runner import run_experiment
-from moelab.experiments.sparse_mlp import build_model
+from moelab.experiments.sparse_mlp import Config, build_model
 from moelab.moe import MoE
+from moelab.schema import typed
 
 
 @pytest.fixture(autouse=True)
@@ -62,13 +63,14 @@ def test_mnist_sparse_routers(router, real_data_dir, tmp_path):
 def test_sparse_flops_below_dense_all_experts():
     """Counted inference FLOPs of the top-k mixture: the shared layers, the router and k of E experts, well
     below the same mixture run densely (every expert on every example)."""
-    cfg = resolve_config("mnist-sparse", ["model.num_experts=8", "model.k=1", "model.dim=64", "model.hidden=128"])[1]
+    cfg = typed(Config, resolve_config("mnist-sparse", ["model.num_experts=8", "model.k=1", "model.dim=64",
+                                                        "model.hidden=128"])[1])
     torch.manual_seed(0)
-    model = build_model(cfg["model"], 196, 10)
+    model = build_model(cfg.model, 196, 10)
     assert isinstance(model.blocks[0], MoE)
     x = torch.randn(256, 196)
     sparse = flops_per_example(model, x)
-    d, h, e = cfg["model"]["dim"], cfg["model"]["hidden"], 8
+    d, h, e = cfg.model.dim, cfg.model.hidden, 8
     shared = 2 * (196 * d + d * 10) + 2 * d * e  # embed + head + router
     expert = 2 * 2 * d * h
     assert sparse == pytest.approx(shared + expert, rel=0.1)  # padding of the bucketed path is counted too
@@ -76,7 +78,7 @@ def test_sparse_flops_below_dense_all_experts():
     dense_all = flops_per_example(model.embed, x) + flops_per_example(block.experts, x[:, :d].contiguous())
     assert dense_all == pytest.approx(2 * 196 * d + e * expert)
     assert sparse < 0.3 * dense_all
-    assert count_params(model) > 4 * count_params(build_model(cfg["model"], 196, 10, dense=True))  # 8 experts
+    assert count_params(model) > 4 * count_params(build_model(cfg.model, 196, 10, dense=True))  # 8 experts
 
 
 def test_bad_router_is_a_config_error(tmp_path):

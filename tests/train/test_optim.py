@@ -1,11 +1,12 @@
 """The MLP families' optimiser and schedule factories (moelab.train.optim)."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from moelab.train.optim import lr_multiplier, make_optimizer, make_schedule
+from moelab.train.optim import Optim, lr_multiplier, make_optimizer, make_schedule
 
 
 def test_onecycle_warms_up_linearly_then_cosine_to_zero():
@@ -20,7 +21,7 @@ def test_onecycle_warms_up_linearly_then_cosine_to_zero():
 
 def test_factories_build_the_configured_optimiser_and_a_resumable_schedule():
     p = [torch.nn.Parameter(torch.zeros(3))]
-    t = {"optimizer": "sgd", "weight_decay": 0.01, "momentum": 0.9, "schedule": "onecycle", "warmup_frac": 0.5}
+    t = Optim(optimizer="sgd", weight_decay=0.01, momentum=0.9, schedule="onecycle", warmup_frac=0.5)
     opt = make_optimizer(t, p, 0.2)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"]
     sched = make_schedule(t, opt, 4)
@@ -30,7 +31,7 @@ def test_factories_build_the_configured_optimiser_and_a_resumable_schedule():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.1, 0.2, 0.2, 0.2 * 0.5 * (1 + math.cos(math.pi / 2))])
-    assert isinstance(make_optimizer({**t, "optimizer": "adamw"}, p, 0.1), torch.optim.AdamW)
+    assert isinstance(make_optimizer(dataclasses.replace(t, optimizer="adamw"), p, 0.1), torch.optim.AdamW)
 
 
 def test_onecycle_or_plateau_are_torchs_schedulers():

@@ -106,8 +106,14 @@ def kill_and_resume(root):
 
 def without_timings(obj):
     if isinstance(obj, dict):
-        return {k: without_timings(v) for k, v in obj.items() if not k.endswith("time_s") and k != "resumed"}
+        return {k: without_timings(v) for k, v in obj.items()
+                if not k.endswith("time_s") and k not in ("resumed", "img_per_s")}
     return obj
+
+
+def metric_rows(run_dir):
+    """metrics.jsonl without the measured speeds (each epoch's images/s differs between any two runs)."""
+    return [without_timings(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_clean(run_dir):
@@ -154,7 +160,7 @@ def test_killed_run_resumes_to_identical_result(kill_runs, name):
     assert {m: r["test_accuracy"] for m, r in summary["models"].items()} == {
         m: r["test_accuracy"] for m, r in want["models"].items()}
     assert without_timings(summary) == without_timings(want)
-    assert (run / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
+    assert metric_rows(run) == metric_rows(ref) and len(metric_rows(ref)) > 0
     for model in ("moe", "single"):
         got, _ = load_checkpoint(run / "eval" / f"{model}.safetensors")
         exp, _ = load_checkpoint(ref / "eval" / f"{model}.safetensors")

@@ -21,6 +21,7 @@ from typing import Any
 
 from moelab.config import Rule, apply_overrides, check_rules, flatten, merge, needs_rule, read_toml
 from moelab.errors import ConfigError
+from moelab.schema import defaults_of, rules_of, typed
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -41,6 +42,7 @@ class Family:
     rules: dict[str, Rule]
     check: Callable[[dict], None] | None = None
     resumable: tuple[str, ...] = ()
+    schema: type | None = None  # the typed config (moelab.schema) its run and check receive
 
     def validate(self, cfg: dict, where: str = "config") -> dict:
         """``cfg`` if every key's rule and the cross-key check accept it, else ConfigError."""
@@ -53,19 +55,35 @@ class Family:
 _FAMILIES: dict[str, Family] = {}
 
 
-def family(name: str, defaults: dict, rules: dict[str, Rule] | None = None, check: Callable[[dict], None] | None = None,
-           resumable: tuple[str, ...] = ()) -> Callable:
+def family(name: str, defaults: dict | None = None, rules: dict[str, Rule] | None = None,
+           check: Callable[[Any], None] | None = None, resumable: tuple[str, ...] = (), *,
+           schema: type | None = None) -> Callable:
     """Decorator registering ``run(cfg, run_ctx) -> summary`` as experiment family ``name``.
 
-    ``rules``: flattened key -> :class:`moelab.config.Rule` (every key that is not a boolean needs one);
-    ``check(cfg)``: cross-key rules (raise ConfigError); ``resumable``: keys ``--resume`` may change."""
+    ``schema``: the family's typed config (frozen dataclasses, :mod:`moelab.schema`): its defaults and
+    rules come from the field types, and ``run`` and ``check`` receive the config as that dataclass.
+    Without one, ``defaults`` (nested dict) and ``rules`` (flattened key -> :class:`moelab.config.Rule`;
+    every key that is not a boolean needs one) declare it and they receive the dict. ``check(cfg)``:
+    cross-key rules (raise ConfigError); ``resumable``: keys ``--resume`` may change."""
+    if schema is not None:
+        defaults, rules = defaults_of(schema), {**rules_of(schema), **(rules or {})}
+    if defaults is None:
+        raise ValueError(f"family {name}: give its schema or its defaults")
     keys, rules = flatten(defaults), rules or {}
     unknown = sorted(set(rules) - set(keys)) + sorted(set(resumable) - set(keys))
     if unknown:
         raise ValueError(f"family {name}: rules name keys that are not in its defaults: {', '.join(unknown)}")
 
     def deco(fn: Callable) -> Callable:
-        _FAMILIES[name] = Family(name, defaults, fn, dict(rules), check, tuple(resumable))
+        run, chk = fn, check
+        if schema is not None:
+            def run(cfg: dict, ctx: Any) -> dict:
+                return fn(typed(schema, cfg), ctx)
+
+            if check is not None:
+                def chk(cfg: dict) -> None:
+                    check(typed(schema, cfg))
+        _FAMILIES[name] = Family(name, defaults, run, dict(rules), chk, tuple(resumable), schema)
         return fn
 
     return deco

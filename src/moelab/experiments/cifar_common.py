@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -18,12 +17,13 @@ from torch import nn
 
 from moelab.config import refuse
 from moelab.data.transforms import random_translate, train_val_split
+from moelab.device import to_device, to_host
 from moelab.models.cifar_cnn import conv_l2_penalty
 from moelab.moe.hierarchical import pair_cover
 from moelab.precision import resolve_bf16
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import accuracy
-from moelab.train.loop import train_phase
+from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
 
@@ -35,25 +35,27 @@ def config_hash(obj) -> str:
 
 
 class Images:
-    """uint8 NHWC images on the CPU -> normalised float NCHW (channels_last) batches, augmented on the
-    whole batch at once (no per-image Python work)."""
+    """uint8 NHWC images on the host -> normalised float NCHW (channels_last) batches on ``device``,
+    augmented on the whole batch at once (no per-image Python work). Labels ``y`` stay on the host."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, channels_last: bool):
+    def __init__(self, x: np.ndarray, y: np.ndarray, channels_last: bool, device: torch.device | str = "cpu"):
         self.x = torch.from_numpy(np.ascontiguousarray(x))  # (N, 32, 32, 3) uint8
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.channels_last = channels_last
-        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+        self.device = torch.device(device)
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None, shift: int = 0,
               gen: torch.Generator | None = None) -> torch.Tensor:
-        x = self.x[idx].permute(0, 3, 1, 2).float().div_(255.0)  # NCHW view of NHWC = channels_last
+        x = to_device(self.x[idx], self.device)  # uint8 to the device: 4x less to copy than float
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # NCHW view of NHWC = channels_last
         x = (x - self.mean) / self.std
         if flip is not None:
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = torch.where(to_device(flip, self.device).view(-1, 1, 1, 1), x.flip(3), x)
         if shift > 0:
             x = random_translate(x, shift, gen, fill="edge")
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
@@ -68,18 +70,20 @@ def load_average() -> float:
         return float("nan")
 
 
-def use_bf16(cfg: dict) -> bool:
-    """``compute.bf16`` resolved: ``"auto"`` = bf16 only where this CPU computes it natively."""
-    return resolve_bf16(cfg["compute"]["bf16"], key="compute.bf16")
+def use_bf16(cfg: dict, device: torch.device | str = "cpu") -> bool:
+    """``compute.bf16`` resolved: ``"auto"`` = bf16 only where ``device`` computes it natively."""
+    return resolve_bf16(cfg["compute"]["bf16"], device, key="compute.bf16")
 
 
-def autocast_for(cfg: dict):
-    if use_bf16(cfg):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def autocast_for(cfg: dict, device: torch.device | str = "cpu"):
+    if use_bf16(cfg, device):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def to_memory_format(model: nn.Module, cfg: dict) -> nn.Module:
+def to_memory_format(model: nn.Module, cfg: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """``model`` on ``device``, channels_last when ``compute.channels_last``."""
+    model = model.to(device)
     return model.to(memory_format=torch.channels_last) if cfg["compute"]["channels_last"] else model
 
 
@@ -125,58 +129,50 @@ class Data:
         te_keep = limit_per_class(ds.test_y, used, cfg["data"]["test_per_class"])
         train_x, train_y = ds.train_x[tr_keep], ds.train_y[tr_keep]
         tr, va = train_val_split(train_y, cfg["data"]["val_size"], seed=run.seed, stratified=True)
-        cl = cfg["compute"]["channels_last"]
-        self.train = Images(train_x[tr], train_y[tr], cl)
-        self.val = Images(train_x[va], train_y[va], cl)
-        self.test = Images(ds.test_x[te_keep], ds.test_y[te_keep], cl)
+        cl, self.device = cfg["compute"]["channels_last"], run.device
+        self.train = Images(train_x[tr], train_y[tr], cl, run.device)
+        self.val = Images(train_x[va], train_y[va], cl, run.device)
+        self.test = Images(ds.test_x[te_keep], ds.test_y[te_keep], cl, run.device)
         self.cover = pair_cover(self.pairs, len(self.classes))  # (K, E): class k is in expert e's pair
         self.key = {"checksum": self.checksum, "data": cfg["data"], "train": len(self.train), "val": len(self.val)}
 
 
 
 
-def epoch_batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
+def index_batches(n: int, batch: int, gen: torch.Generator, hflip: bool, max_steps: int | None = None):
+    """An epoch's shuffled batches (at most ``max_steps``): yields ``(indices, flip)`` (``flip`` a random
+    half of the batch when ``hflip``, else None), drawn lazily from ``gen`` so the augmentation that
+    follows each batch draws from it in the same order."""
     perm = torch.randperm(n, generator=gen)
-    return [perm[i : i + batch] for i in range(0, n, batch)]
+    for step, i in enumerate(range(0, n, batch)):
+        if max_steps is not None and step >= max_steps:
+            return
+        idx = perm[i : i + batch]
+        yield idx, (torch.rand(len(idx), generator=gen) < 0.5 if hflip else None)
 
 
-def run_epoch(n: int, batch: int, gen: torch.Generator, hflip: bool, loss_fn, opt, sched, state: dict,
-                 progress) -> dict:
-    """One epoch of Adam steps over shuffled batches: ``loss_fn(idx, flip) -> loss`` per batch (``flip``
-    a random half of the batch when ``hflip``, else None); ``sched`` (or None) steps per batch.
-    Adds the images and seconds to ``state``; reports to ``progress`` (``Run.progress``); returns the
-    epoch's metrics."""
-    t0, tot, seen = time.perf_counter(), 0.0, 0
-    with progress:
-        for idx in epoch_batches(n, batch, gen):
-            flip = torch.rand(len(idx), generator=gen) < 0.5 if hflip else None
-            loss = loss_fn(idx, flip)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            tot += loss.item() * len(idx)
-            seen += len(idx)
-            progress.update(len(idx))
-    dt = time.perf_counter() - t0
-    state["images"] += seen
-    state["seconds"] += dt
-    return {"loss": tot / max(seen, 1), "lr": opt.param_groups[0]["lr"], "img_per_s": seen / dt}
+def image_batches(images: Images, batch: int, gen: torch.Generator, hflip: bool, shift: int,
+                  max_steps: int | None = None, summed: bool = False):
+    """:func:`index_batches` as augmented images: yields ``(x, y, loss weight)`` for
+    :func:`moelab.train.loop.minibatch_epoch`; the weight is 1 (a mean loss), or the batch size when
+    ``summed`` (a loss summed over the batch, as airbench's recipe has it)."""
+    for idx, flip in index_batches(len(images), batch, gen, hflip, max_steps):
+        yield images.batch(idx, flip, shift, gen), images.y[idx], (len(idx) if summed else 1.0)
 
 
 @torch.no_grad()
 def predict_batches(model_fn, images: Images, cfg: dict, flip: bool = False) -> list[torch.Tensor]:
-    """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches; concatenated float outputs."""
+    """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches (on ``images.device``);
+    concatenated float outputs, on the host."""
     bs = cfg["compute"]["eval_batch"]
     outs: list[list[torch.Tensor]] = []
     for i in range(0, len(images), bs):
         idx = torch.arange(i, min(i + bs, len(images)))
         x = images.batch(idx, flip=torch.ones(len(idx), dtype=torch.bool) if flip else None)
-        with autocast_for(cfg):
+        with autocast_for(cfg, images.device):
             o = model_fn(x)
         o = o if isinstance(o, tuple) else (o,)
-        outs.append([t.float() for t in o])
+        outs.append([to_host(t.float()) for t in o])
     return [torch.cat(parts, dim=-2 if parts[0].dim() == 3 else 0) for parts in zip(*outs)]
 
 
@@ -216,7 +212,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     ``keep_start`` (a warm-started model): its starting weights are the first candidate (epoch 0): fine-tuning
     that never beats them on ``val`` leaves the model as it came. ``val_classes``: validation accuracy over
     these classes only (a warm-started specialist is judged on telling its pair apart)."""
-    model = to_memory_format(model, cfg)
+    model = to_memory_format(model, cfg, images.device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = math.ceil(len(images) / batch)
     sched = onecycle_or_plateau(schedule, opt, lr, epochs, steps, plateau_patience, plateau_factor, min_lr)
@@ -235,18 +231,15 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     def train_epoch(epoch: int) -> dict:
         if early_stop and state["best"] >= 0 and epoch - state["best_epoch"] > early_stop:
             return {"stopped": 1}
-        model.train()
         gen = run.generator(phase, epoch)
 
-        def loss_fn(idx, flip):
-            x, y = images.batch(idx, flip, shift, gen), images.y[idx]
-            with autocast_for(cfg):
-                out = model(x)
-            return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2)
+        def loss_fn(out, y):
+            return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2), None
 
-        return run_epoch(len(images), batch, gen, cfg["augment"]["hflip"], loss_fn, opt,
-                         sched if schedule == "onecycle" else None, state,
-                         run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
+        return minibatch_epoch(model, opt, sched if schedule == "onecycle" else None,
+                               image_batches(images, batch, gen, cfg["augment"]["hflip"], shift), model, loss_fn,
+                               bf16=use_bf16(cfg, images.device), device=images.device, meter=state,
+                               progress=run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
 
     def evaluate(epoch: int) -> dict:
         acc = val_acc()
@@ -269,7 +262,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
 def images_of(images: Images, classes: list[int]) -> Images:
     keep = torch.isin(images.y, torch.tensor(classes))
     out = Images.__new__(Images)
-    out.x, out.y, out.channels_last = images.x[keep], images.y[keep], images.channels_last
+    out.x, out.y, out.channels_last, out.device = images.x[keep], images.y[keep], images.channels_last, images.device
     out.mean, out.std = images.mean, images.std
     return out
 

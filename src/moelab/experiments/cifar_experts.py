@@ -222,8 +222,8 @@ class Pipeline:
         self.y = data.test.y
         run.log(f"data: {cfg['data']['name']} (checksum {data.checksum[:12]}), train {len(data.train)}, "
                 f"val {len(data.val)}, test {len(data.test)}; {len(data.pairs)} experts; torch threads "
-                f"{torch.get_num_threads()}; bf16 {use_bf16(cfg)} (compute.bf16 = {cfg['compute']['bf16']}, CPU "
-                f"bf16: {cpu_bf16_isa()}), channels_last {cfg['compute']['channels_last']}")
+                f"{torch.get_num_threads()}; device {data.device}, bf16 {use_bf16(cfg, data.device)} (compute.bf16 = "
+                f"{cfg['compute']['bf16']}, CPU bf16: {cpu_bf16_isa()}), channels_last {cfg['compute']['channels_last']}")
         self.summary: dict = {
             "dataset": "CIFAR-10 (JPEG-75 copy)" if cfg["data"]["name"] == "cifar10" else cfg["data"]["name"],
             "pairs": [[data.classes[a], data.classes[b]] for a, b in data.pairs]}
@@ -239,7 +239,7 @@ class Pipeline:
         self.models, uniform = expert_reports(data, self.cache)
         t0 = time.perf_counter()  # the hierarchical mixture's gate is the generalist: its inference is part of it
         splits = (("val", data.val), ("test", data.test)) if kind == HIERARCHICAL else (("test", data.test),)
-        self.gen_probs = ({split: torch.softmax(predict_batches(to_memory_format(self.generalist, cfg), images, cfg)[0], 1)
+        self.gen_probs = ({split: torch.softmax(predict_batches(to_memory_format(self.generalist, cfg, data.device), images, cfg)[0], 1)
                            for split, images in splits} if self.generalist is not None else {})
         self.gen_infer_s = time.perf_counter() - t0
         if self.generalist is not None:

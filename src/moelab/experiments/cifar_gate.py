@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.cost import cost_row, count_params, flops_per_example
+from moelab.device import to_device, to_host
 from moelab.errors import ConfigError
 from moelab.experiments.baselines import dense_widths
 from moelab.experiments.cifar_common import (
     Data,
     Images,
     autocast_for,
-    run_epoch,
+    image_batches,
+    index_batches,
     to_memory_format,
 )
 from moelab.experiments.cifar_pretrain import expert_fn
@@ -27,7 +29,7 @@ from moelab.models.gating import HIERARCHICAL, SEED_LR, GateNet, SeedCombine, nu
 from moelab.moe.hierarchical import combine_hierarchical, hierarchical_weights
 from moelab.moe.losses import oracle_routing_loss
 from moelab.train.evaluation import accuracy
-from moelab.train.loop import train_phase
+from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
 
@@ -144,8 +146,9 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
     extra_dim = E * K + cache["train.feats"].shape[1] if kind == "expert-aware" else 0
     torch.manual_seed(run.generator("init", "gate").initial_seed())
     use_trunk = gc["trunk"] or kind != "expert-aware"
+    dev = data.device
     gate = to_memory_format(GateNet(E, num_heads(kind), extra_dim=extra_dim, hidden=gc["hidden"],
-                                     extra_dropout=gc["extra_dropout"], trunk=use_trunk), cfg)
+                                     extra_dropout=gc["extra_dropout"], trunk=use_trunk), cfg, dev)
     if gc["init"] == "generalist" and gate.trunk is not None:  # same architecture as the CNN's trunk
         gate.trunk.load_state_dict(generalist.trunk.state_dict())
     lr = gc["lr"] if gc["lr"] > 0 else SEED_LR[kind]
@@ -156,28 +159,29 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
     shift = cfg["augment"]["max_shift"] if gc["shift"] else 0
     state = {"images": 0, "seconds": 0.0}
 
-    def forward(x, split, idx, flip):
-        extra = gate_extra(cache, split, idx, flip) if extra_dim else None
-        with autocast_for(cfg):
+    def forward(x, split, idx, flip):  # the cached expert outputs live on the host: this batch's go to the device
+        extra = to_device(gate_extra(cache, split, idx, flip), dev) if extra_dim else None
+        with autocast_for(cfg, dev):
             g = gate(x, extra)
-        return mixer([t.float() for t in g], gate_probs(cache, split, idx, flip))  # (logits, weights)
+        return mixer([t.float() for t in g], to_device(gate_probs(cache, split, idx, flip), dev))  # (logits, weights)
+
+    def loss_fn(out, y):
+        logits, weights = out
+        loss = F.cross_entropy(logits, y, label_smoothing=gc["label_smoothing"]) + conv_l2_penalty(gate, gc["l2"])
+        return loss, (gc["aux_weight"] * oracle_routing_loss(weights, y, cover) if gc["aux_weight"] > 0 else None)
 
     def train_epoch(epoch: int) -> dict:
-        gate.train()
         gen = run.generator("gate", epoch)
 
-        def loss_fn(idx, flip):
-            x = data.train.batch(idx, flip, shift, gen) if use_trunk else None
-            y = data.train.y[idx]
-            logits, weights = forward(x, "train", idx, flip)
-            loss = F.cross_entropy(logits, y, label_smoothing=gc["label_smoothing"]) + conv_l2_penalty(gate, gc["l2"])
-            if gc["aux_weight"] > 0:
-                loss = loss + gc["aux_weight"] * oracle_routing_loss(weights, y, cover)
-            return loss
+        def batch_forward(b):  # the gate trains on the cached expert outputs of these images
+            idx, flip = b
+            return forward(data.train.batch(idx, flip, shift, gen) if use_trunk else None, "train", idx, flip)
 
-        return run_epoch(len(data.train), gc["batch"], gen, cfg["augment"]["hflip"], loss_fn, opt,
-                            sched if gc["schedule"] == "onecycle" else None, state,
-                            run.progress(f"[gate] epoch {epoch + 1}", len(data.train)))
+        batches = ((b, data.train.y[b[0]].to(dev), 1.0)
+                   for b in index_batches(len(data.train), gc["batch"], gen, cfg["augment"]["hflip"]))
+        return minibatch_epoch(gate, opt, sched if gc["schedule"] == "onecycle" else None, batches, batch_forward,
+                               loss_fn, progress=run.progress(f"[gate] epoch {epoch + 1}", len(data.train)),
+                               meter=state)
 
     def evaluate(epoch: int) -> dict:
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", extra_dim)
@@ -197,19 +201,19 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
     """Mixture logits and effective gate weights on ``images`` (cached expert outputs of ``split``,
     or ``experts_fn(x) -> probs`` when the experts were fine-tuned)."""
     gate.eval()
-    bs = cfg["compute"]["eval_batch"]
+    bs, dev = cfg["compute"]["eval_batch"], images.device
     mixer = SeedCombine(kind, gate.num_experts, cfg["gate"]["top_k"])
     logits, weights = [], []
     for i in range(0, len(images), bs):
         idx = torch.arange(i, min(i + bs, len(images)))
         x = images.batch(idx) if gate.trunk is not None else None
-        extra = gate_extra(cache, split, idx) if extra_dim else None
-        with autocast_for(cfg):
+        extra = to_device(gate_extra(cache, split, idx), dev) if extra_dim else None
+        with autocast_for(cfg, dev):
             g = [t.float() for t in gate(x, extra)]
-            probs = experts_fn(x) if experts_fn is not None else cache[f"{split}.probs"][:, idx].float()
+            probs = experts_fn(x) if experts_fn is not None else to_device(cache[f"{split}.probs"][:, idx], dev)
         lg, w = mixer(g, probs.float())
-        logits.append(lg)
-        weights.append(w)
+        logits.append(to_host(lg))
+        weights.append(to_host(w))
     return torch.cat(logits), torch.cat(weights)
 
 
@@ -238,6 +242,8 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
     gc, kind = cfg["gate"], cfg["gate"]["kind"]
     if kind == "expert-aware":
         raise ConfigError("gate.finetune_epochs: joint fine-tuning is not implemented for the expert-aware gate")
+    dev = data.device
+    gate, experts = gate.to(dev), experts.to(dev)
     params = list(gate.parameters()) + list(experts.parameters())
     opt = torch.optim.Adam(params, lr=gc["finetune_lr"])
     steps = math.ceil(len(data.train) / gc["batch"])
@@ -246,19 +252,20 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
     mixer = SeedCombine(kind, len(data.pairs), gc["top_k"])
     state = {"images": 0, "seconds": 0.0}
 
+    def forward(x):
+        with autocast_for(cfg, dev):
+            g = [t.float() for t in gate(x)]
+            probs = torch.softmax(experts(x).float(), dim=-1)
+        return mixer(g, probs)[0]  # the combine in fp32, outside autocast
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits, y) + conv_l2_penalty(both, gc["l2"]), None
+
     def train_epoch(epoch: int) -> dict:
-        both.train()
         gen = run.generator("finetune", epoch)
-
-        def loss_fn(idx, flip):
-            x, y = data.train.batch(idx, flip, cfg["augment"]["max_shift"], gen), data.train.y[idx]
-            with autocast_for(cfg):
-                g = [t.float() for t in gate(x)]
-                probs = torch.softmax(experts(x).float(), dim=-1)
-            return F.cross_entropy(mixer(g, probs)[0], y) + conv_l2_penalty(both, gc["l2"])
-
-        return run_epoch(len(data.train), gc["batch"], gen, True, loss_fn, opt, sched, state,
-                            run.progress(f"[finetune] epoch {epoch + 1}", len(data.train)))
+        batches = image_batches(data.train, gc["batch"], gen, True, cfg["augment"]["max_shift"])
+        return minibatch_epoch(both, opt, sched, batches, forward, loss_fn, device=dev, meter=state,
+                               progress=run.progress(f"[finetune] epoch {epoch + 1}", len(data.train)))
 
     def experts_fn(x):
         return torch.softmax(experts(x).float(), dim=-1)

@@ -15,7 +15,6 @@ recipe and the measured numbers: ``docs/results-cifar-moe.md``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -23,12 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from moelab.config import Check, Choice, Float, Int, Switch, refuse
 from moelab.cost import count_params, flops_per_example
+from moelab.device import to_host
 from moelab.experiments import family
 from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
-from moelab.experiments.cifar_common import Images, limit_per_class
+from moelab.experiments.cifar_common import Images, image_batches, limit_per_class
 from moelab.models.fast_cnn import ConvBlock, FastCNN
 from moelab.moe import CondConv2d, ConvBlockExperts, MoE
 from moelab.moe.routers import resolve
@@ -36,7 +37,7 @@ from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.runtime import torch_threads
 from moelab.train.evaluation import error_pct, routing_stats, save_eval
-from moelab.train.loop import seed_module_init, train_phase
+from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
 from moelab.train.run import Run
 
 MOES = ("none", "condconv", "blocks")
@@ -192,72 +193,58 @@ def lr_factor(step: int, total: int, warmup_frac: float) -> float:
     return float(np.interp(step, [0, peak, total], [0.2, 1.0, 0.0]))
 
 
+def make_schedule(opt: torch.optim.SGD, t: dict, total: int, steps_per_epoch: int) -> LambdaLR:
+    """:func:`lr_factor` per step for every group; the whitening bias trains only for the first
+    ``whiten_bias_epochs`` epochs (then its lr is 0)."""
+    freeze = t["whiten_bias_epochs"] * steps_per_epoch
+
+    def factor(frozen_after: int | None):
+        return lambda step: 0.0 if frozen_after is not None and step >= frozen_after else \
+            lr_factor(step, total, t["warmup_frac"])
+
+    return LambdaLR(opt, [factor(freeze if g["name"] == "whiten_bias" else None) for g in opt.param_groups])
+
+
 class Recipe:
-    """The training state of one phase: optimiser, step-based schedule (a function of the step, so a
-    resumed run continues it exactly), augmentation."""
+    """The training state of one phase: optimiser, step-based schedule (a checkpointed
+    :class:`~torch.optim.lr_scheduler.LambdaLR`, so a resumed run continues it exactly), augmentation;
+    the epoch is :func:`moelab.train.loop.minibatch_epoch`."""
 
     def __init__(self, model: FastCNN, t: dict, train: Images, total_steps: int, bf16: bool, run: Run, phase: str):
         self.model, self.t, self.train, self.total, self.bf16 = model, t, train, total_steps, bf16
         self.run, self.phase = run, phase
         self.opt = make_optimizer(model, t, t["batch"])
-        self.base_lr = [g["lr"] for g in self.opt.param_groups]
         self.steps_per_epoch = math.ceil(len(train) / t["batch"])
-
-    def _set_lr(self, step: int, epoch: int) -> None:
-        f = lr_factor(step, self.total, self.t["warmup_frac"])
-        for grp, base in zip(self.opt.param_groups, self.base_lr):
-            frozen = grp["name"] == "whiten_bias" and epoch >= self.t["whiten_bias_epochs"]
-            grp["lr"] = 0.0 if frozen else base * f
+        self.sched = make_schedule(self.opt, t, total_steps, self.steps_per_epoch)
 
     def epoch(self, epoch: int) -> dict:
-        t, model = self.t, self.model
-        model.train()
-        g = self.run.generator(self.phase, epoch)
-        perm = torch.randperm(len(self.train), generator=g)
-        tot, seen, start = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
-        with self.run.progress(f"[{self.phase}] epoch {epoch + 1}", len(perm)) as bar:
-            for i in range(0, len(perm), t["batch"]):
-                step = epoch * self.steps_per_epoch + i // t["batch"]
-                if step >= self.total:
-                    break
-                idx = perm[i:i + t["batch"]]
-                self._set_lr(step, epoch)
-                tot += self._step(idx, g)
-                seen += len(idx)
-                bar.update(len(idx))
-        dt = time.perf_counter() - start
-        return {"loss": float(tot) / max(seen, 1), "img_per_s": round(seen / max(dt, 1e-9), 1),
-                "lr": self.opt.param_groups[0]["lr"]}
-
-    def _step(self, idx: Tensor, g: torch.Generator) -> Tensor:
-        """One SGD step on the images ``idx`` (augmented); -> the summed loss (no host sync)."""
         t = self.t
-        flip = torch.rand(len(idx), generator=g) < 0.5 if t["flip"] else None
-        x, y = self.train.batch(idx, flip, t["translate"], g), self.train.y[idx]
-        with _autocast(self.bf16):
-            logits, aux, _ = self.model.forward_with_aux(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=t["label_smoothing"], reduction="sum")
-        self.opt.zero_grad(set_to_none=True)
-        (loss + len(y) * t["aux_scale"] * aux).backward()  # airbench's summed loss; aux is a batch mean
-        self.opt.step()
-        return loss.detach().double()
+        steps = max(0, min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch))
+        g = self.run.generator(self.phase, epoch)
+        batches = image_batches(self.train, t["batch"], g, t["flip"], t["translate"], max_steps=steps, summed=True)
+        bar = self.run.progress(f"[{self.phase}] epoch {epoch + 1}", min(len(self.train), steps * t["batch"]))
+        return minibatch_epoch(self.model, self.opt, self.sched, batches, self.model.forward_with_aux, self._loss,
+                               bf16=self.bf16, device=self.run.device, progress=bar)
 
-
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    def _loss(self, out, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy (batch mean) and the routers' auxiliary loss; weighted by the batch size in the
+        step, as airbench sums its loss over the batch."""
+        logits, aux, _ = out
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.t["label_smoothing"]), self.t["aux_scale"] * aux
 
 
 @torch.no_grad()
 def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) -> tuple[Tensor, list[Tensor]]:
-    """-> (class probabilities (N, C), per-image routing weights of each MoE module on the plain images)."""
+    """-> (class probabilities (N, C), per-image routing weights of each MoE module on the plain images), on
+    the host; the images run on ``images.device``."""
     model.eval()
     probs, routes = [], []
     for i in range(0, len(images), batch):
         x = images.batch(torch.arange(i, min(i + batch, len(images))))
-        with _autocast(bf16):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, _, auxes = model.forward_with_aux(x)
             logits = logits.float()
-            routes.append([a.gates.float() for a in auxes] + [r.float() for r in _routing(model)])
+            routes.append([to_host(a.gates.float()) for a in auxes] + [to_host(r.float()) for r in _routing(model)])
             if tta >= 1:
                 logits = 0.5 * logits + 0.5 * model(x.flip(3)).float()
             if tta >= 2:
@@ -265,7 +252,7 @@ def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) ->
                 shifted = [pad[:, :, :32, :32], pad[:, :, 2:, 2:]]
                 t_logits = torch.stack([0.5 * model(s).float() + 0.5 * model(s.flip(3)).float() for s in shifted])
                 logits = 0.5 * logits + 0.5 * t_logits.mean(0)
-        probs.append(torch.softmax(logits, -1))
+        probs.append(to_host(torch.softmax(logits, -1)))
     per_module = [torch.cat([r[j] for r in routes]) for j in range(len(routes[0]))] if routes and routes[0] else []
     return torch.cat(probs), per_module
 
@@ -289,8 +276,9 @@ def load_images(cfg: dict, run: Run) -> dict:
         raise refuse("train.batch", cfg["train"]["batch"],
                      f"at most the {len(y) - d['val_size']} training images left after data.val_size")
     tr, va = train_val_split(y, d["val_size"], seed=run.seed, stratified=True)
-    return {"train": Images(x[tr], y[tr], cl), "val": Images(x[va], y[va], cl),
-            "test": Images(ds.test_x[te_keep], ds.test_y[te_keep], cl), "classes": list(ds.classes)}
+    dev = run.device
+    return {"train": Images(x[tr], y[tr], cl, dev), "val": Images(x[va], y[va], cl, dev),
+            "test": Images(ds.test_x[te_keep], ds.test_y[te_keep], cl, dev), "classes": list(ds.classes)}
 
 
 class Fitter:
@@ -314,14 +302,15 @@ class Fitter:
 
     def __call__(self, phase: str, model: FastCNN, epochs: float) -> dict:
         cfg, run, t, ev = self.cfg, self.run, self.cfg["train"], self.cfg["eval"]
+        model = model.to(run.device)
         if cfg["compute"]["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
         model.init_whitening(self.whiten_sample)
         total = max(1, round(epochs * self.steps_per_epoch))
-        recipe = Recipe(model, t, self.data["train"], total, self.bf16, run, phase)
+        recipe = Recipe(model, t, self.data["train"], total, self.bf16, run, phase)  # the optimiser: after .to(device)
         start = time.perf_counter()
         train_phase(run, phase, model, recipe.opt, math.ceil(total / self.steps_per_epoch), recipe.epoch,
-                    evaluate=lambda epoch: self.evaluate(model), log_every=t["log_every"])
+                    sched=recipe.sched, evaluate=lambda epoch: self.evaluate(model), log_every=t["log_every"])
         train_time = round(time.perf_counter() - start, 1)
         val, test = self.data["val"], self.data["test"]
         val_probs, _ = predict(model, val, ev["tta"], self.bf16, ev["batch"])
@@ -351,9 +340,9 @@ def _run(cfg: dict, run: Run) -> dict:
     t, m = cfg["train"], cfg["model"]
     t0 = time.perf_counter()
     data = load_images(cfg, run)
-    bf16 = resolve_bf16(cfg["compute"]["bf16"], key="compute.bf16")
+    bf16 = resolve_bf16(cfg["compute"]["bf16"], run.device, key="compute.bf16")
     run.log(f"data: {len(data['train'])} train / {len(data['val'])} val / {len(data['test'])} test images "
-            f"({time.perf_counter() - t0:.1f} s); bf16 {bf16}, torch threads {torch.get_num_threads()}")
+            f"({time.perf_counter() - t0:.1f} s); device {run.device}, bf16 {bf16}, torch threads {torch.get_num_threads()}")
     fit = Fitter(cfg, run, data, bf16)
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")

@@ -30,7 +30,7 @@ CACHE_VERSION = 1
 
 def generalist_key(cfg: dict, data: Data, seed: int) -> str:
     return config_hash({"v": CACHE_VERSION, "generalist": cfg["generalist"], "l2": cfg["experts"]["l2"],
-                  "augment": cfg["augment"], "bf16": use_bf16(cfg), "data": data.key, "seed": seed})
+                  "augment": cfg["augment"], "bf16": use_bf16(cfg, data.device), "data": data.key, "seed": seed})
 
 
 def expert_key(cfg: dict, data: Data, seed: int) -> str:
@@ -40,7 +40,7 @@ def expert_key(cfg: dict, data: Data, seed: int) -> str:
     else:
         ec["generalist"] = generalist_key(cfg, data, seed)
         ec["keep_start"] = "pair"  # the generalist is a candidate for the best checkpoint, judged within the pair
-    return config_hash({"v": CACHE_VERSION, "experts": ec, "augment": cfg["augment"], "bf16": use_bf16(cfg),
+    return config_hash({"v": CACHE_VERSION, "experts": ec, "augment": cfg["augment"], "bf16": use_bf16(cfg, data.device),
                   "data": data.key, "seed": seed})
 
 
@@ -57,7 +57,7 @@ def train_generalist(cfg: dict, run: Run, data: Data) -> tuple[Seed1CNN, dict]:
         tensors, meta = load_checkpoint(path)
         model.load_state_dict(tensors)
         run.log(f"[generalist] loaded from cache {path} (trained in {meta.get('train_s', 0):.0f} s)")
-        return model.eval(), {"cached": True, "key": key, **meta}
+        return model.to(data.device).eval(), {"cached": True, "key": key, **meta}
     gc = cfg["generalist"]
     torch.manual_seed(run.generator("init", "generalist").initial_seed())
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | Non
         tensors, meta = load_checkpoint(path)
         experts.load_state_dict(tensors)
         run.log(f"[experts] loaded from cache {path} (trained in {meta.get('train_s', 0):.0f} s)")
-        return experts.eval(), {"cached": True, "key": key, "path": str(path), **meta}
+        return experts.to(data.device).eval(), {"cached": True, "key": key, "path": str(path), **meta}
     ec = cfg["experts"]
     infos, t0 = [], time.perf_counter()
     for i, (a, b) in enumerate(data.pairs):
@@ -112,7 +112,7 @@ def pretrain_experts(cfg: dict, run: Run, data: Data, generalist: Seed1CNN | Non
     if ec["cache"]:
         save_checkpoint(path, experts.state_dict(), meta)
         run.log(f"[experts] cached as {path}")
-    return experts.eval(), {"cached": False, "key": key, "path": str(path), **meta}
+    return experts.to(data.device).eval(), {"cached": False, "key": key, "path": str(path), **meta}
 
 
 def expert_fn(modules: nn.ModuleList):
@@ -149,7 +149,7 @@ def expert_outputs(cfg: dict, run: Run, data: Data, experts: ConvExperts, key: s
     path = paths[0]
     modules = experts.to_modules().eval()
     for m in modules:
-        to_memory_format(m, cfg)
+        to_memory_format(m, cfg, data.device)
     fn = expert_fn(modules)
     t0 = time.perf_counter()
     out: dict[str, torch.Tensor] = {}

@@ -4,11 +4,14 @@ dense baselines."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from moelab.config import refuse
+from moelab.config import Int, refuse
 from moelab.cost import count_params, flops_per_example
 from moelab.data.augment import Augment
 from moelab.errors import ConfigError
@@ -17,23 +20,36 @@ from moelab.parallel import ddp
 from moelab.train.evaluation import accuracy, routing_stats
 from moelab.train.run import Run
 
-GRAYSCALE = ("digits", "mnist", "fashion-mnist")
-ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "sigmoid")
+Dataset = Literal["digits", "mnist", "fashion-mnist"]
+Activation = Literal["gelu", "relu", "silu", "tanh", "sigmoid"]
+GRAYSCALE, ACTIVATIONS = get_args(Dataset), get_args(Activation)
 
 
-def check_sizes(cfg: dict, name: str, n_train: int, n_test: int) -> None:
-    """The sizes that must fit the data set (``n_train`` / ``n_test`` images), before anything trains."""
-    d = cfg["data"]
+@dataclass(frozen=True)
+class DigitData:
+    """The ``data`` section of the digit families (:mod:`moelab.schema`)."""
+
+    dataset: Dataset = "digits"
+    resize: Literal["seed_half", "none"] = "none"  # "seed_half": the seed's cubic zoom 28 -> 14
+    train_limit: Annotated[int, Int(ge=0)] = 0  # use only the first N training images (0: all)
+    test_limit: Annotated[int, Int(ge=0)] = 0  # use only the first N test images (0: all)
+    val_size: Annotated[int, Int(ge=0)] = 0  # hold out this many training images (stratified) for validation
+    standardize: bool = False  # (x - mean) / std with the training images' mean and std (scalars)
+
+
+def check_sizes(d: DigitData, name: str, n_train: int, n_test: int, batch_size: int | None = None) -> None:
+    """The sizes that must fit the data set (``n_train`` / ``n_test`` images), before anything trains;
+    ``batch_size`` (minibatch training) must fit the training images left after the validation split."""
     for key, n, split in (("train_limit", n_train, "training"), ("test_limit", n_test, "test")):
-        if d[key] > n:
-            raise refuse(f"data.{key}", d[key], f"at most the {n} {split} images of {name} (0: all)")
-    n_tr = min(n_train, d["train_limit"] or n_train)
-    if d["val_size"] >= n_tr:
-        raise refuse("data.val_size", d["val_size"], f"fewer than the {n_tr} training images of {name}")
-    n_fit, bs = n_tr - d["val_size"], cfg["train"]["batch_size"]
-    if cfg.get("mode", "modern") == "modern" and bs > n_fit:
-        raise refuse("train.batch_size", bs, f"at most the {n_fit} training images left after "
-                     f"data.val_size = {d['val_size']}")
+        if getattr(d, key) > n:
+            raise refuse(f"data.{key}", getattr(d, key), f"at most the {n} {split} images of {name} (0: all)")
+    n_tr = min(n_train, d.train_limit or n_train)
+    if d.val_size >= n_tr:
+        raise refuse("data.val_size", d.val_size, f"fewer than the {n_tr} training images of {name}")
+    n_fit = n_tr - d.val_size
+    if batch_size is not None and batch_size > n_fit:
+        raise refuse("train.batch_size", batch_size, f"at most the {n_fit} training images left after "
+                     f"data.val_size = {d.val_size}")
 
 
 def grayscale(x: np.ndarray, name: str) -> np.ndarray:
@@ -42,29 +58,30 @@ def grayscale(x: np.ndarray, name: str) -> np.ndarray:
     return x[..., 0]
 
 
-def load_data(cfg: dict, run_seed: int, data_dir: str | None) -> dict:
-    """The experiment's images as float64 (N, H*W) in [0, 1] (the seed's scaling) and int64 labels."""
+def load_data(d: DigitData, run_seed: int, data_dir: str | None, *, batch_size: int | None = None,
+              shuffle_split: bool = False) -> dict:
+    """The experiment's images as float64 (N, H*W) in [0, 1] (the seed's scaling) and int64 labels.
+    ``shuffle_split``: the seed's random split of all images (see ``seed_protocol``)."""
     from moelab.data import load_dataset
     from moelab.data.transforms import resize_cubic_half_like_seed
 
-    d = cfg["data"]
-    ds = load_dataset(d["dataset"], data_dir=data_dir)
+    ds = load_dataset(d.dataset, data_dir=data_dir)
     tr_x, te_x = grayscale(ds.train_x, ds.name), grayscale(ds.test_x, ds.name)
     tr_y, te_y = ds.train_y, ds.test_y
-    check_sizes(cfg, ds.name, len(tr_y), len(te_y))
-    if cfg["seed_protocol"]["shuffle_split"]:  # the seed: np.random.shuffle(ids) over all images, first 60000 train
+    check_sizes(d, ds.name, len(tr_y), len(te_y), batch_size)
+    if shuffle_split:  # the seed: np.random.shuffle(ids) over all images, first 60000 train
         from moelab.train.run import seeded_generator
 
         all_x, all_y = np.concatenate([tr_x, te_x]), np.concatenate([tr_y, te_y])
         ids = torch.randperm(len(all_x), generator=seeded_generator(run_seed, "split")).numpy()
         tr_x, tr_y = all_x[ids[:len(tr_x)]], all_y[ids[:len(tr_x)]]
         te_x, te_y = all_x[ids[len(tr_x):]], all_y[ids[len(tr_x):]]
-    if d["train_limit"] > 0:
-        tr_x, tr_y = tr_x[:d["train_limit"]], tr_y[:d["train_limit"]]
-    if d["test_limit"] > 0:
-        te_x, te_y = te_x[:d["test_limit"]], te_y[:d["test_limit"]]
+    if d.train_limit > 0:
+        tr_x, tr_y = tr_x[:d.train_limit], tr_y[:d.train_limit]
+    if d.test_limit > 0:
+        te_x, te_y = te_x[:d.test_limit], te_y[:d.test_limit]
     train_raw = torch.from_numpy(np.ascontiguousarray(tr_x))  # before resizing: for augmentation
-    if d["resize"] == "seed_half":
+    if d.resize == "seed_half":
         tr_x, te_x = resize_cubic_half_like_seed(tr_x), resize_cubic_half_like_seed(te_x)
     h, w = tr_x.shape[1:]
     both = np.concatenate([tr_x, te_x]).reshape(-1, h * w).astype(np.float64)
@@ -75,7 +92,7 @@ def load_data(cfg: dict, run_seed: int, data_dir: str | None) -> dict:
     return {
         "train_x": torch.from_numpy(both[:len(tr_x)]), "train_y": torch.from_numpy(np.asarray(tr_y)),
         "test_x": torch.from_numpy(both[len(tr_x):]), "test_y": torch.from_numpy(np.asarray(te_y)),
-        "train_raw": train_raw, "pixel_affine": (shift, scale), "resize": d["resize"],
+        "train_raw": train_raw, "pixel_affine": (shift, scale), "resize": d.resize,
         "shape": (h, w), "classes": list(ds.classes), "num_classes": len(ds.classes),
     }
 

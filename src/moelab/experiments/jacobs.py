@@ -47,19 +47,22 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.config import Choice, Float, Int, Switch
+from moelab.config import Float, Int, Switch
 from moelab.cost import cost_row
 from moelab.data.augment import Augment
+from moelab.device import to_host
 from moelab.errors import ConfigError
 from moelab.experiments import family
 from moelab.experiments.digit_common import (
-    ACTIVATIONS,
-    GRAYSCALE,
+    Activation,
+    DigitData,
     Splits,
     dense_baselines,
     format_lead,
@@ -73,97 +76,89 @@ from moelab.models.mlp_mixture import mixture_log_gates, mixture_predict, mlp, m
 from moelab.moe import MoE
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
+from moelab.schema import defaults_of, rules_of
 from moelab.train.evaluation import error_pct, save_eval
 from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
-from moelab.train.optim import make_optimizer, make_schedule
+from moelab.train.optim import Optim, make_optimizer, make_schedule
 from moelab.train.run import Run
 
-DEFAULTS: dict = {
-    "mode": "modern",  # "faithful" (the seed, exactly) | "modern"
-    "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
-    "data": {
-        "dataset": "digits",
-        "resize": "none",  # "seed_half": the seed's cubic zoom 28 -> 14 | "none"
-        "train_limit": 0,  # use only the first N training images (0: all)
-        "test_limit": 0,  # use only the first N test images (0: all)
-        "val_size": 0,  # modern: hold out this many training images (stratified) for validation
-        "standardize": False,  # modern: (x - mean) / std with the training images' mean and std (scalars)
-    },
-    "model": {
-        "num_experts": 10,
-        "hidden": 25,  # each expert: in-hidden-classes
-        "gate_hidden": 25,  # the gate: in-gate_hidden-E
-        "activation": "gelu",  # modern only (faithful is sigmoid)
-        "gate_temperature": 1.0,  # modern only
-    },
-    "faithful": {
-        "lr": 10.0,
-        "moe_epochs": 3000,
-        "single_epochs": 2000,
-        "gate_grad_scale": 2.0,  # the seed's gradient_ME doubles the gate's gradient; 1.0 = true gradient
-        "dtype": "float32",  # "float32" | "float64" (the seed's NumPy precision)
-        "chunk": 4096,  # examples per block of the full-batch gradient
-        "workers": 2,  # threads splitting the blocks, each op single-threaded (see seed_mixture_gradients)
-        "log_every": 100,
-        "checkpoint_every": 100,
-    },
-    "baselines": {
-        "equal_cost": True,  # also train dense-equal-params and dense-equal-flops (one dense MLP each, same recipe)
-    },
-    "seed_protocol": {
-        "train_on_test": False,  # the seed's MoE loop: train (and report) on the test split
-        "shuffle_split": False,  # the seed's random 60000/10000 split of all 70000 images
-    },
-    "train": {
-        "epochs": 30,
-        "single_epochs": 0,  # 0: same as epochs
-        "batch_size": 128,
-        "optimizer": "adamw",  # "adamw" | "sgd" (Nesterov momentum)
-        "lr": 3e-3,
-        "single_lr": 0.0,  # 0: same as lr
-        "weight_decay": 0.0,
-        "momentum": 0.9,
-        "schedule": "onecycle",  # "onecycle" (linear warm-up, cosine decay) | "cosine" | "constant"
-        "warmup_frac": 0.15,
-        "loss": "mixture_ce",  # "mixture_ce" | "jacobs_loglik" | "logit_mixture_ce" | "competitive"
-        "label_smoothing": 0.0,
-        "balance": "none",  # "none" | "importance" | "switch" | "entropy" | "z"
-        "balance_weight": 0.0,
-        "shift": 0,  # random translation of the original images by up to this many pixels (0: off), see Augment
-        "bf16": Switch("false"),  # torch.autocast bfloat16 for the forward pass; "auto": where the CPU has it natively
-        "log_every": 1,
-    },
-}
+Loss = Literal["mixture_ce", "jacobs_loglik", "logit_mixture_ce", "competitive"]
+Balance = Literal["none", "importance", "switch", "entropy", "z"]
+LOSSES, BALANCES = get_args(Loss), get_args(Balance)
 
-LOSSES = ("mixture_ce", "jacobs_loglik", "logit_mixture_ce", "competitive")
-BALANCES = ("none", "importance", "switch", "entropy", "z")
 
-# What each key accepts (moelab.config rules); sizes that must fit the data are checked in load_data.
-RULES: dict = {
-    "mode": Choice("faithful", "modern"), "threads": Int(ge=0),
-    "data.dataset": Choice(*GRAYSCALE), "data.resize": Choice("seed_half", "none"),
-    "data.train_limit": Int(ge=0), "data.test_limit": Int(ge=0), "data.val_size": Int(ge=0),
-    "model.num_experts": Int(ge=1), "model.hidden": Int(ge=1), "model.gate_hidden": Int(ge=1),
-    "model.activation": Choice(*ACTIVATIONS), "model.gate_temperature": Float(gt=0),
-    "faithful.lr": Float(gt=0), "faithful.moe_epochs": Int(ge=1), "faithful.single_epochs": Int(ge=1),
-    "faithful.gate_grad_scale": Float(ge=0), "faithful.dtype": Choice("float32", "float64"),
-    "faithful.chunk": Int(ge=1), "faithful.workers": Int(ge=1), "faithful.log_every": Int(ge=1),
-    "faithful.checkpoint_every": Int(ge=1),
-    "train.epochs": Int(ge=1), "train.single_epochs": Int(ge=0), "train.batch_size": Int(ge=1),
-    "train.optimizer": Choice("adamw", "sgd"), "train.lr": Float(gt=0), "train.single_lr": Float(ge=0),
-    "train.weight_decay": Float(ge=0), "train.momentum": Float(ge=0, lt=1),
-    "train.schedule": Choice("onecycle", "cosine", "constant"), "train.warmup_frac": Float(ge=0, lt=1),
-    "train.loss": Choice(*LOSSES), "train.label_smoothing": Float(ge=0, lt=1), "train.balance": Choice(*BALANCES),
-    "train.balance_weight": Float(ge=0), "train.shift": Int(ge=0, le=8), "train.log_every": Int(ge=1),
-}
+@dataclass(frozen=True)
+class Model:
+    num_experts: Annotated[int, Int(ge=1)] = 10
+    hidden: Annotated[int, Int(ge=1)] = 25  # each expert: in-hidden-classes
+    gate_hidden: Annotated[int, Int(ge=1)] = 25  # the gate: in-gate_hidden-E
+    activation: Activation = "gelu"  # modern only (faithful is sigmoid)
+    gate_temperature: Annotated[float, Float(gt=0)] = 1.0  # modern only
+
+
+@dataclass(frozen=True)
+class Faithful:
+    lr: Annotated[float, Float(gt=0)] = 10.0
+    moe_epochs: Annotated[int, Int(ge=1)] = 3000
+    single_epochs: Annotated[int, Int(ge=1)] = 2000
+    gate_grad_scale: Annotated[float, Float(ge=0)] = 2.0  # the seed's gradient_ME doubles the gate's gradient; 1.0 = true
+    dtype: Literal["float32", "float64"] = "float32"  # float64: the seed's NumPy precision
+    chunk: Annotated[int, Int(ge=1)] = 4096  # examples per block of the full-batch gradient
+    workers: Annotated[int, Int(ge=1)] = 2  # threads splitting the blocks, each op single-threaded
+    log_every: Annotated[int, Int(ge=1)] = 100
+    checkpoint_every: Annotated[int, Int(ge=1)] = 100
+
+
+@dataclass(frozen=True)
+class Baselines:
+    equal_cost: bool = True  # also train dense-equal-params and dense-equal-flops (one dense MLP each, same recipe)
+
+
+@dataclass(frozen=True)
+class SeedProtocol:
+    train_on_test: bool = False  # the seed's MoE loop: train (and report) on the test split
+    shuffle_split: bool = False  # the seed's random 60000/10000 split of all 70000 images
+
+
+@dataclass(frozen=True)
+class Train(Optim):
+    epochs: Annotated[int, Int(ge=1)] = 30
+    single_epochs: Annotated[int, Int(ge=0)] = 0  # 0: same as epochs
+    batch_size: Annotated[int, Int(ge=1)] = 128
+    single_lr: Annotated[float, Float(ge=0)] = 0.0  # 0: same as lr
+    loss: Loss = "mixture_ce"
+    label_smoothing: Annotated[float, Float(ge=0, lt=1)] = 0.0
+    balance: Balance = "none"
+    balance_weight: Annotated[float, Float(ge=0)] = 0.0
+    shift: Annotated[int, Int(ge=0, le=8)] = 0  # random translation of the original images (pixels; 0: off)
+    bf16: Switch = Switch("false")  # bf16 autocast for the forward pass; "auto": where the device has it natively
+    log_every: Annotated[int, Int(ge=1)] = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """The ``jacobs`` family's config (``digits-jacobs``, ``mnist-jacobs``, ``mnist-jacobs-faithful``); sizes
+    that must fit the data are checked in :func:`moelab.experiments.digit_common.load_data`."""
+
+    mode: Literal["faithful", "modern"] = "modern"  # "faithful": the seed, exactly
+    threads: Annotated[int, Int(ge=0)] = 0  # torch.set_num_threads; 0 keeps torch's default
+    data: DigitData = field(default_factory=DigitData)
+    model: Model = field(default_factory=Model)
+    faithful: Faithful = field(default_factory=Faithful)
+    baselines: Baselines = field(default_factory=Baselines)
+    seed_protocol: SeedProtocol = field(default_factory=SeedProtocol)
+    train: Train = field(default_factory=Train)
+
+
+DEFAULTS, RULES = defaults_of(Config), rules_of(Config)
 RESUMABLE = ("threads", "train.log_every", "faithful.log_every", "faithful.checkpoint_every")
 
 
-def check_config(cfg: dict) -> None:
+def check_config(c: Config) -> None:
     """Cross-key rules of the jacobs family."""
-    if cfg["seed_protocol"]["train_on_test"] and cfg["mode"] != "faithful":
+    if c.seed_protocol.train_on_test and c.mode != "faithful":
         raise ConfigError("seed_protocol.train_on_test = true applies to mode = \"faithful\" only "
-                          f"(mode is {cfg['mode']!r}).")
+                          f"(mode is {c.mode!r}).")
 
 
 # ======================================================================== modern
@@ -213,16 +208,20 @@ def balance_loss(kind: str, gate_logits: Tensor, gates: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _predict(model, x: Tensor, bf16: bool, chunk: int = 8192) -> tuple[Tensor, Tensor | None]:
+    """-> (probabilities (N, C), the mixture's gates (N, E) or None), on the host; ``x`` in chunks on the
+    model's device."""
     model.eval()
+    device = next(model.parameters()).device
     probs, gates = [], []
     for i in range(0, x.shape[0], chunk):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        xb = x[i:i + chunk].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if isinstance(model, MoE):
-                p, g = mixture_predict(model, x[i:i + chunk])
-                gates.append(g.float())
+                p, g = mixture_predict(model, xb)
+                gates.append(to_host(g.float()))
             else:
-                p = torch.softmax(model(x[i:i + chunk]).float(), -1)
-        probs.append(p.float())
+                p = torch.softmax(model(xb).float(), -1)
+        probs.append(to_host(p.float()))
     return torch.cat(probs), (torch.cat(gates) if gates else None)
 
 
@@ -240,93 +239,95 @@ def _evaluator(model, sp: Splits, bf16: bool):
     return evaluate
 
 
-def _fit(run: Run, phase: str, model, loss_fn, t: dict, sp: Splits, bf16: bool, epochs: int, lr: float) -> dict:
+def _fit(run: Run, phase: str, model, loss_fn, t: Train, sp: Splits, bf16: bool, epochs: int, lr: float) -> dict:
     """Train ``model`` (DDP-wrapped under torchrun) with the family's recipe, then its row on the test split."""
-    steps = math.ceil(sp.train_x.shape[0] / t["batch_size"])
+    steps = math.ceil(sp.train_x.shape[0] / t.batch_size)
+    model.to(run.device)
     opt = make_optimizer(t, model.parameters(), lr)
     sched = make_schedule(t, opt, epochs * steps)
     fwd = ddp.wrap_model(model)
 
     def epoch_fn(epoch: int) -> dict:
-        return minibatch_epoch(model, opt, sched, sp.batches(run, phase, epoch, t["batch_size"]), fwd, loss_fn,
-                               bf16=bf16)
+        return minibatch_epoch(model, opt, sched, sp.batches(run, phase, epoch, t.batch_size), fwd, loss_fn,
+                               bf16=bf16, device=run.device)
 
     t0 = time.perf_counter()
     train_phase(run, phase, model, opt, epochs, epoch_fn, evaluate=_evaluator(model, sp, bf16), sched=sched,
-                log_every=t["log_every"])
+                log_every=t.log_every)
     probs, gates = _predict(model, sp.test_x, bf16)
     save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
     rep = model_report(sp.test_y, probs, gates, probs.shape[1])
-    rep.update(epochs=epochs, train_time_s=round(time.perf_counter() - t0, 1), **cost_row(model, sp.test_x[:256]))
+    rep.update(epochs=epochs, train_time_s=round(time.perf_counter() - t0, 1), **cost_row(model, sp.test_x[:256].to(run.device)))
     if sp.val_x is not None:
         rep["val_error_pct"] = error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y)
     return rep
 
 
-def _mixture_loss_fn(moe: MoE, t: dict):
+def _mixture_loss_fn(moe: MoE, t: Train):
     """(MoE output, labels) -> (mixture loss, weighted balance loss or None)."""
     def loss_fn(out, yb):
         aux = out[1]  # MoEAux: the experts' logits (E, N, C) and the gate's (N, E)
         lg = mixture_log_gates(moe, aux.logits)
-        loss = mixture_loss(t["loss"], aux.expert_outputs, lg, yb, t["label_smoothing"])
-        if t["balance"] == "none" or t["balance_weight"] == 0:
+        loss = mixture_loss(t.loss, aux.expert_outputs, lg, yb, t.label_smoothing)
+        if t.balance == "none" or t.balance_weight == 0:
             return loss, None
-        return loss, t["balance_weight"] * balance_loss(t["balance"], aux.logits.float(), lg.exp())
+        return loss, t.balance_weight * balance_loss(t.balance, aux.logits.float(), lg.exp())
     return loss_fn
 
 
-def run_modern(cfg: dict, run: Run, data: dict) -> dict:
-    t, m, d = cfg["train"], cfg["model"], cfg["data"]
+def run_modern(c: Config, run: Run, data: dict) -> dict:
+    t, m, d = c.train, c.model, c.data
     n_cls, (h, w) = data["num_classes"], data["shape"]
-    in_dim, bf16 = h * w, resolve_bf16(t["bf16"], key="train.bf16")
-    sp = Splits(data, d["val_size"], run.seed, d["standardize"], Augment(data, t["shift"]) if t["shift"] > 0 else None)
+    in_dim, bf16 = h * w, resolve_bf16(t.bf16, run.device, key="train.bf16")
+    sp = Splits(data, d.val_size, run.seed, d.standardize, Augment(data, t.shift) if t.shift > 0 else None)
     world = ddp.current().world_size
     if world > 1:
-        run.log(f"data-parallel: {world} ranks, each trains on its part of every global batch of {t['batch_size']}")
+        run.log(f"data-parallel: {world} ranks, each trains on its part of every global batch of {t.batch_size}")
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")
-    moe = mlp_mixture(m["num_experts"], in_dim, m["hidden"], n_cls, m["gate_hidden"], m["activation"],
-                      m["gate_temperature"])
-    models["moe"] = rep = _fit(run, "moe", moe, _mixture_loss_fn(moe, t), t, sp, bf16, t["epochs"], t["lr"])
+    moe = mlp_mixture(m.num_experts, in_dim, m.hidden, n_cls, m.gate_hidden, m.activation,
+                      m.gate_temperature)
+    models["moe"] = rep = _fit(run, "moe", moe, _mixture_loss_fn(moe, t), t, sp, bf16, t.epochs, t.lr)
 
     # dense networks (the single network, the equal-cost baselines): cross-entropy, the single network's recipe
     def ce(logits, yb):
-        return F.cross_entropy(logits.float(), yb, label_smoothing=t["label_smoothing"]), None
+        return F.cross_entropy(logits.float(), yb, label_smoothing=t.label_smoothing), None
 
     def train_dense(phase: str, hidden: int) -> dict:
         seed_module_init(run, phase)
-        net = mlp(in_dim, hidden, n_cls, m["activation"])
-        return {**_fit(run, phase, net, ce, t, sp, bf16, t["single_epochs"] or t["epochs"], t["single_lr"] or t["lr"]),
+        net = mlp(in_dim, hidden, n_cls, m.activation)
+        return {**_fit(run, phase, net, ce, t, sp, bf16, t.single_epochs or t.epochs, t.single_lr or t.lr),
                 "hidden": hidden}
 
-    models["single"] = train_dense("single", m["hidden"])
-    if cfg["baselines"]["equal_cost"]:
-        models.update(dense_baselines(run, rep, lambda hid: mlp(in_dim, hid, n_cls, m["activation"]),
+    models["single"] = train_dense("single", m.hidden)
+    if c.baselines.equal_cost:
+        models.update(dense_baselines(run, rep, lambda hid: mlp(in_dim, hid, n_cls, m.activation),
                                       sp.test_x[:4], train_dense))
     label_single(models)
     run.log(f"moe lead share (test split): {format_lead(rep['lead_share'])}")
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
-            "protocol": {"mode": "modern", "loss": t["loss"], "balance": t["balance"],
-                         "val_size": d["val_size"], "world_size": world}}
+            "protocol": {"mode": "modern", "loss": t.loss, "balance": t.balance,
+                         "val_size": d.val_size, "world_size": world}}
 
 
 # ======================================================================== entry points
-@family("jacobs", DEFAULTS, RULES, check_config, RESUMABLE)
-def run(cfg: dict, run_ctx: Run) -> dict:
-    if cfg["mode"] == "faithful":
+@family("jacobs", check=check_config, resumable=RESUMABLE, schema=Config)
+def run(c: Config, run_ctx: Run) -> dict:
+    if c.mode == "faithful":
         ddp.require_single_process(f"{run_ctx.name} (mode = \"faithful\": full-batch gradient descent)")
     threads = torch.get_num_threads()
     try:
-        if cfg["threads"] > 0:
-            torch.set_num_threads(cfg["threads"])
+        if c.threads > 0:
+            torch.set_num_threads(c.threads)
         t0 = time.perf_counter()
-        data = load_data(cfg, run_ctx.seed, run_ctx.data_dir)
-        run_ctx.log(f"data: {cfg['data']['dataset']} {data['shape'][0]}x{data['shape'][1]}, "
+        data = load_data(c.data, run_ctx.seed, run_ctx.data_dir, shuffle_split=c.seed_protocol.shuffle_split,
+                         batch_size=c.train.batch_size if c.mode == "modern" else None)
+        run_ctx.log(f"data: {c.data.dataset} {data['shape'][0]}x{data['shape'][1]}, "
                     f"{len(data['train_y'])} train / {len(data['test_y'])} test images "
                     f"({time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
-        if cfg["mode"] == "faithful":
-            return run_faithful(cfg, run_ctx, data)
-        return run_modern(cfg, run_ctx, data)
+        if c.mode == "faithful":
+            return run_faithful(c, run_ctx, data)
+        return run_modern(c, run_ctx, data)
     finally:
         torch.set_num_threads(threads)

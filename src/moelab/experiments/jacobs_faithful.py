@@ -4,6 +4,7 @@ full-batch gradient descent with its hand-written gradient (see :mod:`moelab.exp
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from moelab.models.mlp_mixture import (
 from moelab.train.evaluation import routing_stats, save_eval
 from moelab.train.loop import train_phase
 from moelab.train.run import Run
+
+if TYPE_CHECKING:  # jacobs imports this module
+    from moelab.experiments.jacobs import Config, Faithful, Model
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -77,40 +81,40 @@ def _err_pct(model, xb: Tensor, y: Tensor) -> float:
     return round(100 * float((_seed_predict(model, xb)[0].argmax(1) != y).float().mean()), 4)
 
 
-def _train_seed_mlp(run: Run, f: dict, fb: FullBatch, phase: str, hidden: int) -> dict:
+def _train_seed_mlp(run: Run, f: Faithful, fb: FullBatch, phase: str, hidden: int) -> dict:
     """One SeedMLP in-hidden-classes trained like the seed's single network (full-batch GD, MSE, train split)."""
     net = SeedMLP(fb.in_dim, hidden, fb.num_classes, generator=run.generator("init", phase), dtype=fb.dt)
-    opt = torch.optim.SGD(net.parameters(), lr=f["lr"])
+    opt = torch.optim.SGD(net.parameters(), lr=f.lr)
     n_tr = fb.train_xt.shape[1]
 
     def dense_epoch(epoch: int) -> dict:
-        r = seed_mlp_gradients(net, fb.train_xt, fb.train_yt, chunk=f["chunk"], rows=fb.rows, workers=f["workers"])
+        r = seed_mlp_gradients(net, fb.train_xt, fb.train_yt, chunk=f.chunk, rows=fb.rows, workers=f.workers)
         opt.step()
         return {"loss": r["loss"], "train_err": round(100 * (1 - r["correct"] / n_tr), 4)}
 
     t0 = time.perf_counter()
-    train_phase(run, phase, net, opt, f["single_epochs"], dense_epoch,
+    train_phase(run, phase, net, opt, f.single_epochs, dense_epoch,
                 evaluate=lambda e: {"test_err": _err_pct(net, fb.test_xb, fb.test_y)},
-                log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
+                log_every=f.log_every, checkpoint_every=f.checkpoint_every)
     probs, _ = _seed_predict(net, fb.test_xb)
     save_eval(run, phase, fb.test_y, probs, class_names=fb.classes)
     return {**model_report(fb.test_y, probs, None, fb.num_classes),
-            "train_error_pct": _err_pct(net, fb.train_xb, fb.train_y), "epochs": f["single_epochs"],
+            "train_error_pct": _err_pct(net, fb.train_xb, fb.train_y), "epochs": f.single_epochs,
             "trained_on": "train", "train_time_s": round(time.perf_counter() - t0, 1), "hidden": hidden,
             **cost_row(net, fb.test_xb[:64])}
 
 
-def _train_seed_mixture(run: Run, f: dict, m: dict, fb: FullBatch, on_test: bool) -> dict:
+def _train_seed_mixture(run: Run, f: Faithful, m: Model, fb: FullBatch, on_test: bool) -> dict:
     """The seed's mixture, full-batch GD with its gradient, on the train split (or the test split, as the seed)."""
     fit_xt, fit_yt = (fb.test_xt, fb.test_yt) if on_test else (fb.train_xt, fb.train_yt)
-    moe = SeedMixture(m["num_experts"], fb.in_dim, m["hidden"], fb.num_classes, m["gate_hidden"],
+    moe = SeedMixture(m.num_experts, fb.in_dim, m.hidden, fb.num_classes, m.gate_hidden,
                       generator=run.generator("init", "moe"), dtype=fb.dt)
-    opt = torch.optim.SGD(moe.parameters(), lr=f["lr"])
+    opt = torch.optim.SGD(moe.parameters(), lr=f.lr)
     n_fit = fit_xt.shape[1]
 
     def moe_epoch(epoch: int) -> dict:
-        r = seed_mixture_gradients(moe, fit_xt, fit_yt, gate_grad_scale=f["gate_grad_scale"], chunk=f["chunk"],
-                                   lead_counts=True, rows=fb.rows, workers=f["workers"])
+        r = seed_mixture_gradients(moe, fit_xt, fit_yt, gate_grad_scale=f.gate_grad_scale, chunk=f.chunk,
+                                   lead_counts=True, rows=fb.rows, workers=f.workers)
         opt.step()
         share = lead_share(r["lead_counts"])
         return {"loss": r["loss"], "fit_err": round(100 * (1 - r["correct"] / n_fit), 4),
@@ -123,12 +127,12 @@ def _train_seed_mixture(run: Run, f: dict, m: dict, fb: FullBatch, on_test: bool
         return row
 
     t0 = time.perf_counter()
-    train_phase(run, "moe", moe, opt, f["moe_epochs"], moe_epoch, evaluate=moe_eval,
-                log_every=f["log_every"], checkpoint_every=f["checkpoint_every"])
+    train_phase(run, "moe", moe, opt, f.moe_epochs, moe_epoch, evaluate=moe_eval,
+                log_every=f.log_every, checkpoint_every=f.checkpoint_every)
     probs, gates = _seed_predict(moe, fb.test_xb)
     save_eval(run, "moe", fb.test_y, probs, gates, class_names=fb.classes)
     rep = model_report(fb.test_y, probs, gates, fb.num_classes)
-    rep.update(epochs=f["moe_epochs"], trained_on="test" if on_test else "train",
+    rep.update(epochs=f.moe_epochs, trained_on="test" if on_test else "train",
                train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, fb.test_xb[:256]))
     tr_probs, tr_gates = _seed_predict(moe, fb.train_xb)
     rep["train_error_pct"] = round(100 * float((tr_probs.argmax(1) != fb.train_y).float().mean()), 4)
@@ -140,15 +144,18 @@ def _train_seed_mixture(run: Run, f: dict, m: dict, fb: FullBatch, on_test: bool
     return rep
 
 
-def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
-    f, proto, m = cfg["faithful"], cfg["seed_protocol"], cfg["model"]
-    fb = FullBatch(data, _dtype(f["dtype"]))
-    if f["workers"] > 1:
+def run_faithful(c: Config, run: Run, data: dict) -> dict:
+    f, proto, m = c.faithful, c.seed_protocol, c.model
+    if run.device.type != "cpu":
+        run.log(f"--device {run.device}: the faithful mode computes on the CPU (the seed's hand-written "
+                f"full-batch gradients are CPU code, threaded over blocks)")
+    fb = FullBatch(data, _dtype(f.dtype))
+    if f.workers > 1:
         torch.set_num_threads(1)  # parallel over blocks instead (restored by run())
-    on_test = proto["train_on_test"]
-    models = {"single": _train_seed_mlp(run, f, fb, "single", m["hidden"])}
+    on_test = proto.train_on_test
+    models = {"single": _train_seed_mlp(run, f, fb, "single", m.hidden)}
     models["moe"] = rep = _train_seed_mixture(run, f, m, fb, on_test)
-    if cfg["baselines"]["equal_cost"]:
+    if c.baselines.equal_cost:
         models.update(dense_baselines(run, rep, lambda hid: SeedMLP(fb.in_dim, hid, fb.num_classes, dtype=fb.dt),
                                       fb.test_xb[:4], lambda phase, hid: _train_seed_mlp(run, f, fb, phase, hid)))
     label_single(models)
@@ -159,5 +166,5 @@ def run_faithful(cfg: dict, run: Run, data: dict) -> dict:
     return {"test_accuracy": rep["test_accuracy"], "models": models, "lead_share": rep["lead_share"],
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
             "protocol": {"mode": "faithful", "moe_trained_on": rep["trained_on"],
-                         "shuffle_split": proto["shuffle_split"], "gate_grad_scale": f["gate_grad_scale"],
-                         "dtype": f["dtype"]}}
+                         "shuffle_split": proto.shuffle_split, "gate_grad_scale": f.gate_grad_scale,
+                         "dtype": f.dtype, "device": "cpu"}}

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from moelab.errors import MoelabError
 from moelab.experiments.digit_common import load_data
-from moelab.experiments.jacobs import mixture_loss
+from moelab.experiments.jacobs import Config, mixture_loss
 from moelab.models.mlp_mixture import (
     SeedMixture,
     add_bias_column,
@@ -20,6 +20,7 @@ from moelab.models.mlp_mixture import (
     mlp_mixture,
     seed_mixture_gradients,
 )
+from moelab.schema import typed
 
 GRAD_GROUPS = ("gate hidden", "gate softmax", "experts hidden", "experts output")
 
@@ -84,17 +85,18 @@ def gradcheck_main(experiment: str, overrides: list[str] | None = None, *, data_
     from moelab.experiments import resolve_config
     from moelab.train.run import seeded_generator
 
-    name, cfg = resolve_config(experiment, overrides)
-    if cfg.get("family") != "jacobs":
-        raise MoelabError(f"gradcheck supports the jacobs experiments; '{name}' is family {cfg.get('family')!r}.")
-    t0 = time.perf_counter()
-    data = load_data(cfg, seed, data_dir)
+    name, raw = resolve_config(experiment, overrides)
+    if raw.get("family") != "jacobs":
+        raise MoelabError(f"gradcheck supports the jacobs experiments; '{name}' is family {raw.get('family')!r}.")
+    c, t0 = typed(Config, raw), time.perf_counter()
+    data = load_data(c.data, seed, data_dir, shuffle_split=c.seed_protocol.shuffle_split,
+                     batch_size=c.train.batch_size if c.mode == "modern" else None)
     x = data["train_x"][:num_examples].double()
     y = data["train_y"][:num_examples]
-    n_cls, m = data["num_classes"], cfg["model"]
+    n_cls, m = data["num_classes"], c.model
     g = seeded_generator(seed, "gradcheck")
-    if cfg["mode"] == "faithful":
-        model = SeedMixture(m["num_experts"], x.shape[1], m["hidden"], n_cls, m["gate_hidden"], generator=g,
+    if c.mode == "faithful":
+        model = SeedMixture(m.num_experts, x.shape[1], m.hidden, n_cls, m.gate_hidden, generator=g,
                             dtype=torch.float64)
         xin, target = add_bias_column(x), F.one_hot(y, n_cls).double()
 
@@ -103,9 +105,9 @@ def gradcheck_main(experiment: str, overrides: list[str] | None = None, *, data_
         what = "Jacobs competitive loss 0.5 * sum_i g_i ||y - o_i||^2 (the seed's mean_squared_error_ME)"
     else:
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        model = mlp_mixture(m["num_experts"], x.shape[1], m["hidden"], n_cls, m["gate_hidden"], m["activation"],
-                            m["gate_temperature"]).double()
-        kind, eps = cfg["train"]["loss"], cfg["train"]["label_smoothing"]
+        model = mlp_mixture(m.num_experts, x.shape[1], m.hidden, n_cls, m.gate_hidden, m.activation,
+                            m.gate_temperature).double()
+        kind, eps = c.train.loss, c.train.label_smoothing
 
         def loss_fn(params: dict[str, Tensor]) -> Tensor:
             out = functional_call(model, params, (x,))[1]
@@ -114,7 +116,7 @@ def gradcheck_main(experiment: str, overrides: list[str] | None = None, *, data_
     print(f"gradcheck {name}: {what}; {num_examples} training images, float64; autograd vs central differences "
           f"(h = 1e-4); relative error = max |autograd - numeric| / max |gradient| per group")
     auto, worst = _compare_groups(model, loss_fn, g, max_coords)
-    if cfg["mode"] == "faithful":
+    if c.mode == "faithful":
         # the hand-written full-batch gradient that training uses, against autograd
         seed_mixture_gradients(model, xin.T.contiguous(), target.T.contiguous(), gate_grad_scale=1.0, chunk=8)
         hand = max(relative_error(auto[k], p.grad) for k, p in model.named_parameters())

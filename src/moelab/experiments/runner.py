@@ -26,11 +26,13 @@ def run_experiment(
     resume: str | Path | None = None,
     quiet: bool = False,
     is_main: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Run one experiment end to end; returns the summary (also written to ``RUN_DIR/summary.json``).
 
     ``resume``: continue the run in that directory with its own ``config.toml``; ``overrides`` may then
-    change only the family's resumable keys. Every value is checked before the run directory is made; a
+    change only the family's resumable keys. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``
+    (:func:`moelab.device.resolve_device`; a resumed run may change it). Every value is checked before the run directory is made; a
     run refused once its data set is known (a size that does not fit it) leaves no run directory."""
     if resume is not None:
         out = Path(resume)
@@ -45,8 +47,8 @@ def run_experiment(
     existed = out.exists()
     try:
         with Run(out, name, cfg, seed=seed, data_dir=data_dir, resume=resume is not None, is_main=is_main,
-                 quiet=quiet, mutable=mutable) as run:
-            run.log(f"moelab run {name} (family {fam.name}, seed {seed}) -> {out}")
+                 quiet=quiet, mutable=mutable, device=device) as run:
+            run.log(f"moelab run {name} (family {fam.name}, seed {seed}, device {run.device}) -> {out}")
             summary = fam.run(cfg, run)
             summary = run.write_summary(summary)
             run.log(format_summary(summary))

@@ -30,6 +30,7 @@ def run_seeds(
     seed: int = 0,
     n: int = 3,
     quiet: bool = False,
+    device: str = "cpu",
 ) -> list[dict]:
     """Run ``experiment`` for ``n`` seeds; returns their summaries."""
     if experiment is None:
@@ -41,7 +42,7 @@ def run_seeds(
     summaries, dirs = [], [out / f"seed-{s}" for s in range(seed, seed + n)]
     existed = out.exists()
     try:
-        _run_all(experiment, overrides, dirs, seed, data_dir, quiet, summaries)
+        _run_all(experiment, overrides, dirs, seed, data_dir, quiet, summaries, device)
     except ConfigError:  # refused before training (a size that does not fit the data): leave nothing behind
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -51,7 +52,7 @@ def run_seeds(
 
 
 def _run_all(experiment: str, overrides: list[str] | None, dirs: list[Path], seed: int, data_dir: str | None,
-             quiet: bool, summaries: list[dict]) -> None:
+             quiet: bool, summaries: list[dict], device: str = "cpu") -> None:
     for s, run_dir in zip(range(seed, seed + len(dirs)), dirs):
         if (run_dir / "summary.json").is_file():
             if not quiet:
@@ -60,4 +61,4 @@ def _run_all(experiment: str, overrides: list[str] | None, dirs: list[Path], see
             continue
         resume = run_dir if (run_dir / "config.toml").is_file() else None
         summaries.append(run_experiment(experiment, overrides, out=run_dir, data_dir=data_dir, seed=s,
-                                        resume=resume, quiet=quiet))
+                                        resume=resume, quiet=quiet, device=device))

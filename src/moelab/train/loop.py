@@ -14,12 +14,14 @@ import contextlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from moelab.device import to_device
 from moelab.errors import MoelabError
 from moelab.parallel import ddp
 from moelab.train.checkpoint import (
@@ -51,42 +53,57 @@ def seed_module_init(run: Run, phase: str) -> None:
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=run.generator("init", phase))))
 
 
-def optimizer_step(opt, sched, objective: torch.Tensor, tot: torch.Tensor, loss: torch.Tensor, aux: torch.Tensor,
-                   n: int) -> None:
-    """One optimiser and scheduler step on ``objective``; adds the batch's (loss * n, aux * n, n) to ``tot``
-    (float64, on the host: no sync per step)."""
+def optimizer_step(opt, sched, objective: torch.Tensor) -> None:
+    """One optimiser and scheduler step on ``objective``."""
     opt.zero_grad(set_to_none=True)
     objective.backward()
     opt.step()
     if sched is not None:
         sched.step()
-    tot += torch.stack([loss.detach().double() * n, aux.detach().double() * n,
-                        torch.tensor(float(n), dtype=torch.float64)])
 
 
 def minibatch_epoch(model: nn.Module, opt, sched, batches, forward: Callable, loss_fn: Callable, *,
-                    bf16: bool = False, device_type: str = "cpu") -> dict:
-    """One epoch of minibatch training, the loop every minibatch experiment shares.
+                    bf16: bool = False, device: torch.device | None = None, progress=None,
+                    meter: dict | None = None) -> dict:
+    """One epoch of minibatch training: the loop every experiment shares.
 
-    ``batches`` yields ``(x, y, loss_weight)``; ``forward(x)`` runs under autocast (bf16 when asked) and
+    ``batches`` yields ``(xb, y, loss_weight)`` (``xb`` is whatever ``forward`` takes: a tensor, or the
+    indices and flips of a batch that ``forward`` builds itself), moved with ``y`` to ``device`` (None:
+    where they are; see :mod:`moelab.device`); ``forward(xb)`` runs under autocast (bf16 when asked) and
     ``loss_fn(out, y) -> (loss, aux or None)`` outside it; one optimiser + scheduler step per batch on
-    ``(loss + aux) * loss_weight``. Returns the epoch's mean ``loss`` (and ``aux`` when there is one) over
-    examples, summed over data-parallel ranks, and the last learning rate."""
+    ``(loss + aux) * loss_weight``. ``progress`` (:meth:`moelab.train.run.Run.progress`) counts the
+    examples; ``meter`` accumulates ``images`` and ``seconds``. Returns the epoch's mean ``loss`` (and ``aux`` when there is one) over examples, summed
+    over data-parallel ranks, the last learning rate and this process's examples per second.
+
+    Host syncs: none per step (the sums stay tensors); one at the end of the epoch."""
     model.train()
-    tot = torch.zeros(3, dtype=torch.float64)
-    has_aux = False
-    for xb, yb, w in batches:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            out = forward(xb)
-        loss, aux = loss_fn(out, yb)
-        has_aux = has_aux or aux is not None
-        aux = torch.zeros((), device=loss.device) if aux is None else aux
-        optimizer_step(opt, sched, (loss + aux) * w, tot, loss, aux, len(yb))
-    tot = ddp.all_reduce_sum(tot)
-    row = {"loss": float(tot[0] / tot[2])}
-    if has_aux:
+    device_type = device.type if device is not None else "cpu"
+    tot = None  # (sum of loss * n, sum of aux * n) on the loss's device: no host sync per step
+    has_aux, seen, t0 = False, 0, time.perf_counter()
+    with progress if progress is not None else contextlib.nullcontext():
+        for xb, yb, w in batches:
+            xb, yb = to_device(xb, device), to_device(yb, device)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                out = forward(xb)
+            loss, aux = loss_fn(out, yb)
+            has_aux = has_aux or aux is not None
+            aux = torch.zeros((), device=loss.device) if aux is None else aux
+            optimizer_step(opt, sched, (loss + aux) * w)
+            batch_sums = torch.stack([loss.detach().double(), aux.detach().double()]) * len(yb)
+            tot = batch_sums if tot is None else tot + batch_sums
+            seen += len(yb)
+            if progress is not None:
+                progress.update(len(yb))
+    sums = torch.zeros(2, dtype=torch.float64) if tot is None else tot.cpu()  # the epoch's one host sync
+    tot = ddp.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64)]))
+    dt = time.perf_counter() - t0
+    if meter is not None:
+        meter["images"] = meter.get("images", 0) + seen
+        meter["seconds"] = meter.get("seconds", 0.0) + dt
+    row = {"loss": float(tot[0] / tot[2])} if tot[2] else {}  # no batch (e.g. a step budget already spent)
+    if has_aux and tot[2]:
         row["aux"] = float(tot[1] / tot[2])
-    return {**row, "lr": opt.param_groups[0]["lr"]}
+    return {**row, "lr": opt.param_groups[0]["lr"], "img_per_s": round(seen / max(dt, 1e-9), 1)}
 
 
 def _sched_state(sched) -> dict:

@@ -4,25 +4,41 @@
 :func:`onecycle_or_plateau` the seed-1 CIFAR pipeline (torch's ``OneCycleLR``, stepped per batch, or
 ``ReduceLROnPlateau`` on the validation accuracy, stepped per epoch).
 
-``t`` is the family's ``train`` config section (its RULES have checked every value): ``optimizer``
-("adamw" | "sgd"), ``weight_decay``, ``momentum``; ``schedule`` ("onecycle" | "cosine" | "constant")
-and ``warmup_frac``. Schedules are :class:`torch.optim.lr_scheduler.LambdaLR` multipliers stepped once
-per optimiser step, so a checkpointed scheduler resumes exactly.
+``t`` is the family's ``train`` config section, an :class:`Optim` (the MLP families' train sections
+extend it): ``optimizer``, ``lr``, ``weight_decay``, ``momentum``; ``schedule`` and ``warmup_frac``.
+Schedules are :class:`torch.optim.lr_scheduler.LambdaLR` multipliers stepped once per optimiser step,
+so a checkpointed scheduler resumes exactly.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 
+from moelab.config import Float
 
-def make_optimizer(t: dict, params, lr: float) -> torch.optim.Optimizer:
-    """AdamW (fused) or SGD with Nesterov momentum (when momentum > 0)."""
-    if t["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=t["weight_decay"], fused=True)
-    return torch.optim.SGD(params, lr=lr, momentum=t["momentum"], nesterov=t["momentum"] > 0,
-                           weight_decay=t["weight_decay"], foreach=True)
+
+@dataclass(frozen=True)
+class Optim:
+    """The optimiser and schedule keys of a typed ``train`` section (:mod:`moelab.schema`)."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # "sgd": Nesterov momentum when momentum > 0
+    lr: Annotated[float, Float(gt=0)] = 3e-3
+    weight_decay: Annotated[float, Float(ge=0)] = 0.0
+    momentum: Annotated[float, Float(ge=0, lt=1)] = 0.9
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"  # onecycle: linear warm-up, cosine decay
+    warmup_frac: Annotated[float, Float(ge=0, lt=1)] = 0.15
+
+
+def make_optimizer(t: Optim, params, lr: float) -> torch.optim.Optimizer:
+    """AdamW (fused) or SGD with Nesterov momentum (when momentum > 0), at ``lr``."""
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.momentum > 0,
+                           weight_decay=t.weight_decay, foreach=True)
 
 
 def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_frac: float) -> float:
@@ -40,9 +56,9 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_frac: float
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
 
 
-def make_schedule(t: dict, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(t: Optim, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_multiplier(t["schedule"], step, total_steps, t["warmup_frac"]))
+        opt, lambda step: lr_multiplier(t.schedule, step, total_steps, t.warmup_frac))
 
 
 def onecycle_or_plateau(kind: str, opt: torch.optim.Optimizer, lr: float, epochs: int, steps: int,

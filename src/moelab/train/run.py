@@ -49,8 +49,12 @@ class Run:
         is_main: bool = True,
         quiet: bool = False,
         mutable: tuple[str, ...] = (),
+        device: str | torch.device = "cpu",
     ):
+        from moelab.device import resolve_device
+
         self.dir = Path(out_dir)
+        self.device = resolve_device(device)  # where the experiment computes (moelab.device)
         self.name, self.cfg, self.seed, self.data_dir = name, cfg, seed, data_dir
         self.is_main, self.quiet = is_main, quiet
         self.resumed, self.mutable = resume, tuple(mutable)
@@ -175,7 +179,7 @@ class Run:
 
     def write_summary(self, summary: dict) -> dict:
         summary = {**summary, "wall_time_s": round(time.perf_counter() - self._t0, 3), "name": self.name,
-                   "family": self.cfg.get("family"), "seed": self.seed}
+                   "family": self.cfg.get("family"), "seed": self.seed, "device": str(self.device)}
         if self.resumed:
             summary["resumed"] = True
         if self.is_main:
