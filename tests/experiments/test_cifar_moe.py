@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,12 +10,12 @@ import torch
 
 from moelab.cost import count_params, flops_per_example
 from moelab.errors import MoelabError
-from moelab.experiments.cifar_moe import build_model, lr_factor, make_optimizer
+from moelab.experiments.cifar_moe import Model, Train, build_model, lr_factor, make_optimizer
 from moelab.experiments.runner import run_experiment
 from moelab.moe import CondConv2d, MoE
 
-BASE = {"width": 32, "moe": "condconv", "moe_blocks": [3], "num_experts": 4, "routing": "softmax",
-        "temperature": 1.0, "router": "topk", "k": 1, "capacity_factor": 0.0, "expert_block": "same"}
+BASE = Model(width=32, moe="condconv", moe_blocks=[3], num_experts=4, routing="softmax", temperature=1.0,
+             router="topk", k=1, capacity_factor=0.0, expert_block="same")
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,7 @@ def test_condconv_model_multiplies_the_last_block_only():
 
 @pytest.mark.parametrize("expert_block", ["same", "resnet"])
 def test_block_moe_routes_images_to_k_experts(expert_block):
-    m = {**BASE, "moe": "blocks", "num_experts": 4, "k": 1, "expert_block": expert_block}
+    m = dataclasses.replace(BASE, moe="blocks", num_experts=4, k=1, expert_block=expert_block)
     net = build_model(m)
     assert isinstance(net.blocks[2], MoE)
     logits, aux, auxes = net.forward_with_aux(torch.randn(6, 3, 32, 32))
@@ -49,7 +50,7 @@ def test_schedule_and_optimizer_groups():
     assert lr_factor(0, 100, 0.23) == pytest.approx(0.2) and lr_factor(23, 100, 0.23) == pytest.approx(1.0)
     assert lr_factor(100, 100, 0.23) == 0 and lr_factor(50, 100, 0.23) == pytest.approx(1 - 27 / 77)
     net = build_model(BASE, dense=True)
-    t = {"lr": 11.5, "momentum": 0.85, "weight_decay": 0.0153, "bias_scaler": 64.0}
+    t = Train(lr=11.5, momentum=0.85, weight_decay=0.0153, bias_scaler=64.0)
     opt = make_optimizer(net, t, 1024)
     names = [g["name"] for g in opt.param_groups]
     assert names == ["weights", "biases", "whiten_bias"]
@@ -91,7 +92,8 @@ def test_bench_cnn_rows_and_bad_variant(capsys):
             r["moe_img_s"] / r["dense_img_s"], rel=1e-6)
         assert r["dense_mflops"] == pytest.approx(r["moe_mflops"], rel=0.1) and r["moe_params"] > r["dense_params"]
         assert 0 < r["route_share"] < 1
-    assert parse_variant("blocks:E=8:k=2:router=switch", 64)["router"] == "switch"
+    m = parse_variant("blocks:E=8:k=2:router=switch", 64)
+    assert (m.router, m.k, m.num_experts, m.width, m.moe) == ("switch", 2, 8, 64, "blocks")
     with pytest.raises(MoelabError, match=r"variant 'condconv:X=3': unknown option 'X=3'"):
         parse_variant("condconv:X=3", 64)
     with pytest.raises(MoelabError, match=r"expected condconv:... or blocks:..., got 'dense'"):

@@ -12,6 +12,7 @@ router and the dispatch plan, timed in isolation on the layer's real input).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from moelab.bench.common import amp_context, format_table, time_interleaved
 from moelab.cost import count_params, flops_per_example, match_width
 from moelab.errors import MoelabError
-from moelab.experiments.cifar_moe import DEFAULTS, active_flops, build_model
+from moelab.experiments.cifar_moe import Model, active_flops, build_model
 from moelab.models.fast_cnn import FastCNN
 from moelab.moe import CondConv2d, MoE
 from moelab.precision import fast_bf16
@@ -30,12 +31,12 @@ VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=2"
             "blocks:E=8:k=1", "blocks:E=4:k=1:expert=resnet")
 
 
-def parse_variant(spec: str, width: int) -> dict:
+def parse_variant(spec: str, width: int) -> Model:
     """``"condconv:E=4:blocks=2,3"`` / ``"blocks:E=8:k=1:router=switch"`` -> the cifar_moe model section."""
     kind, *opts = spec.split(":")
     if kind not in ("condconv", "blocks"):
         raise MoelabError(f"bench cnn: variant {spec!r}: expected condconv:... or blocks:..., got {kind!r}")
-    m = {**DEFAULTS["model"], "moe": kind, "width": width}
+    m: dict = {"moe": kind, "width": width}
     keys = {"E": "num_experts", "k": "k", "blocks": "moe_blocks", "router": "router", "routing": "routing",
             "expert": "expert_block"}
     for opt in opts:
@@ -49,7 +50,7 @@ def parse_variant(spec: str, width: int) -> dict:
             m[keys[key]] = int(val)
         else:
             m[keys[key]] = val
-    return m
+    return dataclasses.replace(Model(), **m)
 
 
 def _route_time(model: FastCNN, x: torch.Tensor, amp, repeats: int) -> float:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from moelab.config import Check, Choice, Float, Int, Switch, refuse
+from moelab.config import Check, Float, Int, Switch, refuse
 from moelab.cost import count_params, flops_per_example
 from moelab.device import to_host
 from moelab.experiments import family
@@ -36,48 +38,14 @@ from moelab.moe.routers import resolve
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.runtime import torch_threads
+from moelab.schema import defaults_of, rules_of
 from moelab.train.evaluation import error_pct, routing_stats, save_eval
 from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
 from moelab.train.run import Run
 
-MOES = ("none", "condconv", "blocks")
-BLOCK_ROUTERS = ("topk", "switch")
-
-DEFAULTS: dict = {
-    "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
-    "data": {"name": "cifar10", "val_size": 5000, "train_per_class": 0, "test_per_class": 0},
-    "model": {
-        "width": 128,  # block widths (width / 4, width, width); airbench94: 256
-        "moe": "condconv",  # none | condconv | blocks
-        "moe_blocks": [3],  # which of the blocks 1..3 are mixtures
-        "num_experts": 4,
-        "routing": "softmax",  # condconv: softmax | sigmoid
-        "temperature": 1.0,  # condconv: routing logits / temperature
-        "router": "topk",  # blocks: topk | switch
-        "expert_block": "same",  # blocks: "same" = copies of the replaced block | "resnet" = ConvBlockExperts (stride 2)
-        "k": 1,  # blocks: experts per image (topk)
-        "capacity_factor": 0.0,  # blocks: 0 = the router's default
-    },
-    "train": {
-        "epochs": 10.0,  # may be fractional: the schedule is in steps
-        "batch": 1024,
-        "lr": 11.5,  # airbench's units: per 1024 summed examples, divided by 1 + 1 / (1 - momentum)
-        "momentum": 0.85,
-        "weight_decay": 0.0153,
-        "bias_scaler": 64.0,
-        "label_smoothing": 0.2,
-        "whiten_bias_epochs": 3,
-        "warmup_frac": 0.23,
-        "translate": 2,
-        "flip": True,
-        "aux_scale": 1.0,  # multiplies the router's default auxiliary-loss weights (blocks)
-        "log_every": 1,
-    },
-    "eval": {"tta": 2, "batch": 1000},  # tta: 0 none, 1 flip, 2 flip + 1-pixel translations
-    "compute": {"bf16": Switch("auto"), "channels_last": True},
-    # equal_cost: dense-equal-flops (+ dense-equal-params unless equal_params = false); equal_time needs equal_cost
-    "baselines": {"equal_cost": True, "equal_params": True, "equal_time": True, "reference": True},
-}
+MoEKind = Literal["none", "condconv", "blocks"]
+BlockRouter = Literal["topk", "switch"]
+MOES, BLOCK_ROUTERS = get_args(MoEKind), get_args(BlockRouter)
 
 
 def _blocks_ok(v) -> bool:
@@ -85,31 +53,88 @@ def _blocks_ok(v) -> bool:
         isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 3 for b in v)
 
 
-RULES: dict = {
-    "threads": Int(ge=0),
-    "data.name": Choice("cifar10"), "data.val_size": Int(ge=1), "data.train_per_class": Int(ge=0),
-    "data.test_per_class": Int(ge=0),
-    "model.width": Int(ge=4), "model.moe": Choice(*MOES),
-    "model.moe_blocks": Check(_blocks_ok, "a non-empty list of distinct block numbers 1..3"),
-    "model.num_experts": Int(ge=1), "model.routing": Choice("softmax", "sigmoid"),
-    "model.temperature": Float(gt=0), "model.router": Choice(*BLOCK_ROUTERS), "model.k": Int(ge=1),
-    "model.expert_block": Choice("same", "resnet"),
-    "model.capacity_factor": Float(gt=0, also=(0.0,)),
-    "train.epochs": Float(gt=0), "train.batch": Int(ge=1), "train.lr": Float(gt=0),
-    "train.momentum": Float(ge=0, lt=1), "train.weight_decay": Float(ge=0), "train.bias_scaler": Float(gt=0),
-    "train.label_smoothing": Float(ge=0, lt=1), "train.whiten_bias_epochs": Int(ge=0),
-    "train.warmup_frac": Float(ge=0, lt=1), "train.translate": Int(ge=0, le=8), "train.aux_scale": Float(ge=0),
-    "train.log_every": Int(ge=1),
-    "eval.tta": Int(ge=0, le=2), "eval.batch": Int(ge=1),
-}
+@dataclass(frozen=True)
+class Data:
+    name: Literal["cifar10"] = "cifar10"
+    val_size: Annotated[int, Int(ge=1)] = 5000
+    train_per_class: Annotated[int, Int(ge=0)] = 0  # 0: all
+    test_per_class: Annotated[int, Int(ge=0)] = 0
+
+
+@dataclass(frozen=True)
+class Model:
+    width: Annotated[int, Int(ge=4)] = 128  # block widths (width / 4, width, width); airbench94: 256
+    moe: MoEKind = "condconv"
+    moe_blocks: Annotated[list[int], Check(_blocks_ok, "a non-empty list of distinct block numbers 1..3")] = \
+        field(default_factory=lambda: [3])  # which of the blocks 1..3 are mixtures
+    num_experts: Annotated[int, Int(ge=1)] = 4
+    routing: Literal["softmax", "sigmoid"] = "softmax"  # condconv
+    temperature: Annotated[float, Float(gt=0)] = 1.0  # condconv: routing logits / temperature
+    router: BlockRouter = "topk"  # blocks
+    expert_block: Literal["same", "resnet"] = "same"  # blocks: copies of the replaced block | ConvBlockExperts
+    k: Annotated[int, Int(ge=1)] = 1  # blocks: experts per image (topk)
+    capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks: 0 = the router's default
+
+
+@dataclass(frozen=True)
+class Train:
+    epochs: Annotated[float, Float(gt=0)] = 10.0  # may be fractional: the schedule is in steps
+    batch: Annotated[int, Int(ge=1)] = 1024
+    lr: Annotated[float, Float(gt=0)] = 11.5  # airbench's units: per 1024 summed examples, / (1 + 1 / (1 - momentum))
+    momentum: Annotated[float, Float(ge=0, lt=1)] = 0.85
+    weight_decay: Annotated[float, Float(ge=0)] = 0.0153
+    bias_scaler: Annotated[float, Float(gt=0)] = 64.0
+    label_smoothing: Annotated[float, Float(ge=0, lt=1)] = 0.2
+    whiten_bias_epochs: Annotated[int, Int(ge=0)] = 3
+    warmup_frac: Annotated[float, Float(ge=0, lt=1)] = 0.23
+    translate: Annotated[int, Int(ge=0, le=8)] = 2
+    flip: bool = True
+    aux_scale: Annotated[float, Float(ge=0)] = 1.0  # multiplies the router's default auxiliary-loss weights (blocks)
+    log_every: Annotated[int, Int(ge=1)] = 1
+
+
+@dataclass(frozen=True)
+class Eval:
+    tta: Annotated[int, Int(ge=0, le=2)] = 2  # 0 none, 1 flip, 2 flip + 1-pixel translations
+    batch: Annotated[int, Int(ge=1)] = 1000
+
+
+@dataclass(frozen=True)
+class Compute:
+    bf16: Switch = Switch("auto")
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class Baselines:
+    equal_cost: bool = True  # dense-equal-flops (+ dense-equal-params unless equal_params = false)
+    equal_params: bool = True
+    equal_time: bool = True  # needs equal_cost
+    reference: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The ``cifar_moe`` family's config (``cifar10-moe``)."""
+
+    threads: Annotated[int, Int(ge=0)] = 0  # torch.set_num_threads; 0 keeps torch's default
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=Train)
+    eval: Eval = field(default_factory=Eval)
+    compute: Compute = field(default_factory=Compute)
+    baselines: Baselines = field(default_factory=Baselines)
+
+
+DEFAULTS, RULES = defaults_of(Config), rules_of(Config)
 RESUMABLE = ("threads", "train.log_every", "eval.batch")
 
 
-def check_config(cfg: dict) -> None:
+def check_config(c: Config) -> None:
     """Cross-key rules: k of E experts."""
-    m = cfg["model"]
-    if m["moe"] == "blocks" and m["router"] == "topk" and m["k"] > m["num_experts"]:
-        raise refuse("model.k", m["k"], f"at most model.num_experts = {m['num_experts']} (experts per image)")
+    m = c.model
+    if m.moe == "blocks" and m.router == "topk" and m.k > m.num_experts:
+        raise refuse("model.k", m.k, f"at most model.num_experts = {m.num_experts} (experts per image)")
 
 
 # ----------------------------------------------------------------------------- models
@@ -119,34 +144,34 @@ def block_widths(width: int) -> tuple[int, int, int]:
     return (max(1, width // 4), width, width)
 
 
-def build_model(m: dict, width: int | None = None, dense: bool = False, aux_scale: float = 1.0) -> FastCNN:
+def build_model(m: Model, width: int | None = None, dense: bool = False, aux_scale: float = 1.0) -> FastCNN:
     """The mixture of ``m`` (``dense=False``) or the dense FastCNN of block-3 width ``width``."""
-    widths = block_widths(width or m["width"])
-    if dense or m["moe"] == "none":
+    widths = block_widths(width or m.width)
+    if dense or m.moe == "none":
         return FastCNN(widths)
-    blocks, e = set(m["moe_blocks"]), m["num_experts"]
-    if m["moe"] == "condconv":
+    blocks, e = set(m.moe_blocks), m.num_experts
+    if m.moe == "condconv":
         def conv(name: str, c_in: int, c_out: int) -> nn.Module | None:
             if int(name[5]) not in blocks:  # "block{b}.conv{i}"
                 return None
-            return CondConv2d(c_in, c_out, 3, e, padding=1, bias=False, routing=m["routing"],
-                              temperature=m["temperature"])
+            return CondConv2d(c_in, c_out, 3, e, padding=1, bias=False, routing=m.routing,
+                              temperature=m.temperature)
 
         return FastCNN(widths, conv_factory=conv)
-    weights = {n: aux_scale * w for n, w in resolve(m["router"])[0].default_loss_weights.items()}
-    opts = {"k": m["k"]} if m["router"] == "topk" else {}
-    if m["capacity_factor"]:
-        opts["capacity_factor"] = m["capacity_factor"]
+    weights = {n: aux_scale * w for n, w in resolve(m.router)[0].default_loss_weights.items()}
+    opts = {"k": m.k} if m.router == "topk" else {}
+    if m.capacity_factor:
+        opts["capacity_factor"] = m.capacity_factor
 
     def block(b: int, c_in: int, c_out: int) -> nn.Module | None:
         if b not in blocks:
             return None
         gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, e, bias=False))
-        if m["expert_block"] == "resnet":
+        if m.expert_block == "resnet":
             experts = ConvBlockExperts(c_in, c_out, e, stride=2)
         else:  # E copies of the dense block it replaces (each run on exactly its images)
             experts = [ConvBlock(c_in, c_out) for _ in range(e)]
-        return MoE(None, e, router=m["router"], experts=experts, gate=gate, aux_loss_weights=weights, **opts)
+        return MoE(None, e, router=m.router, experts=experts, gate=gate, aux_loss_weights=weights, **opts)
 
     return FastCNN(widths, block_factory=block)
 
@@ -173,18 +198,18 @@ def _routing(model: FastCNN) -> list[Tensor]:
 # ----------------------------------------------------------------------------- the recipe
 
 
-def make_optimizer(model: FastCNN, t: dict, batch: int) -> torch.optim.SGD:
+def make_optimizer(model: FastCNN, t: Train, batch: int) -> torch.optim.SGD:
     """airbench's SGD: lr and weight decay per summed example, BN / whitening biases at ``bias_scaler`` x lr."""
-    scale = 1024 * (1 + 1 / (1 - t["momentum"]))
-    lr, wd = t["lr"] / scale, t["weight_decay"] * batch / scale
+    scale = 1024 * (1 + 1 / (1 - t.momentum))
+    lr, wd = t.lr / scale, t.weight_decay * batch / scale
     params = [p for p in model.parameters() if p.requires_grad]
     biases = [p for p in params if p.dim() == 1 and p is not model.whiten.bias]
     rest = [p for p in params if p.dim() != 1]
     groups = [{"params": rest, "lr": lr, "weight_decay": wd, "name": "weights"},
-              {"params": biases, "lr": lr * t["bias_scaler"], "weight_decay": wd / t["bias_scaler"], "name": "biases"},
-              {"params": [model.whiten.bias], "lr": lr * t["bias_scaler"], "weight_decay": wd / t["bias_scaler"],
+              {"params": biases, "lr": lr * t.bias_scaler, "weight_decay": wd / t.bias_scaler, "name": "biases"},
+              {"params": [model.whiten.bias], "lr": lr * t.bias_scaler, "weight_decay": wd / t.bias_scaler,
                "name": "whiten_bias"}]
-    return torch.optim.SGD(groups, momentum=t["momentum"], nesterov=t["momentum"] > 0)
+    return torch.optim.SGD(groups, momentum=t.momentum, nesterov=t.momentum > 0)
 
 
 def lr_factor(step: int, total: int, warmup_frac: float) -> float:
@@ -193,14 +218,14 @@ def lr_factor(step: int, total: int, warmup_frac: float) -> float:
     return float(np.interp(step, [0, peak, total], [0.2, 1.0, 0.0]))
 
 
-def make_schedule(opt: torch.optim.SGD, t: dict, total: int, steps_per_epoch: int) -> LambdaLR:
+def make_schedule(opt: torch.optim.SGD, t: Train, total: int, steps_per_epoch: int) -> LambdaLR:
     """:func:`lr_factor` per step for every group; the whitening bias trains only for the first
     ``whiten_bias_epochs`` epochs (then its lr is 0)."""
-    freeze = t["whiten_bias_epochs"] * steps_per_epoch
+    freeze = t.whiten_bias_epochs * steps_per_epoch
 
     def factor(frozen_after: int | None):
         return lambda step: 0.0 if frozen_after is not None and step >= frozen_after else \
-            lr_factor(step, total, t["warmup_frac"])
+            lr_factor(step, total, t.warmup_frac)
 
     return LambdaLR(opt, [factor(freeze if g["name"] == "whiten_bias" else None) for g in opt.param_groups])
 
@@ -210,19 +235,19 @@ class Recipe:
     :class:`~torch.optim.lr_scheduler.LambdaLR`, so a resumed run continues it exactly), augmentation;
     the epoch is :func:`moelab.train.loop.minibatch_epoch`."""
 
-    def __init__(self, model: FastCNN, t: dict, train: Images, total_steps: int, bf16: bool, run: Run, phase: str):
+    def __init__(self, model: FastCNN, t: Train, train: Images, total_steps: int, bf16: bool, run: Run, phase: str):
         self.model, self.t, self.train, self.total, self.bf16 = model, t, train, total_steps, bf16
         self.run, self.phase = run, phase
-        self.opt = make_optimizer(model, t, t["batch"])
-        self.steps_per_epoch = math.ceil(len(train) / t["batch"])
+        self.opt = make_optimizer(model, t, t.batch)
+        self.steps_per_epoch = math.ceil(len(train) / t.batch)
         self.sched = make_schedule(self.opt, t, total_steps, self.steps_per_epoch)
 
     def epoch(self, epoch: int) -> dict:
         t = self.t
         steps = max(0, min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch))
         g = self.run.generator(self.phase, epoch)
-        batches = image_batches(self.train, t["batch"], g, t["flip"], t["translate"], max_steps=steps, summed=True)
-        bar = self.run.progress(f"[{self.phase}] epoch {epoch + 1}", min(len(self.train), steps * t["batch"]))
+        batches = image_batches(self.train, t.batch, g, t.flip, t.translate, max_steps=steps, summed=True)
+        bar = self.run.progress(f"[{self.phase}] epoch {epoch + 1}", min(len(self.train), steps * t.batch))
         return minibatch_epoch(self.model, self.opt, self.sched, batches, self.model.forward_with_aux, self._loss,
                                bf16=self.bf16, device=self.run.device, progress=bar)
 
@@ -230,7 +255,7 @@ class Recipe:
         """Cross-entropy (batch mean) and the routers' auxiliary loss; weighted by the batch size in the
         step, as airbench sums its loss over the batch."""
         logits, aux, _ = out
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.t["label_smoothing"]), self.t["aux_scale"] * aux
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.t.label_smoothing), self.t.aux_scale * aux
 
 
 @torch.no_grad()
@@ -260,22 +285,22 @@ def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) ->
 # ----------------------------------------------------------------------------- the experiment
 
 
-def load_images(cfg: dict, run: Run) -> dict:
+def load_images(cfg: Config, run: Run) -> dict:
     from moelab.data import load_dataset
     from moelab.data.transforms import train_val_split
 
-    d, cl = cfg["data"], cfg["compute"]["channels_last"]
-    ds = load_dataset(d["name"], data_dir=run.data_dir)
+    d, cl = cfg.data, cfg.compute.channels_last
+    ds = load_dataset(d.name, data_dir=run.data_dir)
     classes = list(range(len(ds.classes)))
-    tr_keep = limit_per_class(ds.train_y, classes, d["train_per_class"])
-    te_keep = limit_per_class(ds.test_y, classes, d["test_per_class"])
+    tr_keep = limit_per_class(ds.train_y, classes, d.train_per_class)
+    te_keep = limit_per_class(ds.test_y, classes, d.test_per_class)
     x, y = ds.train_x[tr_keep], ds.train_y[tr_keep]
-    if d["val_size"] >= len(y):
-        raise refuse("data.val_size", d["val_size"], f"fewer than the {len(y)} training images")
-    if cfg["train"]["batch"] > len(y) - d["val_size"]:
-        raise refuse("train.batch", cfg["train"]["batch"],
-                     f"at most the {len(y) - d['val_size']} training images left after data.val_size")
-    tr, va = train_val_split(y, d["val_size"], seed=run.seed, stratified=True)
+    if d.val_size >= len(y):
+        raise refuse("data.val_size", d.val_size, f"fewer than the {len(y)} training images")
+    if cfg.train.batch > len(y) - d.val_size:
+        raise refuse("train.batch", cfg.train.batch,
+                     f"at most the {len(y) - d.val_size} training images left after data.val_size")
+    tr, va = train_val_split(y, d.val_size, seed=run.seed, stratified=True)
     dev = run.device
     return {"train": Images(x[tr], y[tr], cl, dev), "val": Images(x[va], y[va], cl, dev),
             "test": Images(ds.test_x[te_keep], ds.test_y[te_keep], cl, dev), "classes": list(ds.classes)}
@@ -284,16 +309,16 @@ def load_images(cfg: dict, run: Run) -> dict:
 class Fitter:
     """Trains and evaluates one model of the run (a *phase*) with the recipe, on the run's data."""
 
-    def __init__(self, cfg: dict, run: Run, data: dict, bf16: bool):
+    def __init__(self, cfg: Config, run: Run, data: dict, bf16: bool):
         self.cfg, self.run, self.data, self.bf16 = cfg, run, data, bf16
-        self.steps_per_epoch = math.ceil(len(data["train"]) / cfg["train"]["batch"])
+        self.steps_per_epoch = math.ceil(len(data["train"]) / cfg.train.batch)
         self.whiten_sample = data["train"].batch(torch.arange(min(len(data["train"]), 5000)))
         self.probe = data["val"].batch(torch.arange(min(len(data["val"]), 8)))
 
     def evaluate(self, model: FastCNN) -> dict:
         """Validation error, and how routing evolves: each expert's share of the largest gate."""
         val = self.data["val"]
-        probs, routes = predict(model, val, 0, self.bf16, self.cfg["eval"]["batch"])
+        probs, routes = predict(model, val, 0, self.bf16, self.cfg.eval.batch)
         row = {"val_err": error_pct(probs, val.y, 3)}
         if routes:
             lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
@@ -301,20 +326,20 @@ class Fitter:
         return row
 
     def __call__(self, phase: str, model: FastCNN, epochs: float) -> dict:
-        cfg, run, t, ev = self.cfg, self.run, self.cfg["train"], self.cfg["eval"]
+        cfg, run, t, ev = self.cfg, self.run, self.cfg.train, self.cfg.eval
         model = model.to(run.device)
-        if cfg["compute"]["channels_last"]:
+        if cfg.compute.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.init_whitening(self.whiten_sample)
         total = max(1, round(epochs * self.steps_per_epoch))
         recipe = Recipe(model, t, self.data["train"], total, self.bf16, run, phase)  # the optimiser: after .to(device)
         start = time.perf_counter()
         train_phase(run, phase, model, recipe.opt, math.ceil(total / self.steps_per_epoch), recipe.epoch,
-                    sched=recipe.sched, evaluate=lambda epoch: self.evaluate(model), log_every=t["log_every"])
+                    sched=recipe.sched, evaluate=lambda epoch: self.evaluate(model), log_every=t.log_every)
         train_time = round(time.perf_counter() - start, 1)
         val, test = self.data["val"], self.data["test"]
-        val_probs, _ = predict(model, val, ev["tta"], self.bf16, ev["batch"])
-        probs, routes = predict(model, test, ev["tta"], self.bf16, ev["batch"])
+        val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch)
+        probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch)
         gates = routes[-1] if routes else None
         save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"])
         err = error_pct(probs, test.y, 3)
@@ -329,55 +354,55 @@ class Fitter:
         return row
 
 
-@family("cifar_moe", DEFAULTS, RULES, check_config, RESUMABLE)
-def run(cfg: dict, run_ctx: Run) -> dict:
-    with torch_threads(cfg["threads"]):
+@family("cifar_moe", check=check_config, resumable=RESUMABLE, schema=Config)
+def run(cfg: Config, run_ctx: Run) -> dict:
+    with torch_threads(cfg.threads):
         return _run(cfg, run_ctx)
 
 
-def _run(cfg: dict, run: Run) -> dict:
+def _run(cfg: Config, run: Run) -> dict:
     ddp.require_single_process(f"{run.name} (family cifar_moe)")
-    t, m = cfg["train"], cfg["model"]
+    t, m = cfg.train, cfg.model
     t0 = time.perf_counter()
     data = load_images(cfg, run)
-    bf16 = resolve_bf16(cfg["compute"]["bf16"], run.device, key="compute.bf16")
+    bf16 = resolve_bf16(cfg.compute.bf16, run.device, key="compute.bf16")
     run.log(f"data: {len(data['train'])} train / {len(data['val'])} val / {len(data['test'])} test images "
             f"({time.perf_counter() - t0:.1f} s); device {run.device}, bf16 {bf16}, torch threads {torch.get_num_threads()}")
     fit = Fitter(cfg, run, data, bf16)
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")
-    moe = fit("moe", build_model(m, aux_scale=t["aux_scale"]), t["epochs"])
-    moe.update(moe=m["moe"], num_experts=m["num_experts"], moe_blocks=m["moe_blocks"])
+    moe = fit("moe", build_model(m, aux_scale=t.aux_scale), t.epochs)
+    moe.update(moe=m.moe, num_experts=m.num_experts, moe_blocks=m.moe_blocks)
     models["moe"] = moe
-    if cfg["baselines"]["equal_cost"] and m["moe"] != "none":
+    if cfg.baselines.equal_cost and m.moe != "none":
         models.update(_equal_cost(cfg, run, moe, fit))
-    if cfg["baselines"]["reference"] and m["moe"] != "none":
+    if cfg.baselines.reference and m.moe != "none":
         seed_module_init(run, "dense-reference")
-        models["dense-reference"] = {**fit("dense-reference", build_model(m, dense=True), t["epochs"]),
-                                     "width": m["width"]}
+        models["dense-reference"] = {**fit("dense-reference", build_model(m, dense=True), t.epochs),
+                                     "width": m.width}
     return {"test_accuracy": moe["test_accuracy"], "models": models,
             "protocol": {"val_size": len(data["val"]), "selection": "last step; settings chosen on the validation split",
-                         "tta": cfg["eval"]["tta"], "bf16": bf16}}
+                         "tta": cfg.eval.tta, "bf16": bf16}}
 
 
-def _equal_cost(cfg: dict, run: Run, moe: dict, fit: Fitter) -> dict[str, dict]:
-    m, t, probe = cfg["model"], cfg["train"], fit.probe
+def _equal_cost(cfg: Config, run: Run, moe: dict, fit: Fitter) -> dict[str, dict]:
+    m, t, probe = cfg.model, cfg.train, fit.probe
 
     def dense(w: int) -> FastCNN:
         return build_model(m, w, dense=True)
 
     widths = dense_widths(moe, lambda w: count_params(dense(w)), lambda w: flops_per_example(dense(w), probe[:2]),
-                          hi=8 * m["width"])
+                          hi=8 * m.width)
 
     def train_dense(phase: str, w: int) -> dict:
         seed_module_init(run, phase)
-        return fit(phase, dense(w), t["epochs"])
+        return fit(phase, dense(w), t.epochs)
 
-    names = EQUAL_COST if cfg["baselines"]["equal_params"] else ("dense-equal-flops",)
+    names = EQUAL_COST if cfg.baselines.equal_params else ("dense-equal-flops",)
     rows = equal_cost_rows(run, widths, train_dense, names=names)
-    if cfg["baselines"]["equal_time"]:
+    if cfg.baselines.equal_time:
         ref = rows["dense-equal-flops"]
-        epochs = t["epochs"] * moe["train_time_s"] / max(ref["train_time_s"], 1e-9)
+        epochs = t.epochs * moe["train_time_s"] / max(ref["train_time_s"], 1e-9)
         run.log(f"[dense-equal-time] the dense-equal-flops network for {epochs:.2f} epochs: the mixture's "
                 f"{moe['train_time_s']} s of training at its measured speed")
         seed_module_init(run, "dense-equal-time")
