@@ -60,7 +60,7 @@ def test_a_field_without_default_is_refused():
         defaults_of(Bad)
 
 
-@pytest.mark.parametrize("module", ["jacobs", "sparse_mlp", "cifar_moe"])
+@pytest.mark.parametrize("module", ["jacobs", "sparse_mlp", "cifar_moe", "cifar_experts"])
 def test_typed_families_read_their_schema(module):
     import importlib
 

@@ -5,10 +5,12 @@ classifier trained with the seed's recipe."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,11 +29,22 @@ from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
 
+if TYPE_CHECKING:  # cifar_experts imports this module
+    from moelab.experiments.cifar_experts import Config
+
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 def config_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+    """A content key for the caches: config sections (typed dataclasses) hash as their dicts, so keys made
+    before configs were typed stay valid."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_as_dict).encode()).hexdigest()[:24]
+
+
+def _as_dict(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"config_hash: cannot hash a {type(obj).__name__}")
 
 
 class Images:
@@ -70,21 +83,21 @@ def load_average() -> float:
         return float("nan")
 
 
-def use_bf16(cfg: dict, device: torch.device | str = "cpu") -> bool:
+def use_bf16(cfg: Config, device: torch.device | str = "cpu") -> bool:
     """``compute.bf16`` resolved: ``"auto"`` = bf16 only where ``device`` computes it natively."""
-    return resolve_bf16(cfg["compute"]["bf16"], device, key="compute.bf16")
+    return resolve_bf16(cfg.compute.bf16, device, key="compute.bf16")
 
 
-def autocast_for(cfg: dict, device: torch.device | str = "cpu"):
+def autocast_for(cfg: Config, device: torch.device | str = "cpu"):
     if use_bf16(cfg, device):
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def to_memory_format(model: nn.Module, cfg: dict, device: torch.device | str = "cpu") -> nn.Module:
+def to_memory_format(model: nn.Module, cfg: Config, device: torch.device | str = "cpu") -> nn.Module:
     """``model`` on ``device``, channels_last when ``compute.channels_last``."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if cfg["compute"]["channels_last"] else model
+    return model.to(memory_format=torch.channels_last) if cfg.compute.channels_last else model
 
 
 def limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
@@ -95,46 +108,47 @@ def limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.nda
     return np.sort(np.concatenate(keep))
 
 
-def check_sizes(cfg: dict, train_per_class: dict[int, int], test_per_class: dict[int, int]) -> None:
+def check_sizes(cfg: Config, train_per_class: dict[int, int], test_per_class: dict[int, int]) -> None:
     """The sizes that must fit the data set (images per used class), before anything trains."""
-    d = cfg["data"]
+    d = cfg.data
     for key, counts, split in (("train_per_class", train_per_class, "training"), ("test_per_class", test_per_class, "test")):
-        if d[key] > min(counts.values()):
-            raise refuse(f"data.{key}", d[key], f"at most {min(counts.values())} (the fewest {split} images of "
+        if getattr(d, key) > min(counts.values()):
+            raise refuse(f"data.{key}", getattr(d, key), f"at most {min(counts.values())} (the fewest {split} images of "
                          f"a used class; 0: all)")
-    n_train = sum(min(n, d["train_per_class"] or n) for n in train_per_class.values())
-    if d["val_size"] >= n_train:
-        raise refuse("data.val_size", d["val_size"], f"fewer than the {n_train} training images")
-    n_fit = n_train - d["val_size"]
+    n_train = sum(min(n, d.train_per_class or n) for n in train_per_class.values())
+    if d.val_size >= n_train:
+        raise refuse("data.val_size", d.val_size, f"fewer than the {n_train} training images")
+    n_fit = n_train - d.val_size
     for key in ("experts.batch", "generalist.batch", "gate.batch", "baseline.batch"):
         sec, name = key.split(".")
-        if cfg[sec][name] > n_fit:
-            raise refuse(key, cfg[sec][name], f"at most the {n_fit} training images left after data.val_size")
+        value = getattr(getattr(cfg, sec), name)
+        if value > n_fit:
+            raise refuse(key, value, f"at most the {n_fit} training images left after data.val_size")
 
 
 
 
 class Data:
-    def __init__(self, cfg: dict, run: Run):
+    def __init__(self, cfg: Config, run: Run):
         from moelab.data import load_dataset
 
-        ds = load_dataset(cfg["data"]["name"], data_dir=run.data_dir)
+        ds = load_dataset(cfg.data.name, data_dir=run.data_dir)
         self.classes = list(ds.classes)
         self.checksum = ds.checksum
-        self.pairs = [list(p) for p in cfg["data"]["pairs"]]
+        self.pairs = [list(p) for p in cfg.data.pairs]
         used = sorted({c for p in self.pairs for c in p})
         self.used_classes = used
         check_sizes(cfg, {c: int((ds.train_y == c).sum()) for c in used}, {c: int((ds.test_y == c).sum()) for c in used})
-        tr_keep = limit_per_class(ds.train_y, used, cfg["data"]["train_per_class"])
-        te_keep = limit_per_class(ds.test_y, used, cfg["data"]["test_per_class"])
+        tr_keep = limit_per_class(ds.train_y, used, cfg.data.train_per_class)
+        te_keep = limit_per_class(ds.test_y, used, cfg.data.test_per_class)
         train_x, train_y = ds.train_x[tr_keep], ds.train_y[tr_keep]
-        tr, va = train_val_split(train_y, cfg["data"]["val_size"], seed=run.seed, stratified=True)
-        cl, self.device = cfg["compute"]["channels_last"], run.device
+        tr, va = train_val_split(train_y, cfg.data.val_size, seed=run.seed, stratified=True)
+        cl, self.device = cfg.compute.channels_last, run.device
         self.train = Images(train_x[tr], train_y[tr], cl, run.device)
         self.val = Images(train_x[va], train_y[va], cl, run.device)
         self.test = Images(ds.test_x[te_keep], ds.test_y[te_keep], cl, run.device)
         self.cover = pair_cover(self.pairs, len(self.classes))  # (K, E): class k is in expert e's pair
-        self.key = {"checksum": self.checksum, "data": cfg["data"], "train": len(self.train), "val": len(self.val)}
+        self.key = {"checksum": self.checksum, "data": cfg.data, "train": len(self.train), "val": len(self.val)}
 
 
 
@@ -161,10 +175,10 @@ def image_batches(images: Images, batch: int, gen: torch.Generator, hflip: bool,
 
 
 @torch.no_grad()
-def predict_batches(model_fn, images: Images, cfg: dict, flip: bool = False) -> list[torch.Tensor]:
+def predict_batches(model_fn, images: Images, cfg: Config, flip: bool = False) -> list[torch.Tensor]:
     """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches (on ``images.device``);
     concatenated float outputs, on the host."""
-    bs = cfg["compute"]["eval_batch"]
+    bs = cfg.compute.eval_batch
     outs: list[list[torch.Tensor]] = []
     for i in range(0, len(images), bs):
         idx = torch.arange(i, min(i + bs, len(images)))
@@ -176,7 +190,7 @@ def predict_batches(model_fn, images: Images, cfg: dict, flip: bool = False) -> 
     return [torch.cat(parts, dim=-2 if parts[0].dim() == 3 else 0) for parts in zip(*outs)]
 
 
-def validation_accuracy(model: nn.Module, val: Images, cfg: dict, classes: list[int] | None = None) -> float:
+def validation_accuracy(model: nn.Module, val: Images, cfg: Config, classes: list[int] | None = None) -> float:
     """Accuracy on ``val``; with ``classes``, the argmax over those classes only."""
     model.eval()
     logits = predict_batches(model, val, cfg)[0]
@@ -200,7 +214,7 @@ def _restore_best(model: nn.Module, best_path, state: dict) -> None:
     state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
 
 
-def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: dict, *,
+def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val: Images, cfg: Config, *,
                      epochs: int, batch: int, lr: float, schedule: str, l2: float, shift: int,
                      plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
                      early_stop: int = 0, keep_best: bool = False, keep_start: bool = False,
@@ -237,7 +251,7 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
             return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2), None
 
         return minibatch_epoch(model, opt, sched if schedule == "onecycle" else None,
-                               image_batches(images, batch, gen, cfg["augment"]["hflip"], shift), model, loss_fn,
+                               image_batches(images, batch, gen, cfg.augment.hflip, shift), model, loss_fn,
                                bf16=use_bf16(cfg, images.device), device=images.device, meter=state,
                                progress=run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
 

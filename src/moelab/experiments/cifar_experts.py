@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, get_args
 
 import torch
 
@@ -76,69 +78,17 @@ from moelab.models.conv_experts import IMPLS
 from moelab.models.gating import GATE_KINDS, HIERARCHICAL, SEED_LR, GateNet
 from moelab.parallel import ddp
 from moelab.precision import cpu_bf16_isa
+from moelab.schema import defaults_of, rules_of
 from moelab.train.evaluation import accuracy, routing_stats, save_eval
 from moelab.train.run import Run
 
 # The seed's pairs: experts 0-4 as coded, experts 5-9 as intended (the seed's code gave them all class
 # 5 as second class and never loaded them).
 SEED_PAIRS = [[0, 8], [1, 9], [2, 6], [3, 5], [4, 7], [0, 9], [1, 8], [2, 7], [3, 6], [4, 5]]
-INITS = ("scratch", "generalist")
 
-DEFAULTS = {
-    "data": {
-        "name": "cifar10",
-        "val_size": 5000,  # validation images carved (stratified) from the training set
-        "train_per_class": 0,  # >0: keep only this many training images per class (test slices)
-        "test_per_class": 0,  # >0: likewise for the test set
-        "pairs": SEED_PAIRS,  # one expert per pair of class indices
-    },
-    "augment": {"max_shift": 3, "hflip": True},  # random shift up to 3 px (10% of 32) + flip, as the seed
-    "compute": {"bf16": Switch("auto"), "channels_last": True, "threads": 0, "eval_batch": 500, "impl": "auto"},
-    "experts": {
-        "epochs": 12,
-        "batch": 128,
-        "lr": 1e-3,
-        "l2": 1e-4,  # Keras kernel_regularizer on the conv kernels
-        "plateau_patience": 2,
-        "plateau_factor": 0.5,
-        "min_lr": 1e-6,
-        "early_stop_patience": 10,
-        "cache": True,
-        "cache_flipped": True,  # also cache the experts' outputs for the mirrored training images
-        "init": "scratch",  # scratch | generalist: start each expert from the generalist CNN, then train on its pair
-    },
-    # One CNN of the expert architecture trained on all classes first (only when experts.init or gate.init
-    # is "generalist"): the specialists and the gate trunk start from it. Cached by content like the experts.
-    "generalist": {"epochs": 20, "batch": 128, "lr": 2e-3, "schedule": "onecycle"},
-    "gate": {
-        "kind": "standard",  # standard | sparse | two-gates | two-gates-max | expert-aware | hierarchical | none
-        "epochs": 10,
-        "batch": 128,
-        "lr": 0.0,  # 0: the seed's learning rate for this kind (standard 1e-3, sparse 1e-4, two gates 5e-4)
-        "schedule": "onecycle",  # onecycle | plateau (the seed's: halve after 4 epochs without gain)
-        "shift": True,  # gate-side random shift (the experts' cached outputs are of the unshifted image)
-        "l2": 1e-4,
-        "weight_decay": 0.0,
-        "label_smoothing": 0.0,
-        "aux_weight": 0.0,  # weight of the oracle-pair routing loss (softmax of gate values vs. true pair)
-        "top_k": 2,  # sparse gating
-        "trunk": True,  # expert-aware: false = no conv trunk, the gate reads only the experts' outputs
-        "hidden": 256,  # expert-aware: width of the layer reading the experts' outputs/features
-        "extra_dropout": 0.3,
-        "finetune_epochs": 0,  # >0: then fine-tune experts + gate jointly
-        "finetune_lr": 1e-4,
-        "init": "scratch",  # scratch | generalist: the gate trunk starts from the generalist CNN's trunk
-        # hierarchical: logits = lerp(log generalist, log mixture, blend); < 0: fitted on the validation images
-        "blend": -1.0,
-    },
-    "baselines": False,
-    # baseline.epochs = 0: as many single-CNN epochs as fit the mixture's whole training budget (generalist +
-    # experts + expert outputs + gate, measured in this run), i.e. the single CNN at equal wall-clock
-    # equal_cost: also train dense-equal-params / dense-equal-flops (one Seed1CNN widened to the mixture's counted
-    # parameters / inference FLOPs per example, this recipe); equal_cost_epochs: their epochs (0: the single CNN's)
-    "baseline": {"epochs": 30, "batch": 128, "lr": 2e-3, "schedule": "onecycle", "trunk_epochs": 0,
-                 "equal_cost": True, "equal_cost_epochs": 0},
-}
+Init = Literal["scratch", "generalist"]
+Schedule = Literal["onecycle", "plateau"]  # plateau: the seed's, halve after epochs without gain
+INITS, SCHEDULES = get_args(Init), get_args(Schedule)
 
 
 def _valid_pairs(pairs) -> bool:
@@ -146,53 +96,138 @@ def _valid_pairs(pairs) -> bool:
                                and p[0] != p[1] for p in pairs)
 
 
-SCHEDULES = ("onecycle", "plateau")
-# What each key accepts (moelab.config rules); sizes that must fit the data are checked in Data.
-RULES: dict = {
-    "data.name": Choice("cifar10"), "data.val_size": Int(ge=1), "data.train_per_class": Int(ge=0),
-    "data.test_per_class": Int(ge=0),
-    "data.pairs": Check(_valid_pairs, "a non-empty list of [a, b] pairs of distinct CIFAR-10 class indices 0..9"),
-    "augment.max_shift": Int(ge=0, le=16),
-    "compute.threads": Int(ge=0), "compute.eval_batch": Int(ge=1), "compute.impl": Choice(*IMPLS),
-    "experts.epochs": Int(ge=1), "experts.batch": Int(ge=1), "experts.lr": Float(gt=0), "experts.l2": Float(ge=0),
-    "experts.plateau_patience": Int(ge=1), "experts.plateau_factor": Float(gt=0, lt=1), "experts.min_lr": Float(ge=0),
-    "experts.early_stop_patience": Int(ge=0), "experts.init": Choice(*INITS),
-    "generalist.epochs": Int(ge=1), "generalist.batch": Int(ge=1), "generalist.lr": Float(gt=0),
-    "generalist.schedule": Choice(*SCHEDULES),
-    "gate.kind": Choice(*GATE_KINDS, HIERARCHICAL, "none"), "gate.epochs": Int(ge=1), "gate.batch": Int(ge=1),
-    "gate.lr": Float(ge=0), "gate.schedule": Choice(*SCHEDULES), "gate.l2": Float(ge=0),
-    "gate.weight_decay": Float(ge=0), "gate.label_smoothing": Float(ge=0, lt=1), "gate.aux_weight": Float(ge=0),
-    "gate.top_k": Int(ge=1), "gate.hidden": Int(ge=1), "gate.extra_dropout": Float(ge=0, lt=1),
-    "gate.finetune_epochs": Int(ge=0), "gate.finetune_lr": Float(gt=0), "gate.init": Choice(*INITS),
-    "gate.blend": Float(le=1),  # < 0: fitted on the validation images
-    "baseline.epochs": Int(ge=0), "baseline.batch": Int(ge=1), "baseline.lr": Float(gt=0),
-    "baseline.schedule": Choice(*SCHEDULES), "baseline.trunk_epochs": Int(ge=0, also=(-1,)),
-    "baseline.equal_cost_epochs": Int(ge=0),
-}
+@dataclass(frozen=True)
+class DataConfig:  # (Data is the loaded data set, cifar_common.Data)
+    name: Literal["cifar10"] = "cifar10"
+    val_size: Annotated[int, Int(ge=1)] = 5000  # validation images carved (stratified) from the training set
+    train_per_class: Annotated[int, Int(ge=0)] = 0  # >0: keep only this many training images per class (test slices)
+    test_per_class: Annotated[int, Int(ge=0)] = 0  # >0: likewise for the test set
+    pairs: Annotated[list[list[int]], Check(_valid_pairs, "a non-empty list of [a, b] pairs of distinct CIFAR-10 "
+                                                          "class indices 0..9")] = \
+        field(default_factory=lambda: [list(p) for p in SEED_PAIRS])  # one expert per pair of class indices
+
+
+@dataclass(frozen=True)
+class Augment:
+    max_shift: Annotated[int, Int(ge=0, le=16)] = 3  # random shift up to 3 px (10% of 32) + flip, as the seed
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class Compute:
+    bf16: Switch = Switch("auto")
+    channels_last: bool = True
+    threads: Annotated[int, Int(ge=0)] = 0  # torch.set_num_threads; 0 keeps torch's default
+    eval_batch: Annotated[int, Int(ge=1)] = 500
+    impl: Annotated[str, Choice(*IMPLS)] = "auto"  # how ConvExperts runs the ten CNNs
+
+
+@dataclass(frozen=True)
+class Experts:
+    epochs: Annotated[int, Int(ge=1)] = 12
+    batch: Annotated[int, Int(ge=1)] = 128
+    lr: Annotated[float, Float(gt=0)] = 1e-3
+    l2: Annotated[float, Float(ge=0)] = 1e-4  # Keras kernel_regularizer on the conv kernels
+    plateau_patience: Annotated[int, Int(ge=1)] = 2
+    plateau_factor: Annotated[float, Float(gt=0, lt=1)] = 0.5
+    min_lr: Annotated[float, Float(ge=0)] = 1e-6
+    early_stop_patience: Annotated[int, Int(ge=0)] = 10
+    cache: bool = True
+    cache_flipped: bool = True  # also cache the experts' outputs for the mirrored training images
+    init: Init = "scratch"  # generalist: start each expert from the generalist CNN, then train on its pair
+
+
+@dataclass(frozen=True)
+class Generalist:
+    """One CNN of the expert architecture trained on all classes first (only when experts.init or gate.init
+    is "generalist"): the specialists and the gate trunk start from it. Cached by content like the experts."""
+
+    epochs: Annotated[int, Int(ge=1)] = 20
+    batch: Annotated[int, Int(ge=1)] = 128
+    lr: Annotated[float, Float(gt=0)] = 2e-3
+    schedule: Schedule = "onecycle"
+
+
+@dataclass(frozen=True)
+class Gate:
+    kind: Annotated[str, Choice(*GATE_KINDS, HIERARCHICAL, "none")] = "standard"
+    epochs: Annotated[int, Int(ge=1)] = 10
+    batch: Annotated[int, Int(ge=1)] = 128
+    lr: Annotated[float, Float(ge=0)] = 0.0  # 0: the seed's lr for this kind (standard 1e-3, sparse 1e-4, two gates 5e-4)
+    schedule: Schedule = "onecycle"
+    shift: bool = True  # gate-side random shift (the experts' cached outputs are of the unshifted image)
+    l2: Annotated[float, Float(ge=0)] = 1e-4
+    weight_decay: Annotated[float, Float(ge=0)] = 0.0
+    label_smoothing: Annotated[float, Float(ge=0, lt=1)] = 0.0
+    aux_weight: Annotated[float, Float(ge=0)] = 0.0  # the oracle-pair routing loss (gate softmax vs. true pair)
+    top_k: Annotated[int, Int(ge=1)] = 2  # sparse gating
+    trunk: bool = True  # expert-aware: false = no conv trunk, the gate reads only the experts' outputs
+    hidden: Annotated[int, Int(ge=1)] = 256  # expert-aware: width of the layer reading the experts' outputs
+    extra_dropout: Annotated[float, Float(ge=0, lt=1)] = 0.3
+    finetune_epochs: Annotated[int, Int(ge=0)] = 0  # >0: then fine-tune experts + gate jointly
+    finetune_lr: Annotated[float, Float(gt=0)] = 1e-4
+    init: Init = "scratch"  # generalist: the gate trunk starts from the generalist CNN's trunk
+    # hierarchical: logits = lerp(log generalist, log mixture, blend); < 0: fitted on the validation images
+    blend: Annotated[float, Float(le=1)] = -1.0
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """``epochs = 0``: as many single-CNN epochs as fit the mixture's whole training budget (generalist +
+    experts + expert outputs + gate, measured in this run), i.e. the single CNN at equal wall-clock.
+    ``equal_cost``: also train dense-equal-params / dense-equal-flops (one Seed1CNN widened to the mixture's
+    counted parameters / inference FLOPs per example, this recipe); ``equal_cost_epochs``: their epochs
+    (0: the single CNN's)."""
+
+    epochs: Annotated[int, Int(ge=0)] = 30
+    batch: Annotated[int, Int(ge=1)] = 128
+    lr: Annotated[float, Float(gt=0)] = 2e-3
+    schedule: Schedule = "onecycle"
+    trunk_epochs: Annotated[int, Int(ge=0, also=(-1,))] = 0
+    equal_cost: bool = True
+    equal_cost_epochs: Annotated[int, Int(ge=0)] = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The ``cifar_experts`` family's config (``cifar10-experts`` and friends); sizes that must fit the data
+    are checked in :class:`moelab.experiments.cifar_common.Data`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: Augment = field(default_factory=Augment)
+    compute: Compute = field(default_factory=Compute)
+    experts: Experts = field(default_factory=Experts)
+    generalist: Generalist = field(default_factory=Generalist)
+    gate: Gate = field(default_factory=Gate)
+    baselines: bool = False
+    baseline: Baseline = field(default_factory=Baseline)
+
+
+DEFAULTS, RULES = defaults_of(Config), rules_of(Config)
 RESUMABLE = ("compute.threads",)
 
 
-def check_config(cfg: dict) -> None:
+def check_config(cfg: Config) -> None:
     """Cross-key rules of the cifar_experts family."""
-    g = cfg["gate"]
-    if g["kind"] == HIERARCHICAL and g["finetune_epochs"] > 0:
-        raise refuse("gate.finetune_epochs", g["finetune_epochs"], "0 with gate.kind = \"hierarchical\" "
+    g = cfg.gate
+    if g.kind == HIERARCHICAL and g.finetune_epochs > 0:
+        raise refuse("gate.finetune_epochs", g.finetune_epochs, "0 with gate.kind = \"hierarchical\" "
                      "(no gate network to fine-tune)")
-    if g["kind"] == "expert-aware" and g["finetune_epochs"] > 0:
-        raise refuse("gate.finetune_epochs", g["finetune_epochs"], "0 with gate.kind = \"expert-aware\" "
+    if g.kind == "expert-aware" and g.finetune_epochs > 0:
+        raise refuse("gate.finetune_epochs", g.finetune_epochs, "0 with gate.kind = \"expert-aware\" "
                      "(joint fine-tuning is not implemented for it)")
-    if g["kind"] == "sparse" and g["top_k"] > len(cfg["data"]["pairs"]):
-        raise refuse("gate.top_k", g["top_k"], f"at most the {len(cfg['data']['pairs'])} experts (data.pairs)")
+    if g.kind == "sparse" and g.top_k > len(cfg.data.pairs):
+        raise refuse("gate.top_k", g.top_k, f"at most the {len(cfg.data.pairs)} experts (data.pairs)")
 
 
 # ----------------------------------------------------------------------------- the experiment
 
 
-@family("cifar_experts", DEFAULTS, RULES, check_config, RESUMABLE)
-def run_cifar_experts(cfg: dict, run: Run) -> dict:
+@family("cifar_experts", check=check_config, resumable=RESUMABLE, schema=Config)
+def run_cifar_experts(cfg: Config, run: Run) -> dict:
     ddp.require_single_process(run.name)
-    if cfg["compute"]["threads"] > 0:
-        torch.set_num_threads(cfg["compute"]["threads"])
+    if cfg.compute.threads > 0:
+        torch.set_num_threads(cfg.compute.threads)
     p = Pipeline(cfg, run)
     p.experts_and_outputs()
     p.count_costs()
@@ -202,7 +237,7 @@ def run_cifar_experts(cfg: dict, run: Run) -> dict:
         p.gate()
     if p.kind != "none":
         p.mixture_budget()
-    if cfg["baselines"]:
+    if cfg.baselines:
         p.dense_baselines()
     summary = p.summary
     summary.setdefault("test_accuracy", p.models["baseline-uniform"]["test_accuracy"])
@@ -215,17 +250,17 @@ class Pipeline:
     """The seed-1 pipeline's phases in order, sharing the run's state: ``models`` (summary rows), ``timings``,
     ``summary``. Cached phases (experts, their outputs, the generalist) load instead of training."""
 
-    def __init__(self, cfg: dict, run: Run):
+    def __init__(self, cfg: Config, run: Run):
         self.cfg, self.run, self.t_start = cfg, run, time.perf_counter()
-        self.kind = cfg["gate"]["kind"]
+        self.kind = cfg.gate.kind
         self.data = data = Data(cfg, run)
         self.y = data.test.y
-        run.log(f"data: {cfg['data']['name']} (checksum {data.checksum[:12]}), train {len(data.train)}, "
+        run.log(f"data: {cfg.data.name} (checksum {data.checksum[:12]}), train {len(data.train)}, "
                 f"val {len(data.val)}, test {len(data.test)}; {len(data.pairs)} experts; torch threads "
                 f"{torch.get_num_threads()}; device {data.device}, bf16 {use_bf16(cfg, data.device)} (compute.bf16 = "
-                f"{cfg['compute']['bf16']}, CPU bf16: {cpu_bf16_isa()}), channels_last {cfg['compute']['channels_last']}")
+                f"{cfg.compute.bf16}, CPU bf16: {cpu_bf16_isa()}), channels_last {cfg.compute.channels_last}")
         self.summary: dict = {
-            "dataset": "CIFAR-10 (JPEG-75 copy)" if cfg["data"]["name"] == "cifar10" else cfg["data"]["name"],
+            "dataset": "CIFAR-10 (JPEG-75 copy)" if cfg.data.name == "cifar10" else cfg.data.name,
             "pairs": [[data.classes[a], data.classes[b]] for a, b in data.pairs]}
 
     def experts_and_outputs(self) -> None:
@@ -244,7 +279,7 @@ class Pipeline:
         self.gen_infer_s = time.perf_counter() - t0
         if self.generalist is not None:
             self.models["generalist"] = {"test_accuracy": accuracy(self.gen_probs["test"], self.y),
-                                         "epochs": cfg["generalist"]["epochs"],
+                                         "epochs": cfg.generalist.epochs,
                                          "scope": "the single CNN the specialists / gate trunk start from"}
         save_eval(run, "baseline-uniform", self.y, uniform, None, data.classes)
         ginit, einfo, oinfo = self.ginit, self.einfo, self.oinfo
@@ -265,7 +300,7 @@ class Pipeline:
         per_expert = self.einfo.get("expert_train_s") or [None] * len(data.pairs)  # caches older than the key
         for i, (a, b) in enumerate(data.pairs):
             models[f"expert{i}-{data.classes[a]}-{data.classes[b]}"].update(self.one_cnn, train_time_s=per_expert[i])
-        experts_s = self.einfo["train_s"] + (gen_s if self.cfg["experts"]["init"] == "generalist" else 0.0)
+        experts_s = self.einfo["train_s"] + (gen_s if self.cfg.experts.init == "generalist" else 0.0)
         models["baseline-uniform"].update(mixture_cost(self.probe, self.experts), train_time_s=round(experts_s, 1))
         models["oracle-pair"].update(params=None, flops_per_example=None, train_time_s=None)  # needs the true label
         if self.generalist is not None:
@@ -296,7 +331,7 @@ class Pipeline:
         self.models[name] = {"test_accuracy": acc}
         save_eval(self.run, name, self.y, torch.softmax(logits, 1), weights, self.data.classes)
         self.models[name].update(mixture_cost(self.probe, self.experts, self.kind, gate,
-                                              top_k=self.cfg["gate"]["top_k"]))
+                                              top_k=self.cfg.gate.top_k))
         self.summary["test_accuracy"] = acc
         return acc
 
@@ -313,9 +348,9 @@ class Pipeline:
         self._mixture_row(name, logits, weights, gate)
         self.models[name]["val_accuracy"] = ginfo["last"].get("val_acc")
         if kind == "sparse":
-            self.models[name]["note"] = (f"all experts run: the top-{cfg['gate']['top_k']} gate values weigh their "
+            self.models[name]["note"] = (f"all experts run: the top-{cfg.gate.top_k} gate values weigh their "
                                          f"outputs (a routed implementation would run only those)")
-        if cfg["gate"]["finetune_epochs"] > 0:
+        if cfg.gate.finetune_epochs > 0:
             t0 = time.perf_counter()
             finfo = finetune(cfg, run, data, self.experts, gate, self.cache)
             logits, weights = gate_predict(cfg, gate, kind, data.test, self.cache, "test", 0, finfo["experts_fn"])
@@ -343,16 +378,16 @@ class Pipeline:
     def train_dense(self, name: str, width: int = 32, epochs: int = 1, is_trunk: bool = False) -> dict:
         """One Seed1CNN of ``width`` on all classes: the single-CNN recipe (``baseline.*``), or the gate's
         (``is_trunk``: the gate trunk as a 10-way classifier). Its row: accuracy, counted cost, time."""
-        cfg, bc, data = self.cfg, self.cfg["baseline"], self.data
-        lr, schedule = (SEED_LR["standard"], cfg["gate"]["schedule"]) if is_trunk else (bc["lr"], bc["schedule"])
+        cfg, bc, data = self.cfg, self.cfg.baseline, self.data
+        lr, schedule = (SEED_LR["standard"], cfg.gate.schedule) if is_trunk else (bc.lr, bc.schedule)
         t0 = time.perf_counter()
         torch.manual_seed(self.run.generator("init", name).initial_seed())
         m = Seed1CNN(len(data.classes), width=width)
-        shift = (cfg["augment"]["max_shift"] if cfg["gate"]["shift"] else 0) if is_trunk else cfg["augment"]["max_shift"]
+        shift = (cfg.augment.max_shift if cfg.gate.shift else 0) if is_trunk else cfg.augment.max_shift
         info = train_classifier(self.run, name, m, full_classes(data), data.val, cfg, epochs=epochs,
-                                batch=cfg["gate"]["batch"] if is_trunk else bc["batch"], lr=lr, schedule=schedule,
-                                l2=cfg["experts"]["l2"], shift=shift, keep_best=schedule == "plateau",
-                                early_stop=cfg["experts"]["early_stop_patience"] if schedule == "plateau" else 0)
+                                batch=cfg.gate.batch if is_trunk else bc.batch, lr=lr, schedule=schedule,
+                                l2=cfg.experts.l2, shift=shift, keep_best=schedule == "plateau",
+                                early_stop=cfg.experts.early_stop_patience if schedule == "plateau" else 0)
         logits = predict_batches(m, data.test, cfg)[0]
         save_eval(self.run, name, self.y, torch.softmax(logits, 1), None, data.classes)
         self.timings[name] = {"train_s": round(time.perf_counter() - t0, 1), "train_img_per_s": info["train_img_per_s"],
@@ -362,7 +397,7 @@ class Pipeline:
 
     def single_epochs(self) -> int:
         """``baseline.epochs``, or (0) the epochs that fit the mixture's budget at the generalist's speed."""
-        n = self.cfg["baseline"]["epochs"]
+        n = self.cfg.baseline.epochs
         if n == 0:
             speed = (self.ginit or {}).get("train_img_per_s") or self.einfo.get("train_img_per_s")
             n = max(1, int(self.timings.get("mixture_budget_s", 0) * speed / len(full_classes(self.data))))
@@ -372,22 +407,22 @@ class Pipeline:
 
     def dense_baselines(self) -> None:
         """The gate trunk and the single CNN as classifiers, dense-equal-time, -params and -flops."""
-        cfg, bc, models, ref = self.cfg, self.cfg["baseline"], self.models, self.reference
+        cfg, bc, models, ref = self.cfg, self.cfg.baseline, self.models, self.reference
         single_epochs = self.single_epochs()
-        if bc["trunk_epochs"] >= 0:  # -1: skip it
+        if bc.trunk_epochs >= 0:  # -1: skip it
             models["baseline-gate-trunk"] = self.train_dense("baseline-gate-trunk", is_trunk=True,
-                                                             epochs=bc["trunk_epochs"] or cfg["gate"]["epochs"])
+                                                             epochs=bc.trunk_epochs or cfg.gate.epochs)
         models["baseline-single-cnn"] = single = self.train_dense("baseline-single-cnn", epochs=single_epochs)
         single["note"] = (f"smaller network: one expert's size, {models[ref]['params'] / single['params']:.1f}x fewer "
                           f"parameters than {ref}" + ("; given its training wall-clock (dense-equal-time)"
-                                                       if bc["epochs"] == 0 and self.kind != "none" else ""))
-        if bc["epochs"] == 0 and "mixture_budget_s" in self.timings:  # the single CNN had the mixture's budget
+                                                       if bc.epochs == 0 and self.kind != "none" else ""))
+        if bc.epochs == 0 and "mixture_budget_s" in self.timings:  # the single CNN had the mixture's budget
             models["dense-equal-time"] = {**single, "same_model_as": "baseline-single-cnn", "matched_to": "train_time_s",
                                           "matched_to_model": ref, "target_train_time_s": self.timings["mixture_budget_s"]}
-        if bc["equal_cost"]:
+        if bc.equal_cost:
             widths = seed_cnn_widths(len(self.data.classes), models[ref], self.probe)
             self.summary["cost"]["dense_widths"] = widths
-            epochs = bc["equal_cost_epochs"] or single_epochs
+            epochs = bc.equal_cost_epochs or single_epochs
             target = {"matched_to_model": ref, "target_params": models[ref]["params"],
                       "target_flops_per_example": models[ref]["flops_per_example"]}
             models.update(equal_cost_rows(self.run, widths, lambda name, w: self.train_dense(name, w, epochs=epochs),

@@ -4,6 +4,7 @@ hierarchical mixture, joint fine-tuning, and the counted cost of each mixture (e
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from moelab.train.evaluation import accuracy
 from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
+
+if TYPE_CHECKING:  # cifar_experts imports this module
+    from moelab.experiments.cifar_experts import Config
 
 # ----------------------------------------------------------------------------- cost (equal-cost baselines)
 
@@ -139,24 +143,24 @@ def gate_probs(cache: dict, split: str, idx: torch.Tensor, flip: torch.Tensor | 
     return p
 
 
-def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
+def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
                generalist: Seed1CNN | None = None) -> tuple[GateNet, dict]:
-    gc, kind = cfg["gate"], cfg["gate"]["kind"]
+    gc, kind = cfg.gate, cfg.gate.kind
     E, K = len(data.pairs), len(data.classes)
     extra_dim = E * K + cache["train.feats"].shape[1] if kind == "expert-aware" else 0
     torch.manual_seed(run.generator("init", "gate").initial_seed())
-    use_trunk = gc["trunk"] or kind != "expert-aware"
+    use_trunk = gc.trunk or kind != "expert-aware"
     dev = data.device
-    gate = to_memory_format(GateNet(E, num_heads(kind), extra_dim=extra_dim, hidden=gc["hidden"],
-                                     extra_dropout=gc["extra_dropout"], trunk=use_trunk), cfg, dev)
-    if gc["init"] == "generalist" and gate.trunk is not None:  # same architecture as the CNN's trunk
+    gate = to_memory_format(GateNet(E, num_heads(kind), extra_dim=extra_dim, hidden=gc.hidden,
+                                     extra_dropout=gc.extra_dropout, trunk=use_trunk), cfg, dev)
+    if gc.init == "generalist" and gate.trunk is not None:  # same architecture as the CNN's trunk
         gate.trunk.load_state_dict(generalist.trunk.state_dict())
-    lr = gc["lr"] if gc["lr"] > 0 else SEED_LR[kind]
-    opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc["weight_decay"])
-    steps = math.ceil(len(data.train) / gc["batch"])
-    sched = onecycle_or_plateau(gc["schedule"], opt, lr, gc["epochs"], steps, patience=4)
-    cover, mixer = data.cover, SeedCombine(kind, E, gc["top_k"])
-    shift = cfg["augment"]["max_shift"] if gc["shift"] else 0
+    lr = gc.lr if gc.lr > 0 else SEED_LR[kind]
+    opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc.weight_decay)
+    steps = math.ceil(len(data.train) / gc.batch)
+    sched = onecycle_or_plateau(gc.schedule, opt, lr, gc.epochs, steps, patience=4)
+    cover, mixer = data.cover, SeedCombine(kind, E, gc.top_k)
+    shift = cfg.augment.max_shift if gc.shift else 0
     state = {"images": 0, "seconds": 0.0}
 
     def forward(x, split, idx, flip):  # the cached expert outputs live on the host: this batch's go to the device
@@ -167,8 +171,8 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
 
     def loss_fn(out, y):
         logits, weights = out
-        loss = F.cross_entropy(logits, y, label_smoothing=gc["label_smoothing"]) + conv_l2_penalty(gate, gc["l2"])
-        return loss, (gc["aux_weight"] * oracle_routing_loss(weights, y, cover) if gc["aux_weight"] > 0 else None)
+        loss = F.cross_entropy(logits, y, label_smoothing=gc.label_smoothing) + conv_l2_penalty(gate, gc.l2)
+        return loss, (gc.aux_weight * oracle_routing_loss(weights, y, cover) if gc.aux_weight > 0 else None)
 
     def train_epoch(epoch: int) -> dict:
         gen = run.generator("gate", epoch)
@@ -178,19 +182,19 @@ def train_gate(cfg: dict, run: Run, data: Data, cache: dict,
             return forward(data.train.batch(idx, flip, shift, gen) if use_trunk else None, "train", idx, flip)
 
         batches = ((b, data.train.y[b[0]].to(dev), 1.0)
-                   for b in index_batches(len(data.train), gc["batch"], gen, cfg["augment"]["hflip"]))
-        return minibatch_epoch(gate, opt, sched if gc["schedule"] == "onecycle" else None, batches, batch_forward,
+                   for b in index_batches(len(data.train), gc.batch, gen, cfg.augment.hflip))
+        return minibatch_epoch(gate, opt, sched if gc.schedule == "onecycle" else None, batches, batch_forward,
                                loss_fn, progress=run.progress(f"[gate] epoch {epoch + 1}", len(data.train)),
                                meter=state)
 
     def evaluate(epoch: int) -> dict:
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", extra_dim)
         acc = accuracy(logits, data.val.y)
-        if gc["schedule"] == "plateau":
+        if gc.schedule == "plateau":
             sched.step(acc)
         return {"val_acc": acc}
 
-    last = train_phase(run, "gate", gate, opt, gc["epochs"], train_epoch, evaluate, sched=sched)
+    last = train_phase(run, "gate", gate, opt, gc.epochs, train_epoch, evaluate, sched=sched)
     gate.eval()
     speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
     return gate, {"last": last, "lr": lr, "train_img_per_s": speed, "train_s": state["seconds"]}
@@ -201,8 +205,8 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
     """Mixture logits and effective gate weights on ``images`` (cached expert outputs of ``split``,
     or ``experts_fn(x) -> probs`` when the experts were fine-tuned)."""
     gate.eval()
-    bs, dev = cfg["compute"]["eval_batch"], images.device
-    mixer = SeedCombine(kind, gate.num_experts, cfg["gate"]["top_k"])
+    bs, dev = cfg.compute.eval_batch, images.device
+    mixer = SeedCombine(kind, gate.num_experts, cfg.gate.top_k)
     logits, weights = [], []
     for i in range(0, len(images), bs):
         idx = torch.arange(i, min(i + bs, len(images)))
@@ -217,13 +221,13 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
     return torch.cat(logits), torch.cat(weights)
 
 
-def hierarchical_mixture(cfg: dict, run: Run, data: Data, gen_probs: dict, cache: dict):
+def hierarchical_mixture(cfg: Config, run: Run, data: Data, gen_probs: dict, cache: dict):
     """The two-level mixture (``gate.kind = "hierarchical"``, :func:`combine_hierarchical`): the
     generalist's class probabilities weigh the pair experts, each expert decides within its pair.
     ``gate.blend`` < 0: the blend with the generalist alone that minimises the validation
     cross-entropy (grid 0, 0.05, ..., 1). Returns test logits, expert weights and info."""
     probs = {split: cache[f"{split}.probs"].float() for split in ("val", "test")}
-    blend = cfg["gate"]["blend"]
+    blend = cfg.gate.blend
     if blend < 0:
         grid = [i / 20 for i in range(21)]
         nll = [F.cross_entropy(combine_hierarchical(gen_probs["val"], probs["val"], data.cover, b), data.val.y).item()
@@ -237,19 +241,19 @@ def hierarchical_mixture(cfg: dict, run: Run, data: Data, gen_probs: dict, cache
     return logits, hierarchical_weights(gen_probs["test"], data.cover), {"blend": blend, "val_acc": val_acc}
 
 
-def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNet, cache: dict) -> dict:
+def finetune(cfg: Config, run: Run, data: Data, experts: ConvExperts, gate: GateNet, cache: dict) -> dict:
     """Experts and gate trained jointly (full augmentation; the experts run in every step)."""
-    gc, kind = cfg["gate"], cfg["gate"]["kind"]
+    gc, kind = cfg.gate, cfg.gate.kind
     if kind == "expert-aware":
         raise ConfigError("gate.finetune_epochs: joint fine-tuning is not implemented for the expert-aware gate")
     dev = data.device
     gate, experts = gate.to(dev), experts.to(dev)
     params = list(gate.parameters()) + list(experts.parameters())
-    opt = torch.optim.Adam(params, lr=gc["finetune_lr"])
-    steps = math.ceil(len(data.train) / gc["batch"])
-    sched = onecycle_or_plateau("onecycle", opt, gc["finetune_lr"], gc["finetune_epochs"], steps)
+    opt = torch.optim.Adam(params, lr=gc.finetune_lr)
+    steps = math.ceil(len(data.train) / gc.batch)
+    sched = onecycle_or_plateau("onecycle", opt, gc.finetune_lr, gc.finetune_epochs, steps)
     both = nn.ModuleDict({"gate": gate, "experts": experts})
-    mixer = SeedCombine(kind, len(data.pairs), gc["top_k"])
+    mixer = SeedCombine(kind, len(data.pairs), gc.top_k)
     state = {"images": 0, "seconds": 0.0}
 
     def forward(x):
@@ -259,11 +263,11 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
         return mixer(g, probs)[0]  # the combine in fp32, outside autocast
 
     def loss_fn(logits, y):
-        return F.cross_entropy(logits, y) + conv_l2_penalty(both, gc["l2"]), None
+        return F.cross_entropy(logits, y) + conv_l2_penalty(both, gc.l2), None
 
     def train_epoch(epoch: int) -> dict:
         gen = run.generator("finetune", epoch)
-        batches = image_batches(data.train, gc["batch"], gen, True, cfg["augment"]["max_shift"])
+        batches = image_batches(data.train, gc.batch, gen, True, cfg.augment.max_shift)
         return minibatch_epoch(both, opt, sched, batches, forward, loss_fn, device=dev, meter=state,
                                progress=run.progress(f"[finetune] epoch {epoch + 1}", len(data.train)))
 
@@ -275,6 +279,6 @@ def finetune(cfg: dict, run: Run, data: Data, experts: ConvExperts, gate: GateNe
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", 0, experts_fn)
         return {"val_acc": accuracy(logits, data.val.y)}
 
-    last = train_phase(run, "finetune", both, opt, gc["finetune_epochs"], train_epoch, evaluate, sched=sched)
+    last = train_phase(run, "finetune", both, opt, gc.finetune_epochs, train_epoch, evaluate, sched=sched)
     both.eval()
     return {"last": last, "experts_fn": experts_fn, "train_img_per_s": state["images"] / max(state["seconds"], 1e-9)}
