@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(BIN)/moelab run digits-jacobs
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
