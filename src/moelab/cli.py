@@ -27,9 +27,11 @@ def _cmd_run(a: argparse.Namespace) -> int:
         run_seeds(a.experiment, a.set, out=a.out, data_dir=a.data_dir, seed=a.seed or 0, n=a.seeds, quiet=a.quiet,
                   device=a.device)
         return 0
+    from moelab.device import resolve_device
     from moelab.parallel.ddp import maybe_init_from_env
 
-    with maybe_init_from_env() as dist_ctx:
+    cpu = resolve_device(a.device).type == "cpu"  # a bad --device is refused here, before any process group
+    with maybe_init_from_env("gloo" if cpu else None) as dist_ctx:
         run_experiment(
             a.experiment, a.set, out=a.out, data_dir=a.data_dir, seed=a.seed, resume=a.resume,
             quiet=a.quiet, is_main=dist_ctx.is_main, device=a.device,

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from moelab.config import refuse
 from moelab.data.transforms import random_translate, train_val_split
 from moelab.device import to_device, to_host
+from moelab.experiments.cifar_experts_config import Config
 from moelab.models.cifar_cnn import conv_l2_penalty
 from moelab.moe.hierarchical import pair_cover
 from moelab.precision import resolve_bf16
@@ -28,9 +28,6 @@ from moelab.train.evaluation import accuracy
 from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
-
-if TYPE_CHECKING:  # cifar_experts imports this module
-    from moelab.experiments.cifar_experts import Config
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

@@ -4,7 +4,6 @@ hierarchical mixture, joint fine-tuning, and the counted cost of each mixture (e
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from moelab.experiments.cifar_common import (
     index_batches,
     to_memory_format,
 )
+from moelab.experiments.cifar_experts_config import Config
 from moelab.experiments.cifar_pretrain import expert_fn
 from moelab.models.cifar_cnn import Seed1CNN, conv_l2_penalty
 from moelab.models.conv_experts import ConvExperts
@@ -33,9 +33,6 @@ from moelab.train.evaluation import accuracy
 from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
-
-if TYPE_CHECKING:  # cifar_experts imports this module
-    from moelab.experiments.cifar_experts import Config
 
 # ----------------------------------------------------------------------------- cost (equal-cost baselines)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,15 +20,13 @@ from moelab.experiments.cifar_common import (
     train_classifier,
     use_bf16,
 )
+from moelab.experiments.cifar_experts_config import Config
 from moelab.models.cifar_cnn import Seed1CNN
 from moelab.models.conv_experts import ConvExperts
 from moelab.models.gating import HIERARCHICAL
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import accuracy
 from moelab.train.run import Run
-
-if TYPE_CHECKING:  # cifar_experts imports this module
-    from moelab.experiments.cifar_experts import Config
 
 CACHE_VERSION = 1
 

@@ -82,8 +82,9 @@ def init(backend: str | None = None, timeout_s: float | None = None, **kw) -> Di
 
 
 @contextlib.contextmanager
-def maybe_init_from_env() -> Iterator[DistContext]:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), tear it down after.
+def maybe_init_from_env(backend: str | None = None) -> Iterator[DistContext]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), tear it down after;
+    ``backend`` as in :func:`init` (a CPU run on a GPU machine passes "gloo").
 
     Test hook: ``MOELAB_FAIL_RANK=r`` makes rank r raise right after joining while the other ranks
     wait in a barrier, i.e. the situation where a launcher without failure handling would hang."""
@@ -91,7 +92,7 @@ def maybe_init_from_env() -> Iterator[DistContext]:
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
         yield current()
         return
-    ctx = init()
+    ctx = init(backend)
     try:
         _maybe_inject_failure(ctx)
         yield ctx

@@ -1,0 +1,102 @@
+"""The ``cifar_moe`` family's typed config (:mod:`moelab.schema`): one frozen dataclass per section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, get_args
+
+from moelab.config import Check, Float, Int, Switch, refuse
+from moelab.schema import defaults_of, rules_of
+
+MoEKind = Literal["none", "condconv", "blocks"]
+BlockRouter = Literal["topk", "switch"]
+MOES, BLOCK_ROUTERS = get_args(MoEKind), get_args(BlockRouter)
+
+
+def _blocks_ok(v) -> bool:
+    return isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v) and all(
+        isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 3 for b in v)
+
+
+@dataclass(frozen=True)
+class Data:
+    name: Literal["cifar10"] = "cifar10"
+    val_size: Annotated[int, Int(ge=1)] = 5000
+    train_per_class: Annotated[int, Int(ge=0)] = 0  # 0: all
+    test_per_class: Annotated[int, Int(ge=0)] = 0
+
+
+@dataclass(frozen=True)
+class Model:
+    width: Annotated[int, Int(ge=4)] = 128  # block widths (width / 4, width, width); airbench94: 256
+    moe: MoEKind = "condconv"
+    moe_blocks: Annotated[list[int], Check(_blocks_ok, "a non-empty list of distinct block numbers 1..3")] = \
+        field(default_factory=lambda: [3])  # which of the blocks 1..3 are mixtures
+    num_experts: Annotated[int, Int(ge=1)] = 4
+    routing: Literal["softmax", "sigmoid"] = "softmax"  # condconv
+    temperature: Annotated[float, Float(gt=0)] = 1.0  # condconv: routing logits / temperature
+    router: BlockRouter = "topk"  # blocks
+    expert_block: Literal["same", "resnet"] = "same"  # blocks: copies of the replaced block | ConvBlockExperts
+    k: Annotated[int, Int(ge=1)] = 1  # blocks: experts per image (topk)
+    capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks: 0 = the router's default
+
+
+@dataclass(frozen=True)
+class Train:
+    epochs: Annotated[float, Float(gt=0)] = 10.0  # may be fractional: the schedule is in steps
+    batch: Annotated[int, Int(ge=1)] = 1024
+    lr: Annotated[float, Float(gt=0)] = 11.5  # airbench's units: per 1024 summed examples, / (1 + 1 / (1 - momentum))
+    momentum: Annotated[float, Float(ge=0, lt=1)] = 0.85
+    weight_decay: Annotated[float, Float(ge=0)] = 0.0153
+    bias_scaler: Annotated[float, Float(gt=0)] = 64.0
+    label_smoothing: Annotated[float, Float(ge=0, lt=1)] = 0.2
+    whiten_bias_epochs: Annotated[int, Int(ge=0)] = 3
+    warmup_frac: Annotated[float, Float(ge=0, lt=1)] = 0.23
+    translate: Annotated[int, Int(ge=0, le=8)] = 2
+    flip: bool = True
+    aux_scale: Annotated[float, Float(ge=0)] = 1.0  # multiplies the router's default auxiliary-loss weights (blocks)
+    log_every: Annotated[int, Int(ge=1)] = 1
+
+
+@dataclass(frozen=True)
+class Eval:
+    tta: Annotated[int, Int(ge=0, le=2)] = 2  # 0 none, 1 flip, 2 flip + 1-pixel translations
+    batch: Annotated[int, Int(ge=1)] = 1000
+
+
+@dataclass(frozen=True)
+class Compute:
+    bf16: Switch = Switch("auto")
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class Baselines:
+    equal_cost: bool = True  # dense-equal-flops (+ dense-equal-params unless equal_params = false)
+    equal_params: bool = True
+    equal_time: bool = True  # needs equal_cost
+    reference: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The ``cifar_moe`` family's config (``cifar10-moe``)."""
+
+    threads: Annotated[int, Int(ge=0)] = 0  # torch.set_num_threads; 0 keeps torch's default
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=Train)
+    eval: Eval = field(default_factory=Eval)
+    compute: Compute = field(default_factory=Compute)
+    baselines: Baselines = field(default_factory=Baselines)
+
+
+DEFAULTS, RULES = defaults_of(Config), rules_of(Config)
+RESUMABLE = ("threads", "train.log_every", "eval.batch")
+
+
+def check_config(c: Config) -> None:
+    """Cross-key rules: k of E experts."""
+    m = c.model
+    if m.moe == "blocks" and m.router == "topk" and m.k > m.num_experts:
+        raise refuse("model.k", m.k, f"at most model.num_experts = {m.num_experts} (experts per image)")
