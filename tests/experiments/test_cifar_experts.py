@@ -63,6 +63,13 @@ def test_pipeline_end_to_end_and_expert_cache(cifar_dir, tmp_path):
                  "expert0-airplane-ship", "expert1-automobile-truck"):
         assert 0.0 <= models[name]["test_accuracy"] <= 1.0, name
     assert s1["dataset"] == "CIFAR-10 (JPEG-75 copy)"
+    # the equal-cost rows: one Seed1CNN widened to the mixture's counted parameters / inference FLOPs
+    moe = models["moe-standard"]
+    for name, key in (("dense-equal-params", "params"), ("dense-equal-flops", "flops_per_example")):
+        row = models[name]
+        assert row["matched_to"] == key and 0.0 <= row["test_accuracy"] <= 1.0 and row["train_time_s"] >= 0
+        assert row[key] == pytest.approx(moe[key], rel=0.1), name
+        assert row["width"] > 32  # wider than one expert: the mixture has two experts and a gate
     assert not s1["timings"]["experts"]["cached"]
     files = list((cache / "experts").glob("*.safetensors"))
     assert len(files) == 1 and files[0].stem == s1["expert_key"]
@@ -110,7 +117,8 @@ def test_warm_start_pipeline_and_equal_budget_baseline(cifar_dir, tmp_path):
     """cifar10-experts-warm: generalist first (cached), specialists + gate trunk start from it, and the
     single-CNN baseline gets the mixture's measured budget in epochs."""
     cache = Path(os.environ["MOELAB_CACHE_DIR"])
-    args = SLICE + ["generalist.epochs=1", "baselines=true", "baseline.epochs=0"]
+    # (the equal-cost rows are tested above; they are left out here)
+    args = SLICE + ["generalist.epochs=1", "baselines=true", "baseline.epochs=0", "baseline.equal_cost=false"]
     s = run_experiment("cifar10-experts-warm", args, out=tmp_path / "w", data_dir=str(cifar_dir), quiet=True)
     models, t = s["models"], s["timings"]
     for name in ("generalist", "moe-standard", "baseline-single-cnn"):
@@ -145,7 +153,7 @@ def test_hierarchical_mixture_and_its_budget(cifar_dir, tmp_path):
     only, the blend is fitted on val, and the equal-budget baseline counts generalist + specialists +
     those outputs + the generalist's own inference."""
     cache = Path(os.environ["MOELAB_CACHE_DIR"])
-    args = SLICE + ["generalist.epochs=1", "baselines=true"]
+    args = SLICE + ["generalist.epochs=1", "baselines=true", "baseline.equal_cost=false"]
     s = run_experiment("cifar10-hierarchical", args, out=tmp_path / "h", data_dir=str(cifar_dir), quiet=True)
     models, t = s["models"], s["timings"]
     m = models["moe-hierarchical"]
