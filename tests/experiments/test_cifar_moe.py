@@ -10,7 +10,14 @@ import torch
 
 from moelab.cost import count_params, flops_per_example
 from moelab.errors import MoelabError
-from moelab.experiments.cifar_moe import Model, Train, build_model, lr_factor, make_optimizer
+from moelab.experiments.cifar_moe import (
+    Model,
+    Train,
+    build_model,
+    lr_factor,
+    make_optimizer,
+    routing_parameters,
+)
 from moelab.experiments.runner import run_experiment
 from moelab.moe import CondConv2d, MoE
 
@@ -53,10 +60,31 @@ def test_schedule_and_optimizer_groups():
     t = Train(lr=11.5, momentum=0.85, weight_decay=0.0153, bias_scaler=64.0)
     opt = make_optimizer(net, t, 1024)
     names = [g["name"] for g in opt.param_groups]
-    assert names == ["weights", "biases", "whiten_bias"]
+    assert names == ["weights", "routing", "biases", "whiten_bias"]
+    assert opt.param_groups[1]["params"] == []  # a dense network has no router
     scale = 1024 * (1 + 1 / 0.15)
     assert opt.param_groups[0]["lr"] == pytest.approx(11.5 / scale)
-    assert opt.param_groups[1]["lr"] == pytest.approx(64 * 11.5 / scale)
+    assert opt.param_groups[2]["lr"] == pytest.approx(64 * 11.5 / scale)
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == count_params(net, trainable_only=True)
+
+
+@pytest.mark.parametrize("moe", ["condconv", "blocks"])
+def test_routers_get_their_own_lr_not_the_bn_bias_lr(moe):
+    """A router's parameters (CondConv routing functions, an MoE block's gate) train at routing_lr_scale x
+    the weights' lr; before this group a CondConv routing bias sat among the BN biases at 64x."""
+    net = build_model(dataclasses.replace(BASE, moe=moe, k=2))
+    t = Train(routing_lr_scale=0.05)
+    opt = make_optimizer(net, t, 1024)
+    groups = {g["name"]: g for g in opt.param_groups}
+    want = {id(p) for p in routing_parameters(net)}
+    expected = ({id(p) for m in net.modules() if isinstance(m, CondConv2d) for p in m.routing_fn.parameters()}
+                if moe == "condconv" else {id(p) for p in net.blocks[2].router.parameters()})
+    assert want == expected and len(want) >= 1
+    assert {id(p) for p in groups["routing"]["params"]} == want
+    assert groups["routing"]["lr"] == pytest.approx(0.05 * groups["weights"]["lr"])
+    others = [id(p) for n in ("weights", "biases", "whiten_bias") for p in groups[n]["params"]]
+    assert not want & set(others) and len(others) == len(set(others))
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == count_params(net, trainable_only=True)
 

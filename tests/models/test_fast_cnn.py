@@ -69,3 +69,21 @@ def test_bad_widths():
         FastCNN((8, 8))
     with pytest.raises(MoelabError, match=r"FastCNN: widths\[1\] must be an integer >= 1, got 0"):
         FastCNN((8, 0, 8))
+
+
+def test_condconv_expert_kernels_start_as_identity_like_the_dense_convs():
+    """FastCNN's dirac init reaches every expert kernel of a CondConv2d: a mixture of them (weights summing to
+    one) passes its first filters' inputs through exactly like the dense conv does."""
+    net = FastCNN((8, 16, 32), conv_factory=lambda n, ci, co: CondConv2d(ci, co, 3, 3, padding=1, bias=False,
+                                                                         routing="softmax"))
+    for block in net.blocks:
+        for conv in (block.conv1, block.conv2):
+            k = conv.kernels  # (E, O, C, 3, 3)
+            o, c = k.shape[1:3]
+            d = min(o, c)
+            eye = torch.zeros(d, c, 3, 3)
+            eye[torch.arange(d), torch.arange(d), 1, 1] = 1
+            assert torch.equal(k[:, :d], eye.expand(k.shape[0], -1, -1, -1, -1))
+            if o > c:  # the rest: PyTorch's default init, different per expert
+                assert k[:, c:].abs().sum() > 0 and not torch.equal(k[0, c:], k[1, c:])
+

@@ -112,14 +112,32 @@ def _routing(model: FastCNN) -> list[Tensor]:
 # ----------------------------------------------------------------------------- the recipe
 
 
+def routing_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that route: each CondConv2d's routing function and each MoE block's router (its gate)."""
+    out: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, CondConv2d):
+            out += list(m.routing_fn.parameters())
+        elif isinstance(m, MoE):
+            out += list(m.router.parameters())
+    return out
+
+
 def make_optimizer(model: FastCNN, t: Train, batch: int) -> torch.optim.SGD:
-    """airbench's SGD: lr and weight decay per summed example, BN / whitening biases at ``bias_scaler`` x lr."""
+    """airbench's SGD: lr and weight decay per summed example, BN / whitening biases at ``bias_scaler`` x lr,
+    the routing parameters (:func:`routing_parameters`) at ``routing_lr_scale`` x lr. airbench's lr suits
+    convolutions followed by BatchNorm (scale-invariant); a router is not, and at that lr (its bias at 64x
+    among the BN biases, as before this group existed) its softmax saturates onto one expert in the first
+    epoch."""
     scale = 1024 * (1 + 1 / (1 - t.momentum))
     lr, wd = t.lr / scale, t.weight_decay * batch / scale
-    params = [p for p in model.parameters() if p.requires_grad]
+    routing_ids = {id(p) for p in routing_parameters(model)}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in routing_ids]
     biases = [p for p in params if p.dim() == 1 and p is not model.whiten.bias]
     rest = [p for p in params if p.dim() != 1]
+    routing = [p for p in routing_parameters(model) if p.requires_grad]
     groups = [{"params": rest, "lr": lr, "weight_decay": wd, "name": "weights"},
+              {"params": routing, "lr": lr * t.routing_lr_scale, "weight_decay": wd, "name": "routing"},
               {"params": biases, "lr": lr * t.bias_scaler, "weight_decay": wd / t.bias_scaler, "name": "biases"},
               {"params": [model.whiten.bias], "lr": lr * t.bias_scaler, "weight_decay": wd / t.bias_scaler,
                "name": "whiten_bias"}]
@@ -169,7 +187,7 @@ class Recipe:
         """Cross-entropy (batch mean) and the routers' auxiliary loss; weighted by the batch size in the
         step, as airbench sums its loss over the batch."""
         logits, aux, _ = out
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.t.label_smoothing), self.t.aux_scale * aux
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.t.label_smoothing), aux  # weights: build_model
 
 
 @torch.no_grad()
@@ -325,4 +343,4 @@ def _equal_cost(cfg: Config, run: Run, moe: dict, fit: Fitter) -> dict[str, dict
     return rows
 
 
-__all__ = ["DEFAULTS", "MOES", "build_model", "lr_factor", "make_optimizer", "predict", "run"]
+__all__ = ["DEFAULTS", "MOES", "build_model", "lr_factor", "make_optimizer", "predict", "routing_parameters", "run"]

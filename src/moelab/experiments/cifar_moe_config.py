@@ -55,6 +55,7 @@ class Train:
     translate: Annotated[int, Int(ge=0, le=8)] = 2
     flip: bool = True
     aux_scale: Annotated[float, Float(ge=0)] = 1.0  # multiplies the router's default auxiliary-loss weights (blocks)
+    routing_lr_scale: Annotated[float, Float(gt=0)] = 0.1  # routers' lr / the conv weights' lr (make_optimizer)
     log_every: Annotated[int, Int(ge=1)] = 1
 
 

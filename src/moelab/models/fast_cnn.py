@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import check_positive_int
+from moelab.moe.condconv import CondConv2d
 
 AIRBENCH_WIDTHS = (64, 256, 256)
 WHITEN_KERNEL = 2
@@ -39,6 +40,11 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
     bn = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=1e-12)
     bn.weight.requires_grad_(False)
     return bn
+
+
+def _dirac_first(w: Tensor, groups: int = 1) -> None:
+    """In place: the first ``in`` filters of conv weight ``w`` (O, C/g, kh, kw) pass their input through."""
+    torch.nn.init.dirac_(w[: w.shape[1]] if w.shape[0] >= w.shape[1] * groups else w)
 
 
 def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
@@ -95,11 +101,12 @@ class FastCNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
+        for m in self.modules():  # airbench: identity-initialised first filters ("dirac"), the rest PyTorch's default
             if isinstance(m, nn.Conv2d) and m is not self.whiten:
-                w = m.weight.data
-                torch.nn.init.dirac_(w[: w.shape[1]] if w.shape[0] >= w.shape[1] * m.groups else w)
-                # airbench: identity-initialised first filters ("dirac"), the rest PyTorch's default
+                _dirac_first(m.weight.data, m.groups)
+            elif isinstance(m, CondConv2d):  # each expert kernel
+                for k in m.kernels.data:
+                    _dirac_first(k, m.groups)
         self.whiten.bias.data.zero_()
 
     @torch.no_grad()
