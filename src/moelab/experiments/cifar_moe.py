@@ -131,11 +131,11 @@ def make_optimizer(model: FastCNN, t: Train, batch: int) -> torch.optim.SGD:
     epoch."""
     scale = 1024 * (1 + 1 / (1 - t.momentum))
     lr, wd = t.lr / scale, t.weight_decay * batch / scale
-    routing_ids = {id(p) for p in routing_parameters(model)}
+    routing = [p for p in routing_parameters(model) if p.requires_grad]
+    routing_ids = {id(p) for p in routing}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in routing_ids]
     biases = [p for p in params if p.dim() == 1 and p is not model.whiten.bias]
     rest = [p for p in params if p.dim() != 1]
-    routing = [p for p in routing_parameters(model) if p.requires_grad]
     groups = [{"params": rest, "lr": lr, "weight_decay": wd, "name": "weights"},
               {"params": routing, "lr": lr * t.routing_lr_scale, "weight_decay": wd, "name": "routing"},
               {"params": biases, "lr": lr * t.bias_scaler, "weight_decay": wd / t.bias_scaler, "name": "biases"},
