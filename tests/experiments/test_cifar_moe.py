@@ -53,6 +53,17 @@ def test_block_moe_routes_images_to_k_experts(expert_block):
     assert auxes[0].indices.shape == (6, 1)
 
 
+def test_expert_choice_blocks_fill_every_expert_and_cost_what_top2_costs():
+    """Expert choice (capacity factor 2): every expert takes ceil(2 N / E) images, so the counted FLOPs are
+    top-2's, and the load is balanced by construction."""
+    ec = build_model(dataclasses.replace(BASE, moe="blocks", router="expert_choice", capacity_factor=2.0))
+    top2 = build_model(dataclasses.replace(BASE, moe="blocks", router="topk", k=2))
+    x = torch.randn(8, 3, 32, 32)
+    logits, _, auxes = ec.forward_with_aux(x)
+    assert logits.shape == (8, 10) and auxes[0].expert_counts.tolist() == [4, 4, 4, 4]
+    assert flops_per_example(ec, x) == pytest.approx(flops_per_example(top2, x), rel=1e-3)
+
+
 def test_schedule_and_optimizer_groups():
     assert lr_factor(0, 100, 0.23) == pytest.approx(0.2) and lr_factor(23, 100, 0.23) == pytest.approx(1.0)
     assert lr_factor(100, 100, 0.23) == 0 and lr_factor(50, 100, 0.23) == pytest.approx(1 - 27 / 77)

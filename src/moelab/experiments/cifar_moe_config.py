@@ -9,7 +9,7 @@ from moelab.config import Check, Float, Int, Switch, refuse
 from moelab.schema import defaults_of, rules_of
 
 MoEKind = Literal["none", "condconv", "blocks"]
-BlockRouter = Literal["topk", "switch"]
+BlockRouter = Literal["topk", "switch", "expert_choice"]
 MOES, BLOCK_ROUTERS = get_args(MoEKind), get_args(BlockRouter)
 
 
@@ -35,10 +35,10 @@ class Model:
     num_experts: Annotated[int, Int(ge=1)] = 4
     routing: Literal["softmax", "sigmoid"] = "softmax"  # condconv
     temperature: Annotated[float, Float(gt=0)] = 1.0  # condconv: routing logits / temperature
-    router: BlockRouter = "topk"  # blocks
+    router: BlockRouter = "topk"  # blocks (expert_choice: each expert takes capacity_factor * N / E images)
     expert_block: Literal["same", "resnet"] = "same"  # blocks: copies of the replaced block | ConvBlockExperts
     k: Annotated[int, Int(ge=1)] = 1  # blocks: experts per image (topk)
-    capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks: 0 = the router's default
+    capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks: 0 = the router's (expert_choice: 2)
 
 
 @dataclass(frozen=True)
