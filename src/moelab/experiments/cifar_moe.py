@@ -77,13 +77,10 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
     if m.capacity_factor:
         opts["capacity_factor"] = m.capacity_factor
 
-    def pooled_linear(c_in: int) -> nn.Sequential:  # (N, C, H, W) -> (N, E): a linear map of the mean features
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, e, bias=False))
-
     def block(b: int, c_in: int, c_out: int) -> nn.Module | None:
         if b not in blocks:
             return None
-        gate = pooled_linear(c_in)
+        gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, e, bias=False))
         if m.expert_block == "resnet":
             experts = ConvBlockExperts(c_in, c_out, e, stride=2)
         else:  # E copies of the dense block it replaces (each run on exactly its images)
