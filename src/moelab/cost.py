@@ -26,6 +26,30 @@ from moelab.errors import MoelabError
 __all__ = ["count_params", "count_flops", "flops_per_example", "match_width", "cost_row"]
 
 
+def _register_grouped_mm() -> None:
+    """Teach the counter ``aten._grouped_mm`` (the accelerator path of :class:`moelab.moe.MLPExperts`), which
+    it does not count by itself: (M, K) rows grouped by expert x (E, K, O) weights -> (M, O) is 2*M*K*O
+    FLOPs, only the rows each expert owns, no padding."""
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is None:
+        return
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        if len(a_shape) == 2 and len(b_shape) == 3:  # 2-D rows x 3-D stacked weights (the MoE case)
+            return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+        if len(a_shape) == 3 and len(b_shape) == 3:  # batched
+            return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+        return 2 * out_shape[-2] * out_shape[-1] * a_shape[-1] if out_shape is not None else 0
+
+
+_register_grouped_mm()
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

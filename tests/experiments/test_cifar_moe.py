@@ -10,16 +10,19 @@ import torch
 
 from moelab.cost import count_params, flops_per_example
 from moelab.errors import MoelabError
+from moelab.experiments.cifar_common import Images
 from moelab.experiments.cifar_moe import (
     Model,
     Train,
+    active_flops,
     build_model,
     lr_factor,
     make_optimizer,
+    predict,
     routing_parameters,
 )
 from moelab.experiments.runner import run_experiment
-from moelab.moe import CondConv2d, MoE
+from moelab.moe import CondConv2d, MoE, TokenMoE2d
 
 BASE = Model(width=32, moe="condconv", moe_blocks=[3], num_experts=4, routing="softmax", temperature=1.0,
              router="topk", k=1, capacity_factor=0.0, expert_block="same")
@@ -62,6 +65,61 @@ def test_expert_choice_blocks_fill_every_expert_and_cost_what_top2_costs():
     logits, _, auxes = ec.forward_with_aux(x)
     assert logits.shape == (8, 10) and auxes[0].expert_counts.tolist() == [4, 4, 4, 4]
     assert flops_per_example(ec, x) == pytest.approx(flops_per_example(top2, x), rel=1e-3)
+
+
+def test_noisy_topk_blocks_route_with_a_trained_noise_gate_and_cost_what_top2_costs():
+    """Noisy top-k (Shazeer 2017) on the expert blocks: the noise std comes from its own zero-initialised
+    pooled gate, which trains in the routing group; eval routing is the clean top-k (deterministic)."""
+    m = dataclasses.replace(BASE, moe="blocks", router="noisy_topk", k=2)
+    net, top2 = build_model(m), build_model(dataclasses.replace(BASE, moe="blocks", router="topk", k=2))
+    router = net.blocks[2].router
+    assert router.name == "noisy_topk" and float(router.noise_gate[-1].weight.detach().abs().sum()) == 0
+    assert {id(p) for p in router.noise_gate.parameters()} <= {id(p) for p in routing_parameters(net)}
+    assert set(net.blocks[2].aux_loss_weights) == {"importance", "load"}
+    x = torch.randn(16, 3, 32, 32)
+    torch.manual_seed(0)
+    logits, aux, auxes = net.forward_with_aux(x)
+    assert logits.shape == (16, 10) and auxes[0].indices.shape == (16, 2) and float(aux.detach()) > 0
+    aux.backward()
+    assert router.noise_gate[-1].weight.grad is not None and float(router.noise_gate[-1].weight.grad.abs().sum()) > 0
+    net.eval()
+    with torch.no_grad():
+        a, _, ea = net.forward_with_aux(x)
+        b, _, eb = net.forward_with_aux(x)
+    assert torch.equal(a, b) and torch.equal(ea[0].indices, eb[0].indices)
+    assert flops_per_example(net, x) == pytest.approx(flops_per_example(top2, x), rel=1e-2)
+    with pytest.raises(MoelabError, match=r"model\.k.*at most model\.num_experts = 4"):
+        run_experiment("cifar10-moe", ["model.moe=blocks", "model.router=noisy_topk", "model.k=5"], quiet=True)
+
+
+def test_token_moe_follows_the_chosen_blocks_and_its_twin_costs_the_same():
+    """model.moe = "tokens": a TokenMoE2d (every position routed to k pointwise experts) after each chosen block;
+    the dense twin has one FFN of k x the hidden width there, so the same counted FLOPs (router aside)."""
+    m = dataclasses.replace(BASE, moe="tokens", moe_blocks=[2, 3], num_experts=4, router="topk", k=2,
+                            expert_hidden=16)
+    net, twin, dense = build_model(m), build_model(m, twin=True), build_model(m, dense=True)
+    assert [type(b.after).__name__ for b in net.blocks[1:]] == ["TokenMoE2d", "TokenMoE2d"]
+    assert not hasattr(net.blocks[0], "after") and twin.blocks[2].after.moe.num_experts == 1
+    assert twin.blocks[2].after.moe.experts.hidden_dim == 2 * 16
+    experts = 2 * 4 * (32 * 16 + 16 + 16 * 32 + 32)  # two layers of E = 4 MLPs 32 -> 16 -> 32
+    norms = 2 * 2 * 32  # each MoE output BatchNorm: its (fixed) scale and its bias
+    assert count_params(net) == count_params(dense) + experts + norms + 2 * 32 * 4  # + two routers Linear(32, 4)
+    x = torch.randn(8, 3, 32, 32)
+    logits, aux, auxes = net.forward_with_aux(x)
+    assert logits.shape == (8, 10) and len(auxes) == 2 and float(aux.detach()) > 0
+    assert auxes[0].indices.shape == (8 * 7 * 7, 2) and auxes[1].indices.shape == (8 * 3 * 3, 2)
+    routers = {id(p) for b in net.blocks[1:] for p in b.after.moe.router.parameters()}
+    assert routers == {id(p) for p in routing_parameters(net)}
+    f_net, f_twin = active_flops(net, x), active_flops(twin, x)
+    assert f_twin < f_net < 1.03 * f_twin  # the routers' projections + the grouped path's bias columns
+    assert isinstance(net.blocks[2].after, TokenMoE2d) and net.blocks[2].after.moe.experts.sparse_impl == "auto"
+    net.eval()
+    with torch.no_grad():
+        _, routes = predict(net, Images(torch.randint(0, 255, (5, 32, 32, 3), dtype=torch.uint8).numpy(),
+                                        torch.zeros(5, dtype=torch.long).numpy(), True, torch.device("cpu")),
+                            tta=0, bf16=False, batch=5)
+    assert [tuple(r.shape) for r in routes] == [(5, 4), (5, 4)]  # per image: the share of its positions
+    assert torch.allclose(routes[1].sum(1), torch.ones(5))
 
 
 def test_schedule_and_optimizer_groups():
@@ -125,7 +183,8 @@ def test_cifar10_moe_end_to_end(real_data_dir, tmp_path):
 def test_bench_cnn_rows_and_bad_variant(capsys):
     from moelab.bench.cnn import bench_cnn, main, parse_variant
 
-    rows = bench_cnn(["condconv:E=2:blocks=3", "blocks:E=2:k=1"], width=16, batch=8, repeats=1)
+    rows = bench_cnn(["condconv:E=2:blocks=3", "blocks:E=2:k=1", "tokens:E=4:k=1:hidden=2w"], width=16, batch=8,
+                     repeats=1)
     for r in rows:
         assert r["moe_img_s"] > 0 and r["dense_img_s"] > 0 and r["ratio"] == pytest.approx(
             r["moe_img_s"] / r["dense_img_s"], rel=1e-6)
@@ -135,7 +194,9 @@ def test_bench_cnn_rows_and_bad_variant(capsys):
     assert (m.router, m.k, m.num_experts, m.width, m.moe) == ("switch", 2, 8, 64, "blocks")
     with pytest.raises(MoelabError, match=r"variant 'condconv:X=3': unknown option 'X=3'"):
         parse_variant("condconv:X=3", 64)
-    with pytest.raises(MoelabError, match=r"expected condconv:... or blocks:..., got 'dense'"):
+    m = parse_variant("tokens:E=8:k=1:blocks=2,3:hidden=4w", 64)
+    assert (m.moe, m.num_experts, m.k, m.moe_blocks, m.expert_hidden) == ("tokens", 8, 1, [2, 3], 256)
+    with pytest.raises(MoelabError, match=r"expected condconv:..., blocks:... or tokens:..., got 'dense'"):
         parse_variant("dense", 64)
     assert main(["--variants", "condconv:E=2", "--width", "8", "--batch", "4", "--repeats", "1"]) == 0
     assert "moe/dense" in capsys.readouterr().out
@@ -149,3 +210,16 @@ def test_cifar10_moe_condconv_with_only_the_flops_baseline(real_data_dir, tmp_pa
     assert set(s["models"]) == {"moe", "dense-equal-flops"}
     moe = s["models"]["moe"]
     assert moe["moe"] == "condconv" and len(moe["routing"]["lead_share"]) == 4
+
+
+def test_cifar10_moe_tokens_with_its_dense_twin(real_data_dir, tmp_path):
+    sets = ["data.train_per_class=30", "data.test_per_class=5", "data.val_size=50", "train.batch=50",
+            "train.epochs=1", "model.width=8", "model.moe=tokens", "model.moe_blocks=[2, 3]", "model.router=switch",
+            "model.num_experts=4", "eval.tta=0", "baselines.equal_params=false", "baselines.equal_time=false",
+            "baselines.reference=false"]
+    s = run_experiment("cifar10-moe", sets, out=tmp_path / "r", data_dir=str(real_data_dir), quiet=True)
+    assert set(s["models"]) == {"moe", "dense-equal-flops", "dense-twin"}
+    moe, twin = s["models"]["moe"], s["models"]["dense-twin"]
+    assert moe["moe"] == "tokens" and len(moe["routing"]["lead_share"]) == 4
+    assert twin["flops_per_example"] == pytest.approx(moe["flops_per_example"], rel=0.05)
+    assert twin["params"] < moe["params"] and 0 <= twin["test_accuracy"] <= 1

@@ -28,17 +28,18 @@ from moelab.moe import CondConv2d, MoE
 from moelab.precision import fast_bf16
 
 VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=2", "blocks:E=4:k=1",
-            "blocks:E=8:k=1", "blocks:E=4:k=1:expert=resnet")
+            "blocks:E=8:k=1", "blocks:E=4:k=1:expert=resnet", "tokens:E=8:k=1:blocks=2,3:hidden=4w")
 
 
 def parse_variant(spec: str, width: int) -> Model:
-    """``"condconv:E=4:blocks=2,3"`` / ``"blocks:E=8:k=1:router=switch"`` -> the cifar_moe model section."""
+    """``"condconv:E=4:blocks=2,3"`` / ``"blocks:E=8:k=1:router=switch"`` / ``"tokens:E=8:k=1:hidden=4w"`` -> the
+    cifar_moe model section (``hidden``: the token experts' hidden width, ``Nw`` = N x ``width``)."""
     kind, *opts = spec.split(":")
-    if kind not in ("condconv", "blocks"):
-        raise MoelabError(f"bench cnn: variant {spec!r}: expected condconv:... or blocks:..., got {kind!r}")
+    if kind not in ("condconv", "blocks", "tokens"):
+        raise MoelabError(f"bench cnn: variant {spec!r}: expected condconv:..., blocks:... or tokens:..., got {kind!r}")
     m: dict = {"moe": kind, "width": width}
     keys = {"E": "num_experts", "k": "k", "blocks": "moe_blocks", "router": "router", "routing": "routing",
-            "expert": "expert_block"}
+            "expert": "expert_block", "hidden": "expert_hidden"}
     for opt in opts:
         key, _, val = opt.partition("=")
         if key not in keys or not val:
@@ -46,6 +47,8 @@ def parse_variant(spec: str, width: int) -> Model:
                               f"{', '.join(k + '=' for k in keys)})")
         if key == "blocks":
             m["moe_blocks"] = [int(b) for b in val.split(",")]
+        elif key == "hidden":
+            m[keys[key]] = int(val[:-1]) * width if val.endswith("w") else int(val)
         elif key in ("E", "k"):
             m[keys[key]] = int(val)
         else:
@@ -68,8 +71,8 @@ def _route_time(model: FastCNN, x: torch.Tensor, amp, repeats: int) -> float:
             if isinstance(mod, CondConv2d):
                 r = mod.routing_weights(inp)
                 (r.to(mod.weight.dtype) @ mod.weight)  # the kernel mix
-            else:
-                mod.router(inp)
+            else:  # per-position routing (dim set) routes (tokens, C) rows, as the layer does
+                mod.router(inp if mod.dim is None else inp.reshape(-1, mod.dim))
     with torch.no_grad(), amp():
         t = time_interleaved({"route": route}, warmup=1, repeats=repeats)["route"]
     return t

@@ -41,8 +41,8 @@ from moelab.experiments.cifar_moe_config import (  # noqa: F401 (re-exported)
     Train,
     check_config,
 )
-from moelab.models.fast_cnn import ConvBlock, FastCNN
-from moelab.moe import CondConv2d, ConvBlockExperts, MoE
+from moelab.models.fast_cnn import BlockThen, ConvBlock, FastCNN, batch_norm
+from moelab.moe import CondConv2d, ConvBlockExperts, MLPExperts, MoE, TokenMoE2d
 from moelab.moe.routers import resolve
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
@@ -58,8 +58,11 @@ def block_widths(width: int) -> tuple[int, int, int]:
     return (max(1, width // 4), width, width)
 
 
-def build_model(m: Model, width: int | None = None, dense: bool = False, aux_scale: float = 1.0) -> FastCNN:
-    """The mixture of ``m`` (``dense=False``) or the dense FastCNN of block-3 width ``width``."""
+def build_model(m: Model, width: int | None = None, dense: bool = False, aux_scale: float = 1.0,
+                twin: bool = False) -> FastCNN:
+    """The mixture of ``m`` (``dense=False``) or the dense FastCNN of block-3 width ``width``; ``twin=True``
+    (``model.moe = "tokens"``): the mixture's dense twin, each token MoE one dense FFN of ``k`` x its
+    hidden width (the same active FLOPs, router aside)."""
     widths = block_widths(width or m.width)
     if dense or m.moe == "none":
         return FastCNN(widths)
@@ -73,35 +76,55 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
 
         return FastCNN(widths, conv_factory=conv)
     weights = {n: aux_scale * w for n, w in resolve(m.router)[0].default_loss_weights.items()}
-    opts = {"k": m.k} if m.router == "topk" else {}
+    opts = {"k": m.k} if m.router in ("topk", "noisy_topk") else {}
     if m.capacity_factor:
         opts["capacity_factor"] = m.capacity_factor
+    if m.moe == "tokens":
+        def token_block(b: int, c_in: int, c_out: int) -> nn.Module | None:
+            if b not in blocks:
+                return None
+            hidden = m.expert_hidden or 2 * c_out
+            moe = TokenMoE2d(c_out, 1, m.k * hidden, router="dense", norm=batch_norm(c_out)) if twin else \
+                TokenMoE2d(c_out, e, hidden, router=m.router, norm=batch_norm(c_out), aux_loss_weights=weights, **opts)
+            return BlockThen(ConvBlock(c_in, c_out), moe)
+
+        return FastCNN(widths, block_factory=token_block)
+
+    def pooled_linear(c_in: int) -> nn.Sequential:  # (N, C, H, W) -> (N, E) logits
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, e, bias=False))
 
     def block(b: int, c_in: int, c_out: int) -> nn.Module | None:
         if b not in blocks:
             return None
-        gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, e, bias=False))
+        gate, router_kwargs = pooled_linear(c_in), None
+        if m.router == "noisy_topk":  # its noise std comes from the same pooled features, zero-initialised
+            noise_gate = pooled_linear(c_in)
+            nn.init.zeros_(noise_gate[-1].weight)
+            router_kwargs = {"noise_gate": noise_gate}
         if m.expert_block == "resnet":
             experts = ConvBlockExperts(c_in, c_out, e, stride=2)
         else:  # E copies of the dense block it replaces (each run on exactly its images)
             experts = [ConvBlock(c_in, c_out) for _ in range(e)]
-        return MoE(None, e, router=m.router, experts=experts, gate=gate, aux_loss_weights=weights, **opts)
+        return MoE(None, e, router=m.router, experts=experts, gate=gate, aux_loss_weights=weights,
+                   router_kwargs=router_kwargs, **opts)
 
     return FastCNN(widths, block_factory=block)
 
 
 def active_flops(model: nn.Module, probe: Tensor) -> float:
-    """Counted inference FLOPs per example with every routed expert block run on exactly its images
-    (``impl = "loop"``): the padded slots of the grouped implementation are not the model's cost."""
-    stacks = [m for m in model.modules() if isinstance(m, ConvBlockExperts)]
-    saved = [m.impl for m in stacks]
+    """Counted inference FLOPs per example with every routed expert run on exactly its rows (expert blocks:
+    ``impl = "loop"``; MLP experts: ``sparse_impl = "grouped"``, unpadded): the padded slots of the fast
+    layouts are not the model's cost."""
+    exact = [(m, "impl", "loop") for m in model.modules() if isinstance(m, ConvBlockExperts)]
+    exact += [(m, "sparse_impl", "grouped") for m in model.modules() if isinstance(m, MLPExperts)]
+    saved = [getattr(m, attr) for m, attr, _ in exact]
     try:
-        for m in stacks:
-            m.impl = "loop"
+        for m, attr, value in exact:
+            setattr(m, attr, value)
         return flops_per_example(model, probe)
     finally:
-        for m, impl in zip(stacks, saved):
-            m.impl = impl
+        for (m, attr, _), value in zip(exact, saved):
+            setattr(m, attr, value)
 
 
 def _routing(model: FastCNN) -> list[Tensor]:
@@ -190,6 +213,12 @@ class Recipe:
         return F.cross_entropy(logits.float(), y, label_smoothing=self.t.label_smoothing), aux  # weights: build_model
 
 
+def per_image(gates: Tensor, n: int) -> Tensor:
+    """Gates (N*P, E) of P tokens per image (P = 1 for per-image routing) -> (N, E), averaged over each image's
+    tokens: the share of the image's positions (weighted by gate) each expert takes."""
+    return gates.view(n, -1, gates.shape[-1]).mean(1)
+
+
 @torch.no_grad()
 def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) -> tuple[Tensor, list[Tensor]]:
     """-> (class probabilities (N, C), per-image routing weights of each MoE module on the plain images), on
@@ -201,7 +230,8 @@ def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) ->
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, _, auxes = model.forward_with_aux(x)
             logits = logits.float()
-            routes.append([to_host(a.gates.float()) for a in auxes] + [to_host(r.float()) for r in _routing(model)])
+            routes.append([to_host(per_image(a.gates.float(), len(x))) for a in auxes]
+                          + [to_host(r.float()) for r in _routing(model)])
             if tta >= 1:
                 logits = 0.5 * logits + 0.5 * model(x.flip(3)).float()
             if tta >= 2:
@@ -308,6 +338,9 @@ def _run(cfg: Config, run: Run) -> dict:
     models["moe"] = moe
     if cfg.baselines.equal_cost and m.moe != "none":
         models.update(_equal_cost(cfg, run, moe, fit))
+    if cfg.baselines.dense_twin and m.moe == "tokens":
+        seed_module_init(run, "dense-twin")
+        models["dense-twin"] = {**fit("dense-twin", build_model(m, twin=True), t.epochs), "matched_to": "architecture"}
     if cfg.baselines.reference and m.moe != "none":
         seed_module_init(run, "dense-reference")
         models["dense-reference"] = {**fit("dense-reference", build_model(m, dense=True), t.epochs),

@@ -8,8 +8,8 @@ from typing import Annotated, Literal, get_args
 from moelab.config import Check, Float, Int, Switch, refuse
 from moelab.schema import defaults_of, rules_of
 
-MoEKind = Literal["none", "condconv", "blocks"]
-BlockRouter = Literal["topk", "switch", "expert_choice"]
+MoEKind = Literal["none", "condconv", "blocks", "tokens"]
+BlockRouter = Literal["topk", "noisy_topk", "switch", "expert_choice"]
 MOES, BLOCK_ROUTERS = get_args(MoEKind), get_args(BlockRouter)
 
 
@@ -31,14 +31,15 @@ class Model:
     width: Annotated[int, Int(ge=4)] = 128  # block widths (width / 4, width, width); airbench94: 256
     moe: MoEKind = "condconv"
     moe_blocks: Annotated[list[int], Check(_blocks_ok, "a non-empty list of distinct block numbers 1..3")] = \
-        field(default_factory=lambda: [3])  # which of the blocks 1..3 are mixtures
+        field(default_factory=lambda: [3])  # which of the blocks 1..3 are mixtures (tokens: followed by one)
     num_experts: Annotated[int, Int(ge=1)] = 4
     routing: Literal["softmax", "sigmoid"] = "softmax"  # condconv
     temperature: Annotated[float, Float(gt=0)] = 1.0  # condconv: routing logits / temperature
-    router: BlockRouter = "topk"  # blocks (expert_choice: each expert takes capacity_factor * N / E images)
+    router: BlockRouter = "topk"  # blocks, tokens (noisy_topk: Shazeer 2017; expert_choice: each expert takes cf * N / E)
     expert_block: Literal["same", "resnet"] = "same"  # blocks: copies of the replaced block | ConvBlockExperts
-    k: Annotated[int, Int(ge=1)] = 1  # blocks: experts per image (topk)
-    capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks: 0 = the router's (expert_choice: 2)
+    k: Annotated[int, Int(ge=1)] = 1  # blocks, tokens: experts per image / per position (topk, noisy_topk)
+    capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks, tokens: 0 = the router's (expert_choice: 2)
+    expert_hidden: Annotated[int, Int(ge=0)] = 0  # tokens: each expert's hidden width; 0 = 2 x the block width
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Baselines:
     equal_params: bool = True
     equal_time: bool = True  # needs equal_cost
     reference: bool = True
+    dense_twin: bool = True  # tokens: the same network with each token MoE one dense FFN of k x its hidden width
 
 
 @dataclass(frozen=True)
@@ -99,5 +101,5 @@ RESUMABLE = ("threads", "train.log_every", "eval.batch")
 def check_config(c: Config) -> None:
     """Cross-key rules: k of E experts."""
     m = c.model
-    if m.moe == "blocks" and m.router == "topk" and m.k > m.num_experts:
+    if m.moe in ("blocks", "tokens") and m.router in ("topk", "noisy_topk") and m.k > m.num_experts:
         raise refuse("model.k", m.k, f"at most model.num_experts = {m.num_experts} (experts per image)")

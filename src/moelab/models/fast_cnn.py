@@ -68,6 +68,18 @@ class ConvBlock(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
+class BlockThen(nn.Module):
+    """``after(block(x))``: a block followed by a module that may return ``(y, aux)`` (e.g. a
+    :class:`moelab.moe.TokenMoE2d`), whose pair is passed on for :meth:`FastCNN.forward_with_aux`."""
+
+    def __init__(self, block: nn.Module, after: nn.Module):
+        super().__init__()
+        self.block, self.after = block, after
+
+    def forward(self, x: Tensor):
+        return self.after(self.block(x))
+
+
 class FastCNN(nn.Module):
     """The airbench-style CNN (module docstring). ``forward(x) -> logits``; ``forward_with_aux(x) ->
     (logits, summed auxiliary loss, list of the MoE blocks' MoEAux)``."""
