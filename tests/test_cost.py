@@ -65,3 +65,13 @@ def test_match_width_finds_the_closest_width():
     assert match_width(lambda w: w * w, 50) == 7
     with pytest.raises(MoelabError, match="no width up to 8"):
         match_width(lambda w: w, 100, hi=8)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+def test_grouped_mm_is_counted_on_the_rows_each_expert_owns():
+    """torch's counter skips aten._grouped_mm; moelab.cost registers 2 * M * K * O for (M, K) x (E, K, O)."""
+    x, w = torch.randn(40, 16), torch.randn(4, 16, 8)
+    offs = torch.tensor([5, 5, 25, 40], dtype=torch.int32)  # expert 1 owns no rows
+    assert count_flops(lambda: torch._grouped_mm(x, w, offs=offs)) == 2 * 40 * 16 * 8
+    layer = MoE(16, 4, 32, router="topk", k=2, bias=False, sparse_impl="grouped").eval()
+    assert count_flops(layer, torch.randn(10, 16)) == 2 * 10 * 16 * 4 + 2 * (10 * 2) * (16 * 32 + 32 * 16)
