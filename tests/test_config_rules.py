@@ -117,6 +117,8 @@ def test_out_of_range_value_is_refused(fam, key, value, tmp_path, capsys):
      "gate.top_k = 11 is out of range: expected at most the 10 experts (data.pairs)."),
     (["cifar10-moe", "--set", "model.moe=blocks", "--set", "model.k=5"],
      "model.k = 5 is out of range: expected at most model.num_experts = 4 (experts per image)."),
+    (["cifar10-moe", "--set", "model.moe=tokens", "--set", "model.k=1"],
+     "model.k = 1 is out of range: expected at least 2 with model.router = topk: its weights are a softmax over"),
     (["cifar10-moe", "--set", "model.moe_blocks=[3, 3]"],
      "model.moe_blocks = [3, 3] is out of range: expected a non-empty list of distinct block numbers 1..3."),
     (["cifar10-experts", "--set", "data.pairs=[[0, 10]]"],

@@ -37,7 +37,7 @@ class Model:
     temperature: Annotated[float, Float(gt=0)] = 1.0  # condconv: routing logits / temperature
     router: BlockRouter = "topk"  # blocks, tokens (noisy_topk: Shazeer 2017; expert_choice: each expert takes cf * N / E)
     expert_block: Literal["same", "resnet"] = "same"  # blocks: copies of the replaced block | ConvBlockExperts
-    k: Annotated[int, Int(ge=1)] = 1  # blocks, tokens: experts per image / per position (topk, noisy_topk)
+    k: Annotated[int, Int(ge=1)] = 2  # blocks, tokens: experts per image / per position (topk, noisy_topk; top-1: switch)
     capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks, tokens: 0 = the router's (expert_choice: 2)
     expert_hidden: Annotated[int, Int(ge=0)] = 0  # tokens: each expert's hidden width; 0 = 2 x the block width
 
@@ -99,7 +99,12 @@ RESUMABLE = ("threads", "train.log_every", "eval.batch")
 
 
 def check_config(c: Config) -> None:
-    """Cross-key rules: k of E experts."""
+    """Cross-key rules: k of E experts; no top-1 through a router whose one weight is always 1."""
     m = c.model
+    if m.moe in ("blocks", "tokens") and m.router in ("topk", "noisy_topk") and m.k == 1:
+        raise refuse("model.k", 1, f"at least 2 with model.router = {m.router}: its weights are a softmax over the k "
+                     "chosen logits, so with k = 1 the one weight is always 1 and the gate learns nothing from the "
+                     "task (only from the balance loss); for top-1 use model.router = switch (weighted by its "
+                     "softmax probability)")
     if m.moe in ("blocks", "tokens") and m.router in ("topk", "noisy_topk") and m.k > m.num_experts:
         raise refuse("model.k", m.k, f"at most model.num_experts = {m.num_experts} (experts per image)")
