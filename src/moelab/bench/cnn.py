@@ -28,7 +28,7 @@ from moelab.moe import CondConv2d, MoE
 from moelab.precision import fast_bf16
 
 VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=2", "blocks:E=4:k=1",
-            "blocks:E=8:k=1", "blocks:E=4:k=1:expert=resnet", "tokens:E=8:k=1:blocks=2,3:hidden=4w")
+            "blocks:E=8:k=1", "blocks:E=4:k=1:expert=resnet", "tokens:E=8:k=2:blocks=3:hidden=8w")
 
 
 def parse_variant(spec: str, width: int) -> Model:

@@ -282,7 +282,7 @@ class Fitter:
         val = self.data["val"]
         probs, routes = predict(model, val, 0, self.bf16, self.cfg.eval.batch)
         row = {"val_err": error_pct(probs, val.y, 3)}
-        if routes:
+        if routes and routes[-1].shape[1] > 1:  # a one-expert layer (the dense twin) routes nothing
             lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
             row["val_lead_share"] = [round(float(v), 4) for v in lead]
         return row
@@ -302,7 +302,7 @@ class Fitter:
         val, test = self.data["val"], self.data["test"]
         val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch)
         probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch)
-        gates = routes[-1] if routes else None
+        gates = routes[-1] if routes and routes[-1].shape[1] > 1 else None  # the dense twin: no routing
         save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"])
         err = error_pct(probs, test.y, 3)
         row = {"test_accuracy": round(1 - err / 100, 5), "test_error_pct": err,
