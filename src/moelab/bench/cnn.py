@@ -27,12 +27,12 @@ from moelab.models.fast_cnn import FastCNN
 from moelab.moe import CondConv2d, MoE
 from moelab.precision import fast_bf16
 
-VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=2", "blocks:E=4:k=1",
-            "blocks:E=8:k=1", "blocks:E=4:k=1:expert=resnet", "tokens:E=8:k=2:blocks=3:hidden=8w")
+VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=2", "blocks:E=4:router=switch",
+            "blocks:E=8:router=switch", "blocks:E=4:router=switch:expert=resnet", "tokens:E=8:k=2:blocks=3:hidden=8w")
 
 
 def parse_variant(spec: str, width: int) -> Model:
-    """``"condconv:E=4:blocks=2,3"`` / ``"blocks:E=8:k=1:router=switch"`` / ``"tokens:E=8:k=1:hidden=4w"`` -> the
+    """``"condconv:E=4:blocks=2,3"`` / ``"blocks:E=8:k=1:router=switch"`` / ``"tokens:E=8:k=2:hidden=8w"`` -> the
     cifar_moe model section (``hidden``: the token experts' hidden width, ``Nw`` = N x ``width``)."""
     kind, *opts = spec.split(":")
     if kind not in ("condconv", "blocks", "tokens"):
