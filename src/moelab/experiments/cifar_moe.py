@@ -43,7 +43,7 @@ from moelab.experiments.cifar_moe_config import (  # noqa: F401 (re-exported)
 )
 from moelab.models.fast_cnn import BlockThen, ConvBlock, FastCNN, batch_norm
 from moelab.moe import CondConv2d, ConvBlockExperts, MLPExperts, MoE, TokenMoE2d
-from moelab.moe.routers import resolve
+from moelab.moe.routers import resolve, router_options
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.runtime import torch_threads
@@ -75,8 +75,9 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
                               temperature=m.temperature)
 
         return FastCNN(widths, conv_factory=conv)
-    weights = {n: aux_scale * w for n, w in resolve(m.router)[0].default_loss_weights.items()}
-    opts = {"k": m.k} if m.router in ("topk", "noisy_topk") else {}
+    router_cls = resolve(m.router)[0]
+    weights = {n: aux_scale * w for n, w in router_cls.default_loss_weights.items()}
+    opts = {"k": m.k} if "k" in router_options(router_cls) else {}
     if m.capacity_factor:
         opts["capacity_factor"] = m.capacity_factor
     if m.moe == "tokens":
@@ -221,8 +222,8 @@ def per_image(gates: Tensor, n: int) -> Tensor:
 
 @torch.no_grad()
 def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) -> tuple[Tensor, list[Tensor]]:
-    """-> (class probabilities (N, C), per-image routing weights of each MoE module on the plain images), on
-    the host; the images run on ``images.device``."""
+    """-> (class probabilities (N, C), per-image routing weights of each MoE module of 2+ experts on the plain
+    images), on the host; the images run on ``images.device``."""
     model.eval()
     probs, routes = [], []
     for i in range(0, len(images), batch):
@@ -230,8 +231,8 @@ def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) ->
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, _, auxes = model.forward_with_aux(x)
             logits = logits.float()
-            routes.append([to_host(per_image(a.gates.float(), len(x))) for a in auxes]
-                          + [to_host(r.float()) for r in _routing(model)])
+            routes.append([to_host(per_image(a.gates.float(), len(x))) for a in auxes if len(a.expert_counts) > 1]
+                          + [to_host(r.float()) for r in _routing(model)])  # a one-expert layer routes nothing
             if tta >= 1:
                 logits = 0.5 * logits + 0.5 * model(x.flip(3)).float()
             if tta >= 2:
@@ -282,7 +283,7 @@ class Fitter:
         val = self.data["val"]
         probs, routes = predict(model, val, 0, self.bf16, self.cfg.eval.batch)
         row = {"val_err": error_pct(probs, val.y, 3)}
-        if routes and routes[-1].shape[1] > 1:  # a one-expert layer (the dense twin) routes nothing
+        if routes:
             lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
             row["val_lead_share"] = [round(float(v), 4) for v in lead]
         return row
@@ -302,7 +303,7 @@ class Fitter:
         val, test = self.data["val"], self.data["test"]
         val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch)
         probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch)
-        gates = routes[-1] if routes and routes[-1].shape[1] > 1 else None  # the dense twin: no routing
+        gates = routes[-1] if routes else None
         save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"])
         err = error_pct(probs, test.y, 3)
         row = {"test_accuracy": round(1 - err / 100, 5), "test_error_pct": err,

@@ -101,10 +101,12 @@ RESUMABLE = ("threads", "train.log_every", "eval.batch")
 def check_config(c: Config) -> None:
     """Cross-key rules: k of E experts; no top-1 through a router whose one weight is always 1."""
     m = c.model
-    if m.moe in ("blocks", "tokens") and m.router in ("topk", "noisy_topk") and m.k == 1:
+    if m.moe not in ("blocks", "tokens") or m.router not in ("topk", "noisy_topk"):  # the routers that take k
+        return
+    if m.k == 1:
         raise refuse("model.k", 1, f"at least 2 with model.router = {m.router}: its weights are a softmax over the k "
                      "chosen logits, so with k = 1 the one weight is always 1 and the gate learns nothing from the "
                      "task (only from the balance loss); for top-1 use model.router = switch (weighted by its "
                      "softmax probability)")
-    if m.moe in ("blocks", "tokens") and m.router in ("topk", "noisy_topk") and m.k > m.num_experts:
+    if m.k > m.num_experts:
         raise refuse("model.k", m.k, f"at most model.num_experts = {m.num_experts} (experts per image)")

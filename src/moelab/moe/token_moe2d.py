@@ -51,10 +51,6 @@ class TokenMoE2d(nn.Module):
         self.moe = MoE(channels, num_experts, hidden_dim, router=router, k=k, **moe_kwargs)
         self.norm = nn.BatchNorm2d(channels) if norm is None else norm
 
-    @property
-    def router(self) -> nn.Module:
-        return self.moe.router
-
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise MoelabError(f"TokenMoE2d expected input (N, {self.channels}, H, W), got {tuple(x.shape)}")
