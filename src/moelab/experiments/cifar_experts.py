@@ -203,12 +203,11 @@ class Pipeline:
     def gate(self) -> None:
         """The gate trained on the cached expert outputs, then (``gate.finetune_epochs``) gate and experts jointly."""
         cfg, run, data, kind = self.cfg, self.run, self.data, self.kind
-        t0 = time.perf_counter()
         gate, ginfo = train_gate(cfg, run, data, self.cache, self.generalist)
         logits, weights = gate_predict(cfg, gate, kind, data.test, self.cache, "test", gate.extra_dim)
         name = f"moe-{kind}"
         self.summary["routing"] = routing_stats(self.y, weights, len(data.classes))
-        self.timings["gate"] = {"train_s": round(time.perf_counter() - t0, 1),
+        self.timings["gate"] = {"train_s": run.train_time("gate"),  # resumes included
                                 "train_img_per_s": ginfo["train_img_per_s"], "lr": ginfo["lr"], "load_1min": load_average()}
         self._mixture_row(name, logits, weights, gate)
         self.models[name]["val_accuracy"] = ginfo["last"].get("val_acc")
@@ -216,10 +215,9 @@ class Pipeline:
             self.models[name]["note"] = (f"all experts run: the top-{cfg.gate.top_k} gate values weigh their "
                                          f"outputs (a routed implementation would run only those)")
         if cfg.gate.finetune_epochs > 0:
-            t0 = time.perf_counter()
             finfo = finetune(cfg, run, data, self.experts, gate, self.cache)
             logits, weights = gate_predict(cfg, gate, kind, data.test, self.cache, "test", 0, finfo["experts_fn"])
-            self.timings["finetune"] = {"train_s": round(time.perf_counter() - t0, 1),
+            self.timings["finetune"] = {"train_s": run.train_time("finetune"),
                                         "train_img_per_s": finfo["train_img_per_s"], "load_1min": load_average()}
             self._mixture_row(f"{name}-finetuned", logits, weights, gate)
 
@@ -245,7 +243,6 @@ class Pipeline:
         (``is_trunk``: the gate trunk as a 10-way classifier). Its row: accuracy, counted cost, time."""
         cfg, bc, data = self.cfg, self.cfg.baseline, self.data
         lr, schedule = (SEED_LR["standard"], cfg.gate.schedule) if is_trunk else (bc.lr, bc.schedule)
-        t0 = time.perf_counter()
         torch.manual_seed(self.run.generator("init", name).initial_seed())
         m = Seed1CNN(len(data.classes), width=width)
         shift = (cfg.augment.max_shift if cfg.gate.shift else 0) if is_trunk else cfg.augment.max_shift
@@ -255,7 +252,7 @@ class Pipeline:
                                 early_stop=cfg.experts.early_stop_patience if schedule == "plateau" else 0)
         logits = predict_batches(m, data.test, cfg)[0]
         save_eval(self.run, name, self.y, torch.softmax(logits, 1), None, data.classes)
-        self.timings[name] = {"train_s": round(time.perf_counter() - t0, 1), "train_img_per_s": info["train_img_per_s"],
+        self.timings[name] = {"train_s": self.run.train_time(name), "train_img_per_s": info["train_img_per_s"],
                               "load_1min": load_average()}
         return {"test_accuracy": accuracy(logits, self.y), "epochs": epochs, **cost_row(m, self.probe),
                 "train_time_s": self.timings[name]["train_s"]}

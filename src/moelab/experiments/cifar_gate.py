@@ -194,7 +194,7 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
     last = train_phase(run, "gate", gate, opt, gc.epochs, train_epoch, evaluate, sched=sched)
     gate.eval()
     speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
-    return gate, {"last": last, "lr": lr, "train_img_per_s": speed, "train_s": state["seconds"]}
+    return gate, {"last": last, "lr": lr, "train_img_per_s": speed, "train_s": run.phase_times["gate"]["train_s"]}
 
 
 @torch.no_grad()

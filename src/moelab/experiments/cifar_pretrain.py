@@ -62,12 +62,11 @@ def train_generalist(cfg: Config, run: Run, data: Data) -> tuple[Seed1CNN, dict]
         return model.to(data.device).eval(), {"cached": True, "key": key, **meta}
     gc = cfg.generalist
     torch.manual_seed(run.generator("init", "generalist").initial_seed())
-    t0 = time.perf_counter()
     info = train_classifier(run, "generalist", model, full_classes(data), data.val, cfg, epochs=gc.epochs,
                             batch=gc.batch, lr=gc.lr, schedule=gc.schedule, l2=cfg.experts.l2,
                             shift=cfg.augment.max_shift, keep_best=gc.schedule == "plateau")
     model = model.to(memory_format=torch.contiguous_format)
-    meta = {"train_s": time.perf_counter() - t0, "train_img_per_s": info["train_img_per_s"]}
+    meta = {"train_s": run.phase_times["generalist"]["elapsed_s"], "train_img_per_s": info["train_img_per_s"]}
     if cfg.experts.cache:
         save_checkpoint(path, model.state_dict(), meta)
         run.log(f"[generalist] cached as {path}")
@@ -88,7 +87,7 @@ def pretrain_experts(cfg: Config, run: Run, data: Data, generalist: Seed1CNN | N
         run.log(f"[experts] loaded from cache {path} (trained in {meta.get('train_s', 0):.0f} s)")
         return experts.to(data.device).eval(), {"cached": True, "key": key, "path": str(path), **meta}
     ec = cfg.experts
-    infos, t0 = [], time.perf_counter()
+    infos = []
     for i, (a, b) in enumerate(data.pairs):
         tr = images_of(data.train, [a, b])
         va = images_of(data.val, [a, b])
@@ -97,7 +96,6 @@ def pretrain_experts(cfg: Config, run: Run, data: Data, generalist: Seed1CNN | N
         if ec.init == "generalist":
             m.load_state_dict(generalist.state_dict())
         run.log(f"[expert{i}] pair ({data.classes[a]}, {data.classes[b]}): {len(tr)} train, {len(va)} val images")
-        t_e = time.perf_counter()
         info = train_classifier(run, f"expert{i}", m, tr, va, cfg, epochs=ec.epochs, batch=ec.batch,
                                 lr=ec.lr, schedule="plateau", l2=ec.l2, shift=cfg.augment.max_shift,
                                 plateau_patience=ec.plateau_patience, plateau_factor=ec.plateau_factor,
@@ -105,8 +103,8 @@ def pretrain_experts(cfg: Config, run: Run, data: Data, generalist: Seed1CNN | N
                                 keep_start=ec.init == "generalist",
                                 val_classes=[a, b] if ec.init == "generalist" else None)
         experts.load_expert_state_dict(i, m.to(memory_format=torch.contiguous_format).state_dict())
-        infos.append({**info, "wall_s": time.perf_counter() - t_e})
-    train_s = time.perf_counter() - t0
+        infos.append({**info, "wall_s": run.phase_times[f"expert{i}"]["elapsed_s"]})  # resumes included
+    train_s = sum(i["wall_s"] for i in infos)
     imgs = sum(i["train_img_per_s"] * i["train_s"] for i in infos)
     meta = {"train_s": train_s, "train_img_per_s": imgs / max(sum(i["train_s"] for i in infos), 1e-9),
             "best_val": [i["best_val"] for i in infos], "best_epoch": [i["best_epoch"] for i in infos],

@@ -251,13 +251,12 @@ def _fit(run: Run, phase: str, model, loss_fn, t: Train, sp: Splits, bf16: bool,
         return minibatch_epoch(model, opt, sched, sp.batches(run, phase, epoch, t.batch_size), fwd, loss_fn,
                                bf16=bf16, device=run.device)
 
-    t0 = time.perf_counter()
     train_phase(run, phase, model, opt, epochs, epoch_fn, evaluate=_evaluator(model, sp, bf16), sched=sched,
                 log_every=t.log_every)
     probs, gates = _predict(model, sp.test_x, bf16)
     save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
     rep = model_report(sp.test_y, probs, gates, probs.shape[1])
-    rep.update(epochs=epochs, train_time_s=round(time.perf_counter() - t0, 1), **cost_row(model, sp.test_x[:256].to(run.device)))
+    rep.update(epochs=epochs, train_time_s=run.train_time(phase), **cost_row(model, sp.test_x[:256].to(run.device)))
     if sp.val_x is not None:
         rep["val_error_pct"] = error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y)
     return rep

@@ -3,7 +3,6 @@ full-batch gradient descent with its hand-written gradient (see :mod:`moelab.exp
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,7 +91,6 @@ def _train_seed_mlp(run: Run, f: Faithful, fb: FullBatch, phase: str, hidden: in
         opt.step()
         return {"loss": r["loss"], "train_err": round(100 * (1 - r["correct"] / n_tr), 4)}
 
-    t0 = time.perf_counter()
     train_phase(run, phase, net, opt, f.single_epochs, dense_epoch,
                 evaluate=lambda e: {"test_err": _err_pct(net, fb.test_xb, fb.test_y)},
                 log_every=f.log_every, checkpoint_every=f.checkpoint_every)
@@ -100,7 +98,7 @@ def _train_seed_mlp(run: Run, f: Faithful, fb: FullBatch, phase: str, hidden: in
     save_eval(run, phase, fb.test_y, probs, class_names=fb.classes)
     return {**model_report(fb.test_y, probs, None, fb.num_classes),
             "train_error_pct": _err_pct(net, fb.train_xb, fb.train_y), "epochs": f.single_epochs,
-            "trained_on": "train", "train_time_s": round(time.perf_counter() - t0, 1), "hidden": hidden,
+            "trained_on": "train", "train_time_s": run.train_time(phase), "hidden": hidden,
             **cost_row(net, fb.test_xb[:64])}
 
 
@@ -126,14 +124,13 @@ def _train_seed_mixture(run: Run, f: Faithful, m: Model, fb: FullBatch, on_test:
             row["unseen_train_err"] = _err_pct(moe, fb.train_xb, fb.train_y)
         return row
 
-    t0 = time.perf_counter()
     train_phase(run, "moe", moe, opt, f.moe_epochs, moe_epoch, evaluate=moe_eval,
                 log_every=f.log_every, checkpoint_every=f.checkpoint_every)
     probs, gates = _seed_predict(moe, fb.test_xb)
     save_eval(run, "moe", fb.test_y, probs, gates, class_names=fb.classes)
     rep = model_report(fb.test_y, probs, gates, fb.num_classes)
     rep.update(epochs=f.moe_epochs, trained_on="test" if on_test else "train",
-               train_time_s=round(time.perf_counter() - t0, 1), **cost_row(moe, fb.test_xb[:256]))
+               train_time_s=run.train_time("moe"), **cost_row(moe, fb.test_xb[:256]))
     tr_probs, tr_gates = _seed_predict(moe, fb.train_xb)
     rep["train_error_pct"] = round(100 * float((tr_probs.argmax(1) != fb.train_y).float().mean()), 4)
     rep["train_lead_share"] = routing_stats(fb.train_y, tr_gates, fb.num_classes)["lead_share"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from pathlib import Path
 
 from moelab.config import apply_overrides, flatten, read_toml
-from moelab.errors import ConfigError, MoelabError
+from moelab.errors import ConfigError, DataError, MoelabError
 from moelab.experiments import get_family, resolve_config, resolve_file, validate_config
-from moelab.train.run import Run
+from moelab.train.run import Run, RunFinished
 
 
 def default_out_dir(name: str, seed: int) -> Path:
@@ -27,12 +29,14 @@ def run_experiment(
     quiet: bool = False,
     is_main: bool = True,
     device: str = "cpu",
+    shared_rows=None,
 ) -> dict:
     """Run one experiment end to end; returns the summary (also written to ``RUN_DIR/summary.json``).
 
     ``resume``: continue the run in that directory with its own ``config.toml``; ``overrides`` may then
     change only the family's resumable keys. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``
-    (:func:`moelab.device.resolve_device`; a resumed run may change it). Every value is checked before the run directory is made; a
+    (:func:`moelab.device.resolve_device`; a resumed run may change it). ``shared_rows``: a study's
+    :class:`moelab.experiments.baselines.SharedRows`. Every value is checked before the run directory is made; a
     run refused once its data set is known (a size that does not fit it) leaves no run directory."""
     if resume is not None:
         out = Path(resume)
@@ -48,16 +52,30 @@ def run_experiment(
     try:
         with Run(out, name, cfg, seed=seed, data_dir=data_dir, resume=resume is not None, is_main=is_main,
                  quiet=quiet, mutable=mutable, device=device) as run:
+            run.shared_rows = shared_rows  # a study's dense rows, reused across its cells (experiments.baselines)
             run.log(f"moelab run {name} (family {fam.name}, seed {seed}, device {run.device}) -> {out}")
             summary = fam.run(cfg, run)
             summary = run.write_summary(summary)
             run.log(format_summary(summary))
             run.log(f"run directory: {out}")
-    except ConfigError:
-        if resume is None and is_main:
-            _remove_unstarted(out, existed)
+    except RunFinished:  # resuming a finished run changes nothing
+        if is_main and not quiet:
+            print(f"moelab: '{out}' has finished (summary.json is there); nothing to resume, nothing changed. "
+                  f"`moelab report {out}` shows its results.")
+        return _read_summary(out / "summary.json")
+    except (ConfigError, DataError, OSError):
+        if resume is None and is_main:  # refused before training (a value, the data, the disk): leave no run
+            with contextlib.suppress(OSError):
+                _remove_unstarted(out, existed)
         raise
     return summary
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MoelabError(f"'{path}' is not a readable summary ({e}); the run is left as it is.") from None
 
 
 def resume_config(run_dir: Path, name_or_path: str | None, overrides: list[str], seed: int | None):

@@ -197,10 +197,9 @@ def _train(run: Run, phase: str, model: SparseMoEMLP, t: Train, sp: Splits, bf16
                                     / len(sp.val_y), 4)
         return row
 
-    start = time.perf_counter()
     train_phase(run, phase, model, opt, t.epochs, epoch_fn, evaluate=evaluate, sched=sched,
                 log_every=t.log_every)
-    train_time = round(time.perf_counter() - start, 1)
+    train_time = run.train_time(phase)
     probs, gates = _predict(model, sp.test_x, bf16)
     save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
     rep = model_report(sp.test_y, probs, gates, probs.shape[1])

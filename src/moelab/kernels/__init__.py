@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import MoelabError
+from moelab.io import atomic_write_bytes
 
 __all__ = ["available", "enabled", "load", "status", "use"]
 
@@ -84,8 +85,9 @@ def _key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), version.encode(), _cpu_flags().encode(),
-                 " ".join(_flags() + LDFLAGS).encode(), sys.version.encode()):
+    torch_install = str(Path(torch.__file__).resolve().parent)  # two venvs with one torch version: two builds
+    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), torch_install.encode(), version.encode(),
+                 _cpu_flags().encode(), " ".join(_flags() + LDFLAGS).encode(), sys.version.encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:20]
@@ -108,13 +110,18 @@ def _build_and_load(cxx: str) -> Path:
 
     build_dir = _cache_dir() / _key(cxx)
     build_dir.mkdir(parents=True, exist_ok=True)
+    # Built from a copy inside the keyed folder: cpp_extension rebuilds whenever the source *path* changes,
+    # so checkouts sharing the cache would otherwise rebuild each other's library on every switch.
+    source = build_dir / _SOURCE.name
+    if not source.is_file() or source.read_bytes() != _SOURCE.read_bytes():
+        atomic_write_bytes(source, _SOURCE.read_bytes())
     if not any(build_dir.glob("*.so")):
         print(f"moelab: building the fused CPU kernels once for this machine and torch (~40 s) -> {build_dir}",
               file=sys.stderr, flush=True)
     os.environ.setdefault("CXX", cxx)
     _put_ninja_on_path()
     # is_python_module=False: the library is loaded with torch.ops.load_library; its path is returned
-    path = cpp_extension.load(name="moelab_cpu", sources=[str(_SOURCE)], extra_cflags=_flags(),
+    path = cpp_extension.load(name="moelab_cpu", sources=[str(source)], extra_cflags=_flags(),
                               extra_ldflags=LDFLAGS, build_directory=str(build_dir), is_python_module=False,
                               verbose=False)
     return Path(path)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moelab import kernels
 from moelab.device import to_device
 from moelab.errors import MoelabError
 from moelab.parallel import ddp
@@ -120,13 +121,35 @@ def _is_json(v: Any) -> bool:
         return False
 
 
-def save_phase(run: Run, phase: str, model: nn.Module, opt, sched, epoch: int, done: bool, extra: dict | None = None):
+def rng_states() -> dict[str, torch.Tensor]:
+    """The global RNG state of every device this process draws from: the CPU's, and each CUDA device's
+    once CUDA is initialised (dropout and noisy routing on a GPU draw from the device's generator)."""
+    states = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def set_rng_states(tensors: dict[str, torch.Tensor], path) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if not cuda:
+        return
+    if not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda):
+        raise MoelabError(f"checkpoint '{path}' holds the RNG state of {len(cuda)} CUDA device(s) and this machine "
+                          f"has {torch.cuda.device_count() if torch.cuda.is_available() else 0}; resume it where "
+                          f"it ran, or start a new run.")
+    torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def save_phase(run: Run, phase: str, model: nn.Module, opt, sched, epoch: int, done: bool, extra: dict | None = None,
+               times: dict | None = None):
     if not run.is_main:
         return
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     otensors, ometa = optimizer_to_tensors(opt) if opt is not None else ({}, {})
     tensors.update(otensors)
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update(rng_states())
     meta = {
         "phase": phase,
         "epoch": epoch,
@@ -134,6 +157,7 @@ def save_phase(run: Run, phase: str, model: nn.Module, opt, sched, epoch: int, d
         "optim": ometa,
         "sched": _sched_state(sched),
         "metrics_lines": run.metrics_lines,
+        "times": times or {},
         "extra": extra or {},
     }
     save_checkpoint(run.checkpoint_path(phase), tensors, meta)
@@ -154,7 +178,7 @@ def load_phase(run: Run, phase: str, model: nn.Module, opt, sched) -> dict | Non
         optimizer_from_tensors(opt, tensors, meta["optim"])
     if sched is not None and meta.get("sched"):
         sched.load_state_dict({**sched.state_dict(), **meta["sched"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    set_rng_states(tensors, path)
     return meta
 
 
@@ -175,21 +199,32 @@ def train_phase(
     ``evaluate(epoch) -> metrics`` (validation) runs after each epoch whose number is a multiple of
     ``log_every`` and after the last one; a checkpoint is written every ``checkpoint_every`` epochs and
     after the last (full-batch training, where an epoch is one step, sets it higher). Returns the last row.
+
+    The phase's clock (:data:`PHASE_TIMES`: ``train_s``, the ``train_epoch`` calls; ``elapsed_s``, those
+    plus the validation passes) is saved in every checkpoint and goes on from there on resume, so a
+    resumed phase reports the time an uninterrupted one would; ``run.phase_times[phase]`` holds it. One-off
+    costs (building the fused kernels, loading a checkpoint) happen before the clock starts.
     """
     meta = load_phase(run, phase, model, opt, sched) if run.resumed else None
     start = 0
     last: dict = {}
+    times = dict.fromkeys(PHASE_TIMES, 0.0)
     if meta is not None:
         start = meta["epoch"] + 1
         last = meta.get("extra", {}).get("last", {})
+        times.update({k: float(v) for k, v in meta.get("times", {}).items() if k in times})
         if meta.get("done"):
             run.log(f"[{phase}] already finished (epoch {meta['epoch'] + 1}); restored from checkpoint.")
+            run.phase_times[phase] = times
             return last
         run.log(f"[{phase}] resuming after epoch {start}.")
+    load_kernels_for(model)
     for epoch in range(start, epochs):
         row = {"phase": phase, "epoch": epoch + 1}
+        t0 = time.perf_counter()
         with _kill_on_forward(model, phase, epoch + 1, "mid_epoch", nth=2):
             row.update(train_epoch(epoch))
+        t_train = time.perf_counter()
         for k, v in row.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise NonFiniteLoss(
@@ -200,15 +235,33 @@ def train_phase(
             model.eval()
             with torch.no_grad(), _kill_on_forward(model, phase, epoch + 1, "evaluate", nth=1):
                 row.update(evaluate(epoch))
+        times["train_s"] += t_train - t0
+        times["elapsed_s"] += time.perf_counter() - t0
         if (epoch + 1) % log_every == 0 or epoch + 1 == epochs:
             run.metric(**row)
             run.log("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
         last = row
         if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
-            save_phase(run, phase, model, opt, sched, epoch, done=epoch + 1 == epochs, extra={"last": row})
+            save_phase(run, phase, model, opt, sched, epoch, done=epoch + 1 == epochs, extra={"last": row},
+                       times=times)
     if start >= epochs:  # zero epochs asked for: still mark the phase done
-        save_phase(run, phase, model, opt, sched, epochs - 1, done=True, extra={"last": last})
+        save_phase(run, phase, model, opt, sched, epochs - 1, done=True, extra={"last": last}, times=times)
+    run.phase_times[phase] = times
     return last
+
+
+PHASE_TIMES = ("train_s", "elapsed_s")
+SPARSE_ROUTERS = ("topk", "noisy_topk", "switch", "hash")  # the routers whose path uses moelab.kernels
+
+
+def load_kernels_for(model: nn.Module) -> None:
+    """Build or load the fused CPU kernels now if ``model`` will use them (a CPU sparse MoE layer), so
+    that the one-off build (tens of seconds, once per machine) never lands inside a timed phase."""
+    from moelab.moe.layer import MoE
+
+    sparse = any(isinstance(m, MoE) and getattr(m.router, "name", None) in SPARSE_ROUTERS for m in model.modules())
+    if sparse and any(p.device.type == "cpu" for p in model.parameters()):
+        kernels.load()
 
 
 @contextlib.contextmanager

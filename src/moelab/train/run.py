@@ -34,6 +34,10 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 
+class RunFinished(Exception):
+    """``--resume`` of a run that has its summary: there is nothing to do, and nothing was changed."""
+
+
 class Run:
     """Everything an experiment writes goes through here."""
 
@@ -60,8 +64,12 @@ class Run:
         self.resumed, self.mutable = resume, tuple(mutable)
         self._t0 = time.perf_counter()
         self._lock_fd: int | None = None
+        self._lock_created = False
         self._log_f = None
         self._metrics_lines = 0
+        self._trim_metrics_to: int | None = None
+        self.phase_times: dict[str, dict[str, float]] = {}  # phase -> its clock (train.loop.train_phase)
+        self.shared_rows = None  # a study's dense rows shared across its cells (experiments.baselines.SharedRows)  # resume: drop stale metric lines before the first new one
         if not is_main:
             return
         if resume:
@@ -72,8 +80,12 @@ class Run:
 
     # ------------------------------------------------------------- lifecycle
     def _lock(self) -> None:
+        """Hold the run's flock. The pid is written by :meth:`_claim` once the run is sure to go on, so a
+        refused resume leaves ``.lock`` as it was (and removes it if this call created it)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = self.dir / ".lock"
+        self._lock_created = not lock.exists()
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,9 +96,19 @@ class Run:
                     f"run directory '{self.dir}' is in use by another moelab process (pid {holder}); "
                     f"wait for it to finish or choose another --out."
                 ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+
+    def _claim(self) -> None:
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+
+    def _unlock_refused(self) -> None:
+        """A refused resume: release the lock and leave the directory exactly as it was."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._lock_created:
+            (self.dir / ".lock").unlink(missing_ok=True)
 
     def _open_new(self) -> None:
         if self.dir.exists() and any(p.name != ".lock" for p in self.dir.iterdir()):
@@ -95,16 +117,38 @@ class Run:
                 f"--resume {self.dir}, otherwise choose an empty or new --out."
             )
         self._lock()
+        self._claim()
         atomic_write_text(self.dir / "config.toml", dumps_toml(self.full_config()))
         (self.dir / "metrics.jsonl").touch()
 
     def _open_for_resume(self) -> None:
+        """Resume is a transaction: every check (config, every checkpoint readable) runs before anything
+        in the directory changes; a refusal leaves every file byte-identical. Metric lines written after
+        the newest checkpoint are dropped only when the resumed run writes its first new line."""
         cfg_path = self.dir / "config.toml"
         if not cfg_path.is_file():
             raise MoelabError(f"cannot resume: '{self.dir}' is not a moelab run directory (no config.toml).")
         self._lock()
+        if (self.dir / "summary.json").is_file():
+            self._unlock_refused()
+            raise RunFinished(self.dir)
+        try:
+            keep = self._check_resumable(cfg_path)
+        except BaseException:
+            self._unlock_refused()
+            raise
+        self._claim()
         for tmp in self.dir.rglob(".*.tmp"):  # temp files of writes a killed process never finished
             tmp.unlink(missing_ok=True)
+        if self.mutable:  # resumable keys the resume changed (e.g. log_every): the run goes on with them
+            atomic_write_text(cfg_path, dumps_toml(self.full_config()))
+        self._metrics_lines, self._trim_metrics_to = keep, keep
+
+    def _check_resumable(self, cfg_path: Path) -> int:
+        """Refuse (MoelabError) unless the saved config matches and every checkpoint loads; -> the number
+        of metric lines the checkpoints account for."""
+        from moelab.train.checkpoint import load_checkpoint
+
         saved = read_toml(cfg_path)
         want = tomllib.loads(dumps_toml(self.full_config()))  # as written to config.toml (switches as booleans)
         diff = sorted(
@@ -113,19 +157,17 @@ class Run:
         diff = [k for k in diff if k not in ("description", "run.data_dir", *self.mutable)]
         if diff:
             shown = "; ".join(f"{k}: run has {flatten(saved).get(k)!r}, asked {flatten(want).get(k)!r}" for k in diff[:8])
-            self.close()
             raise MoelabError(
                 f"cannot resume '{self.dir}': its checkpoint was made with another config ({shown})."
             )
-        if self.mutable:  # resumable keys the resume changed (e.g. log_every): the run goes on with them
-            atomic_write_text(cfg_path, dumps_toml(self.full_config()))
-        # Drop metric lines written after the newest checkpoint: they are recomputed.
-        keep = max((m.get("metrics_lines", 0) for m in self._checkpoint_metas()), default=0)
-        mpath = self.dir / "metrics.jsonl"
-        lines = mpath.read_text(encoding="utf-8").splitlines(keepends=True) if mpath.exists() else []
-        atomic_write_text(mpath, "".join(lines[:keep]))
-        self._metrics_lines = keep
-        (self.dir / "summary.json").unlink(missing_ok=True)
+        metas = []
+        for path in sorted((self.dir / "ckpt").glob("*.safetensors")):
+            try:
+                metas.append(load_checkpoint(path)[1])
+            except MoelabError as e:
+                raise MoelabError(f"cannot resume '{self.dir}': {e} Nothing was changed; remove that file to "
+                                  f"redo its phase from the start, or start a new run.") from None
+        return max((m.get("metrics_lines", 0) for m in metas), default=0)
 
     def _checkpoint_metas(self) -> list[dict]:
         from moelab.train.checkpoint import read_meta
@@ -163,6 +205,7 @@ class Run:
         """Append one line to metrics.jsonl (flushed and fsynced: a kill never leaves half a line)."""
         if not self.is_main:
             return
+        self._trim_metrics()
         line = json.dumps(row, sort_keys=True, default=_jsonable) + "\n"
         with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(line)
@@ -170,9 +213,24 @@ class Run:
             os.fsync(f.fileno())
         self._metrics_lines += 1
 
+    def _trim_metrics(self) -> None:
+        """On resume: cut metrics.jsonl back to the lines the newest checkpoint accounts for (the rest are
+        recomputed), just before the first new line: a resume that fails earlier changes nothing."""
+        if self._trim_metrics_to is None:
+            return
+        mpath = self.dir / "metrics.jsonl"
+        lines = mpath.read_text(encoding="utf-8").splitlines(keepends=True) if mpath.exists() else []
+        if len(lines) != self._trim_metrics_to:
+            atomic_write_text(mpath, "".join(lines[:self._trim_metrics_to]))
+        self._trim_metrics_to = None
+
     @property
     def metrics_lines(self) -> int:
         return self._metrics_lines
+
+    def train_time(self, phase: str, clock: str = "elapsed_s") -> float:
+        """Seconds ``phase`` trained, summed over every process that worked on it (resumes included)."""
+        return round(self.phase_times[phase][clock], 1)
 
     def checkpoint_path(self, phase: str) -> Path:
         return self.dir / "ckpt" / f"{phase}.safetensors"
@@ -183,6 +241,7 @@ class Run:
         if self.resumed:
             summary["resumed"] = True
         if self.is_main:
+            self._trim_metrics()
             atomic_write_json(self.dir / "summary.json", _jsonable(summary))
         return summary
 
