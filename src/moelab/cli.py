@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from moelab.errors import MoelabError
+from moelab.io import os_error_of
 from moelab.runtime import tune_allocator
+
+BENCHES = {
+    "layer": "our MoE layer vs a naive loop vs a dense FFN of equal active FLOPs (--ep N: expert-parallel)",
+    "conv": "ways to run the ten CNN experts (ConvExperts implementations), side by side",
+    "cnn": "the cifar10-moe MoE CNNs vs their dense-equal-FLOPs CNNs, training images/s",
+}
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -39,6 +48,14 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(a: argparse.Namespace) -> int:
+    from moelab.study import run_study
+
+    run_study(a.experiment, a.grid, sets=a.set, out=a.out, seeds=a.seeds, seed=a.seed, data_dir=a.data_dir,
+              device=a.device, quiet=a.quiet)
+    return 0
+
+
 def _cmd_list(a: argparse.Namespace) -> int:
     from moelab.experiments import describe_builtins
 
@@ -51,11 +68,21 @@ def _cmd_list(a: argparse.Namespace) -> int:
 
 def _cmd_data_check(a: argparse.Namespace) -> int:
     from moelab.data import check_datasets
-    from moelab.data.check import format_check_report
+    from moelab.data.check import check_verdict, format_check_report
 
     rows = check_datasets(a.data_dir)
     print(format_check_report(rows))
-    return 0 if all(r["status"] in ("OK", "MISSING") for r in rows) else 1
+    ok, verdict = check_verdict(rows, a.data_dir)
+    print(verdict, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _bench_help() -> str:
+    width = max(map(len, BENCHES))
+    lines = ["usage: moelab bench {layer,conv,cnn} [OPTIONS]", "", "benchmarks:"]
+    lines += [f"  {name:<{width}}  {what}" for name, what in BENCHES.items()]
+    lines += ["", "`moelab bench NAME --help` lists a benchmark's options."]
+    return "\n".join(lines)
 
 
 def _cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
@@ -110,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
     r.set_defaults(func=_cmd_run)
 
+    st = sub.add_parser("study", help="an experiment over a grid of settings x seeds: MoE vs dense at equal cost")
+    st.add_argument("experiment", nargs="?", help="built-in experiment name or path to a .toml config")
+    st.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a config key and its values (repeatable: the grid is every combination)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key in every cell")
+    st.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per cell (default 3)")
+    st.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    st.add_argument("--out", help="study folder (default runs/NAME-study-TIMESTAMP); run again to continue it")
+    st.add_argument("--data-dir", help="where data sets live (default: $MOELAB_DATA_DIR, then the user cache)")
+    st.add_argument("--device", default="auto", metavar="DEVICE", help="cpu, cuda, cuda:N or auto")
+    st.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    st.set_defaults(func=_cmd_study)
+
     sub.add_parser("list", help="list the built-in experiments").set_defaults(func=_cmd_list)
 
     d = sub.add_parser("data", help="data set utilities")
@@ -118,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--data-dir", help="where data sets live (default: $MOELAB_DATA_DIR, then the user cache)")
     dc.set_defaults(func=_cmd_data_check)
 
-    b = sub.add_parser("bench", help="benchmarks (`moelab bench layer --help`)", add_help=False)
-    b.add_argument("what", choices=["layer", "conv", "cnn"])
+    b = sub.add_parser("bench", help="benchmarks: layer, conv, cnn (`moelab bench --help`)", add_help=False)
+    b.add_argument("what", choices=list(BENCHES))
     b.set_defaults(func=None, bench=True)
 
     g = sub.add_parser("gradcheck", help="autograd vs finite-difference gradients of an experiment's model")
@@ -135,17 +175,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="compare runs (mean +- std over seeds of one config)")
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--csv", help="also write the table as CSV here (default: compare.csv in the current folder)")
+    c.add_argument("--csv", metavar="FILE",
+                   help="write the table as CSV to FILE (default: compare.csv in the folder that holds the runs)")
     c.set_defaults(func=_cmd_compare)
     return p
+
+
+# What to do about a failed read or write, by errno (the message names the path and the reason).
+_OS_HINTS = {
+    errno.EROFS: "the file system is read-only: choose a writable place (--out, --csv), or copy the run "
+                 "folder to one and work on the copy",
+    errno.EACCES: "no permission to write there: choose a folder you can write to (--out, --csv), or change "
+                  "its permissions",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EISDIR: "that is a folder: give a file path in it (e.g. FOLDER/compare.csv)",
+    errno.ENOSPC: "the disk is full: free some space, then {again}",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter one",
+}
+_OS_HINTS[errno.EPERM] = _OS_HINTS[errno.EACCES]
+_OS_HINTS[errno.EDQUOT] = _OS_HINTS[errno.ENOSPC].replace("the disk is full", "the disk quota is used up")
+
+
+def _os_error_line(e: OSError, a: argparse.Namespace | None) -> str:
+    """One line for a failed read/write: the path, the system's reason, what to do."""
+    path = e.filename if e.filename is not None else _written_path(a)
+    reason = e.strerror or str(e)
+    hint = _OS_HINTS.get(e.errno, "check the path and the disk").format(again=_again(a))
+    return f"moelab: error: {f'{path}: ' if path else ''}{reason}; {hint}.".replace("\n", " ")
+
+
+def _written_path(a: argparse.Namespace | None) -> str | None:
+    """Where the command writes, to name when the failed call named no file (a write() on a full disk)."""
+    cmd = getattr(a, "cmd", None)
+    if cmd == "run":
+        return a.resume or a.out
+    if cmd == "study":
+        return a.out
+    if cmd == "compare":
+        return a.csv
+    if cmd == "report":
+        return ", ".join(a.run_dirs)
+    return None
+
+
+def _again(a: argparse.Namespace | None) -> str:
+    """How to carry on once there is space: a run that got as far as its config continues with --resume."""
+    if getattr(a, "cmd", None) == "run" and getattr(a, "seeds", None) is None:
+        run_dir = a.resume or a.out
+        if run_dir is None:
+            return "continue the run with `moelab run --resume RUN_DIR` (its last checkpoint is kept)"
+        if os.path.isfile(os.path.join(run_dir, "config.toml")):
+            return f"continue the run with `moelab run --resume {run_dir}` (its last checkpoint is kept)"
+    return "run the same command again"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     tune_allocator()  # keep freed tensors in the heap: see moelab.runtime
     parser = build_parser()
+    a = None
     try:
         if argv[:1] == ["bench"]:
+            if argv[1:2] in (["-h"], ["--help"]):
+                print(_bench_help())
+                return 0
+            if len(argv) == 1 or argv[1] not in BENCHES:
+                got = f"'{argv[1]}'" if len(argv) > 1 else "nothing"
+                raise MoelabError(f"moelab bench: expected a benchmark ({', '.join(BENCHES)}), got {got}; "
+                                  f"`moelab bench --help` lists them.")
             a, rest = parser.parse_known_args(argv)
             return _cmd_bench(a, rest)
         a = parser.parse_args(argv)
@@ -156,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moelab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moelab ... | head`: the reader left; nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # the disk (full, read-only, permissions, a path through a file): one line
+        err = os_error_of(e)
+        if err is None or (err.errno not in _OS_HINTS and err.filename is None):  # not about a path: a bug
+            raise
+        print(_os_error_line(err, a), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,9 @@
 
 A :class:`MoelabError` is a mistake in the user's input (a file, a key, a value):
 the CLI prints its message as one paragraph and exits with status 2, no traceback.
-Anything else is a bug and keeps its traceback.
+So does an ``OSError`` (a full disk, a read-only place, a path through a file): the CLI turns it
+into one line naming the path and what to do (``moelab.cli``). Anything else is a bug and keeps its
+traceback.
 """
 
 

@@ -47,11 +47,31 @@ def test_compare_parent_folder_groups_by_config(seeds, tmp_path, capsys, monkeyp
     captured = capsys.readouterr()
     assert "skipping" in captured.err and "unfinished" in captured.err
     assert "synth [train.lr=0.1]  moe" in captured.out and "synth [train.lr=0.5]  moe" in captured.out
-    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))  # the default CSV path
+    assert not (tmp_path / "compare.csv").exists()  # not into the current folder: beside the runs
+    assert captured.out.rstrip().endswith(f"wrote {parent.relative_to(tmp_path) / 'compare.csv'}")
+    rows = list(csv.DictReader((parent / "compare.csv").open()))  # the default CSV path
     assert [(r["config"], r["runs"]) for r in rows if r["model"] == "moe"] == [
         ("synth [train.lr=0.1]", "3"), ("synth [train.lr=0.5]", "1")]
     single = next(r for r in rows if r["runs"] == "1")
     assert single["test_accuracy_std"] == ""  # one run: no std
+
+
+def test_compare_csv_default_is_beside_the_runs(make_run, tmp_path, capsys, monkeypatch):
+    """runs/m3/seed-* -> runs/m3/compare.csv, whatever the current folder; --csv puts it elsewhere."""
+    runs = [make_run(tmp_path / "runs" / "m3" / f"seed-{s}", s) for s in range(2)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["compare", *map(str, runs)]) == 0
+    want = tmp_path / "runs" / "m3" / "compare.csv"
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote {want}")
+    assert [r["runs"] for r in csv.DictReader(want.open())] == ["2", "2"]
+    assert list(elsewhere.iterdir()) == []
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "runs/m3"]) == 0  # the folder that holds them: the same place, shown relative
+    assert capsys.readouterr().out.rstrip().endswith("wrote runs/m3/compare.csv")
+    assert main(["compare", "runs/m3", "--csv", "out/table.csv"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("wrote out/table.csv") and (tmp_path / "out/table.csv").is_file()
 
 
 def test_compare_bad_input(make_run, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from moelab.data import check_datasets, format_check_report
+from moelab.data.cifar import CLASSES as CIFAR_CLASSES
 
 
 def _write_sums(folder, paths):
@@ -15,7 +16,7 @@ def _write_sums(folder, paths):
 def test_check_rows_and_report(tmp_path, build):
     data = tmp_path / "data"
     build.write_idx_set(data / "mnist")
-    entries, _ = build.image_folder_entries(size=(32, 32))
+    entries, _ = build.image_folder_entries(CIFAR_CLASSES, n_train=1, n_test=1, size=(32, 32))
     build.make_tar(data / "cifar10-mini.tar.gz", entries)
     _write_sums(data, sorted((data / "mnist").iterdir()) + [data / "cifar10-mini.tar.gz"])
     rows = {r["name"]: r for r in check_datasets(data)}
@@ -26,7 +27,7 @@ def test_check_rows_and_report(tmp_path, build):
     assert m["checksum_ok"] is False and m["checksum_note"].startswith("differs from the canonical download")
     c = rows["cifar10"]
     assert c["status"] == "OK" and c["image_shape"] == (32, 32, 3) and c["checksum_ok"] is True
-    assert c["checksum_note"] == f"matches {data / 'SHA256SUMS'} (1 file)" and c["train"] == 9
+    assert c["checksum_note"] == f"matches {data / 'SHA256SUMS'} (1 file)" and c["train"] == 10
     assert c["cold_load_s"] >= 0 and c["cached_load_s"] >= 0 and len(c["checksum"]) == 64
     assert rows["fashion-mnist"]["status"] == "MISSING" and "fashion-mnist" in rows["fashion-mnist"]["message"]
     assert rows["digits"]["status"] == "OK" and rows["digits"]["train"] == 1437

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moelab.data import load_dataset, load_image_folder
+from moelab.data import check_datasets, load_dataset, load_image_folder
+from moelab.data.cifar import CLASSES as CIFAR_CLASSES
 from moelab.data.image_folder import read_image_folder
 from moelab.errors import DataError
 
@@ -63,7 +64,7 @@ def test_in_archive_symlink_is_followed(tmp_path, build):
 
 
 def test_cifar10_finds_image_folder_archive(tmp_path, build):
-    entries, expected = build.image_folder_entries(size=(32, 32))
+    entries, expected = build.image_folder_entries(CIFAR_CLASSES, n_train=1, n_test=1, size=(32, 32))
     build.make_tar(tmp_path / "cifar10-jpeg75.tar.gz", entries)
     ds = load_dataset("cifar10", tmp_path, download=False)
     assert ds.source == str(tmp_path / "cifar10-jpeg75.tar.gz")
@@ -71,10 +72,36 @@ def test_cifar10_finds_image_folder_archive(tmp_path, build):
 
 
 def test_cifar10_extracted_image_folder(tmp_path, build):
-    entries, expected = build.image_folder_entries(size=(32, 32))
+    entries, expected = build.image_folder_entries(CIFAR_CLASSES, n_train=1, n_test=1, size=(32, 32))
     build.write_entries_as_dir(tmp_path / "cifar10", entries)
     ds = load_dataset("cifar10", tmp_path, download=False)
     np.testing.assert_array_equal(ds.test_x, expected["test_x"])
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_cifar10_image_folder_with_an_extra_class_is_refused(tmp_path, build, as_tar):
+    """11 class folders would reach training as label 10 (IndexError there); refused at load and by data check."""
+    entries, _ = build.image_folder_entries([*CIFAR_CLASSES, "zebra"], n_train=1, n_test=1, size=(8, 8))
+    if as_tar:
+        path = build.make_tar(tmp_path / "cifar10-extra.tar.gz", entries)
+    else:
+        path = build.write_entries_as_dir(tmp_path / "cifar10", entries)
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, download=False)
+    msg = str(e.value)
+    assert msg.startswith(f"Image folder {path}: cifar10 has the 10 classes airplane, automobile, ")
+    assert "unexpected class folder train/zebra/" in msg and "no folder for" not in msg and "\n" not in msg
+    assert "Remove or rename the class folders" in msg
+    (row,) = check_datasets(tmp_path, names=["cifar10"])
+    assert row["status"] == f"ERROR: {msg}"
+    assert load_image_folder(path).classes == sorted([*CIFAR_CLASSES, "zebra"])  # under its own name: fine
+
+
+def test_cifar10_image_folder_with_a_missing_class_is_refused(tmp_path, build):
+    entries, _ = build.image_folder_entries(CIFAR_CLASSES[:9], n_train=1, n_test=1, size=(8, 8))
+    build.write_entries_as_dir(tmp_path / "cifar10", entries)
+    with pytest.raises(DataError, match=r"cifar10 has the 10 classes .* but found no folder for truck\. Remove"):
+        load_dataset("cifar10", tmp_path, download=False)
 
 
 def test_unreadable_image(tmp_path, build):
@@ -92,6 +119,21 @@ def test_unreadable_image_in_directory(tmp_path, build):
     (tmp_path / "pets" / "test" / "emu" / "0000.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"Image .*test/emu/0000\.png: cannot decode the image"):
         read_image_folder(tmp_path / "pets")
+
+
+@pytest.mark.parametrize("payload, says", [(b"not an image", "not PNG or JPEG data; it starts with bytes 6e 6f 74"),
+                                           (b"", "it is empty")])
+def test_undecodable_member_names_the_archive_and_member(tmp_path, build, payload, says):
+    """PIL reads archive members from memory and names the buffer (<_io.BytesIO object at 0x...>): the
+    message names the archive and the member instead."""
+    entries, _ = build.image_folder_entries()
+    entries.append(("train/dog/broken.png", payload))
+    archive = build.make_tar(tmp_path / "pets.tar.gz", entries)
+    with pytest.raises(DataError) as e:
+        read_image_folder(archive)
+    msg = str(e.value)
+    assert msg.startswith(f"Archive {archive}, member 'train/dog/broken.png': cannot decode the image (")
+    assert says in msg and "BytesIO" not in msg and "0x" not in msg
 
 
 @pytest.mark.parametrize("as_tar", [False, True])

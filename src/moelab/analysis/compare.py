@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -176,6 +177,10 @@ def to_csv(rows: list[dict]) -> str:
 
 def compare(run_dirs: list[str | Path]) -> list[dict]:
     """Find, read and group the runs under ``run_dirs``; the rows of the comparison."""
+    return _compare(run_dirs)[0]
+
+
+def _compare(run_dirs: list[str | Path]) -> tuple[list[dict], list[RunDir]]:
     runs = [open_run(p) for p in find_runs(run_dirs)]
     finished = [r for r in runs if r.finished]
     for r in runs:
@@ -183,13 +188,25 @@ def compare(run_dirs: list[str | Path]) -> list[dict]:
             print(f"moelab compare: skipping '{r.path}': not finished (no summary.json).", file=sys.stderr)
     if not finished:
         raise MoelabError(f"no finished run among {', '.join(map(str, run_dirs))}: nothing to compare.")
-    return compare_rows(group_runs(finished))
+    return compare_rows(group_runs(finished)), finished
+
+
+def default_csv_path(run_paths: list[Path]) -> Path:
+    """``compare.csv`` in the folder that holds the runs (``runs/m3`` for ``runs/m3/seed-*``), not wherever
+    the command happens to be run: the table stays beside what it summarises."""
+    parents = [os.path.abspath(p.parent) for p in run_paths]
+    common = Path(os.path.commonpath(parents))
+    if common == Path(common.anchor):
+        raise MoelabError(f"the runs {', '.join(map(str, run_paths))} share no folder but {common}; say where "
+                          f"the CSV goes with --csv FILE.")
+    here = Path.cwd()
+    return common.relative_to(here) / "compare.csv" if common.is_relative_to(here) else common / "compare.csv"
 
 
 def compare_main(run_dirs: list[str | Path], csv_path: str | Path | None = None, quiet: bool = False) -> int:
-    """Print the comparison table and write it as CSV (default ``compare.csv`` here)."""
-    rows = compare(run_dirs)
-    csv_path = Path(csv_path) if csv_path is not None else Path("compare.csv")
+    """Print the comparison table and write it as CSV (default: :func:`default_csv_path`)."""
+    rows, runs = _compare(run_dirs)
+    csv_path = Path(csv_path) if csv_path is not None else default_csv_path([r.path for r in runs])
     atomic_write_text(csv_path, to_csv(rows))
     if not quiet:
         print(format_table(rows))

@@ -10,6 +10,7 @@ the first mixture's figures get the bare ids, later mixtures get ``-<model>`` ap
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import math
 import os
@@ -236,16 +237,25 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     blocks = build_report(run)
     md, files = render_markdown(blocks)
     files_dir = run.path / "report_files"
+    created = not files_dir.is_dir()
     files_dir.mkdir(exist_ok=True)
-    for old in files_dir.glob("*.png"):
-        if old.name not in files:
-            old.unlink()
-    for name, data in files.items():
-        atomic_write_bytes(files_dir / name, data)
-        _readable(files_dir / name)
-    html_path, md_path = run.path / "report.html", run.path / "report.md"
-    atomic_write_text(md_path, md)
-    atomic_write_text(html_path, render_html(blocks))
+    try:
+        for old in files_dir.glob("*.png"):
+            if old.name not in files:
+                old.unlink()
+        for name, data in files.items():
+            atomic_write_bytes(files_dir / name, data)
+            _readable(files_dir / name)
+        html_path, md_path = run.path / "report.html", run.path / "report.md"
+        atomic_write_text(md_path, md)
+        atomic_write_text(html_path, render_html(blocks))
+    except OSError:  # a full disk: leave no empty report_files/ of ours behind (the write names the file)
+        if created:
+            with contextlib.suppress(OSError):
+                for f in files_dir.iterdir():
+                    f.unlink()
+                files_dir.rmdir()
+        raise
     for p in (md_path, html_path):
         _readable(p)
     return html_path, md_path

@@ -8,6 +8,7 @@ rejected with a :class:`DataError` naming the archive and the member.
 from __future__ import annotations
 
 import posixpath
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -17,6 +18,15 @@ from pathlib import Path
 from moelab.errors import DataError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+_IN_MEMORY = re.compile(r"<_?io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
+def error_text(e: BaseException, name: str = "the file") -> str:
+    """``str(e)`` without the ``<_io.BytesIO object at 0x...>`` a reader given bytes puts in its message
+    (the caller's message names the real file: a path, or archive + member)."""
+    return _IN_MEMORY.sub(name, str(e)) or type(e).__name__
 
 
 def is_tar_name(path: str | Path) -> bool:

@@ -31,6 +31,18 @@ FORMAT_VERSION = 2
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 MEMO_NAME = "source-checksums.json"
 log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_unwritable(what: str, path: Path, e: OSError) -> None:
+    """One warning per cache folder and process: a read-only or full cache costs speed, not results."""
+    key = str(cache_dir())
+    if key in _warned:
+        return
+    _warned.add(key)
+    reason = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    log.warning("cannot write the %s %s (%s); data sets still load, only without the cache: point %s at a "
+                "writable folder to keep it", what, path, reason, "MOELAB_CACHE_DIR")
 
 Decoded = tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -71,7 +83,7 @@ class _Memo:
             try:
                 atomic_write_json(self.path, self.data)
             except OSError as e:
-                log.warning("cannot write the checksum memo %s: %s", self.path, e)
+                _warn_unwritable("checksum memo", self.path, e)
 
 
 def _file_stamp(path: Path) -> str:
@@ -182,7 +194,7 @@ def write_entry(folder: Path, name: str, checksum: str, source: str, classes: li
             "classes": classes, "arrays": info,
         })
     except OSError as e:
-        log.warning("cannot write the decoded-data cache %s: %s", folder, e)
+        _warn_unwritable("decoded-data cache", folder, e)
 
 
 def load_with_cache(name: str, source_paths: Sequence[Path], source: str, decode: Callable[[], Decoded], *,

@@ -153,6 +153,27 @@ def check_datasets(data_dir: str | os.PathLike | None = None, names: Sequence[st
     return rows
 
 
+def check_verdict(rows: list[dict], data_dir: str | os.PathLike | None = None) -> tuple[bool, str]:
+    """(every data set OK, the last line of ``moelab data check``): which are missing or invalid and what to do."""
+    missing = [r["name"] for r in rows if r["status"] == "MISSING"]
+    invalid = [r["name"] for r in rows if r["status"] != "OK" and r["name"] not in missing]
+    if not missing and not invalid:
+        return True, f"all {len(rows)} data sets OK"
+    root = resolve_data_dir(data_dir)
+    parts = []
+    if missing:
+        where = f"its files into {root / missing[0]}/" if len(missing) == 1 else f"each one's files into {root}/NAME/"
+        parts.append(f"{_count(missing)} missing: {', '.join(missing)} (put {where}; which files is said above "
+                     f"and in the README)")
+    if invalid:
+        parts.append(f"{_count(invalid)} invalid: {', '.join(invalid)} (fix or replace the files named above)")
+    return False, "moelab data check: " + "; ".join(parts) + "."
+
+
+def _count(names: list[str]) -> str:
+    return f"{len(names)} data set{'s' if len(names) > 1 else ''}"
+
+
 def format_check_report(rows: list[dict]) -> str:
     """A table of :func:`check_datasets` rows, then one paragraph per data set with its details."""
     def cell(v, fmt="{}"):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moelab.data.archive import iter_tar
+from moelab.data.archive import error_text, iter_tar
 from moelab.errors import DataError
 
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
@@ -60,7 +60,8 @@ def unpickle_batch(data: bytes, where: str) -> dict:
             "dicts, lists, bytes and numpy arrays."
         ) from None
     except Exception as e:  # truncated/garbled pickles raise many types
-        raise DataError(f"{where}: cannot unpickle it, the file is truncated or corrupted ({type(e).__name__}: {e}).") from None
+        raise DataError(f"{where}: cannot unpickle it, the file is truncated or corrupted "
+                        f"({type(e).__name__}: {error_text(e)}).") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a pickled dict, found {type(obj).__name__}.")
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}

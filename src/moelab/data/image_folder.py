@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moelab.data.archive import is_tar_name, iter_tar
+from moelab.data.archive import error_text, is_tar_name, iter_tar
 from moelab.errors import DataError
 
 SPLITS = ("train", "test")
@@ -38,8 +38,13 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         if im.mode not in ("L", "RGB"):
             im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
         return np.asarray(im, dtype=np.uint8)
+    except Image.UnidentifiedImageError:  # PIL names the in-memory buffer, not the file: say what it holds
+        head = f"it starts with bytes {data[:8].hex(' ')}" if data else "it is empty"
+        raise DataError(f"{where}: cannot decode the image (not PNG or JPEG data; {head}); "
+                        "expected a readable PNG or JPEG file.") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: cannot decode the image ({e}); expected a readable PNG or JPEG file.") from None
+        raise DataError(f"{where}: cannot decode the image ({error_text(e)}); expected a readable PNG or JPEG "
+                        "file.") from None
 
 
 def _ignored(parts: list[str]) -> bool:

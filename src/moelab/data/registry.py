@@ -65,7 +65,8 @@ SPECS = {
     "fashion-mnist": Spec("fashion-mnist", "fashion-mnist", "idx",
                           ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
                           FASHION_FILES, FASHION_CLASSES),
-    "cifar10": Spec("cifar10", "cifar10", "cifar10", ("https://www.cs.toronto.edu/~kriz/",), CIFAR_FILES),
+    "cifar10": Spec("cifar10", "cifar10", "cifar10", ("https://www.cs.toronto.edu/~kriz/",), CIFAR_FILES,
+                    tuple(cifar.CLASSES)),
 }
 
 
@@ -226,8 +227,32 @@ def _decode(spec_name: str, source: Source):
 
 def load_source(name: str, source: Source, *, cache: bool = True, refresh: bool = False) -> ImageDataset:
     """Decode a located source, through the decoded-array cache."""
-    return load_with_cache(name, source.paths, source.describe(), lambda: _decode(name, source),
-                           use_cache=cache, refresh=refresh)
+    ds = load_with_cache(name, source.paths, source.describe(), lambda: _decode(name, source),
+                         use_cache=cache, refresh=refresh)
+    if source.kind == "image-folder":
+        check_classes(name, ds.classes, source.paths[0])
+    return ds
+
+
+def check_classes(name: str, classes: Sequence[str], where: Path) -> None:
+    """An image folder of a named data set must hold exactly its classes: an extra folder would give
+    labels the model has no output for (an IndexError deep in training), a missing one a silent gap."""
+    spec = SPECS.get(name)
+    if spec is None or not spec.classes or sorted(classes) == sorted(spec.classes):
+        return
+    extra = [c for c in classes if c not in spec.classes]
+    missing = [c for c in spec.classes if c not in classes]
+    found = []
+    if extra:
+        found.append(f"unexpected class folder{'s' if len(extra) > 1 else ''} "
+                     f"{', '.join(f'train/{c}/' for c in extra)}")
+    if missing:
+        found.append(f"no folder for {', '.join(missing)}")
+    raise DataError(
+        f"Image folder {where}: {name} has the {len(spec.classes)} classes {', '.join(spec.classes)}, but "
+        f"found {'; '.join(found)}. Remove or rename the class folders (in train/ and test/) so that they are "
+        f"exactly these, or load the folder under its own name (moelab.data.load_image_folder)."
+    )
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = True, *,
