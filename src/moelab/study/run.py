@@ -1,0 +1,106 @@
+"""``moelab study EXPERIMENT --grid KEY=V1,V2 ... --seeds N --out DIR``: one ordinary run per cell and seed.
+
+Layout of ``DIR``::
+
+    study.json             what was asked (experiment, --set, grid, seeds): a re-run must ask the same
+    <cell>/seed-<K>/       one run directory per cell and seed (``moelab run``'s, with its dense rows)
+    shared-rows/           dense rows trained once and reused by the cells that need the same network
+    study.csv, study.md, study.html   the table and the plots (``moelab.study.report``)
+
+Started again with the same ``--out`` a study keeps its finished runs, resumes the one that was cut,
+and runs the rest; the table and plots are rewritten from every finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from moelab.analysis.rundir import read_summary
+from moelab.errors import MoelabError
+from moelab.experiments.baselines import SharedRows
+from moelab.experiments.runner import run_experiment
+from moelab.io import atomic_write_json
+from moelab.study.grid import Cell, make_cells, parse_grid
+
+
+def default_study_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-study-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_study(experiment: str | None, grid_options: list[str], *, sets: list[str] | None = None,
+              out: str | Path | None = None, seeds: int = 3, seed: int = 0, data_dir: str | None = None,
+              device: str = "auto", quiet: bool = False) -> Path:
+    """Run every cell x seed (skipping finished runs, resuming a cut one), then write the table and plots.
+    Every cell's config is checked before the first run starts. Returns the study folder."""
+    from moelab.study.report import write_study_report
+
+    if experiment is None:
+        raise MoelabError("moelab study: name a built-in experiment or a .toml config (see `moelab list`).")
+    if seeds < 1:
+        raise MoelabError(f"--seeds N expects N >= 1 (seeds per cell), got {seeds}.")
+    if not grid_options:
+        raise MoelabError("moelab study: give at least one --grid KEY=V1,V2,... (e.g. --grid model.num_experts=4,8).")
+    sets = list(sets or [])
+    grid = parse_grid(grid_options)
+    name, cells = make_cells(experiment, sets, grid)
+    out = Path(out) if out is not None else default_study_dir(name)
+    spec = {"experiment": experiment, "sets": sets, "grid": grid, "seeds": list(range(seed, seed + seeds))}
+    _claim(out, spec)
+    shared = SharedRows(out / "shared-rows")
+    jobs = [(cell, s) for cell in cells for s in spec["seeds"]]
+    started, done_s = time.perf_counter(), []
+    for i, (cell, s) in enumerate(jobs, 1):
+        run_dir = out / cell.slug / f"seed-{s}"
+        head = f"[study {i}/{len(jobs)}] {', '.join(cell.sets)} seed {s}"
+        if (run_dir / "summary.json").is_file():
+            _say(quiet, f"{head}: finished earlier ({run_dir})")
+            continue
+        t0 = time.perf_counter()
+        resume = run_dir if (run_dir / "config.toml").is_file() else None
+        _say(quiet, f"{head}: {'resuming' if resume else 'running'} -> {run_dir}")
+        run_experiment(experiment, [*sets, *cell.sets] if resume is None else [], out=run_dir,
+                       data_dir=data_dir, seed=s, resume=resume, quiet=True, device=device, shared_rows=shared)
+        done_s.append(time.perf_counter() - t0)
+        left = len(jobs) - i
+        eta = left * sum(done_s) / len(done_s)
+        _say(quiet, f"{head}: done in {done_s[-1]:.0f} s; {left} left, ETA {_hms(eta)} "
+                    f"(elapsed {_hms(time.perf_counter() - started)})")
+    paths = write_study_report(out, cells, spec)
+    _say(quiet, "wrote " + ", ".join(str(p) for p in paths))
+    return out
+
+
+def cell_runs(out: Path, cells: list[Cell], seeds: list[int]) -> list[tuple[Cell, int, Path, dict | None]]:
+    """(cell, seed, run folder, summary or None) for every run of the study."""
+    return [(c, s, out / c.slug / f"seed-{s}", read_summary(out / c.slug / f"seed-{s}")) for c in cells
+            for s in seeds]
+
+
+def _claim(out: Path, spec: dict) -> None:
+    """Write ``study.json``, or check that the study already in ``out`` asked the same."""
+    path = out / "study.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise MoelabError(f"'{path}' is not readable ({e}); choose another --out.") from None
+        if old != spec:
+            diff = ", ".join(k for k in spec if old.get(k) != spec[k])
+            raise MoelabError(f"'{out}' holds a study with another {diff} ({path}); re-run it with the same "
+                              f"options to continue it, or choose another --out.")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise MoelabError(f"output folder '{out}' already holds files and no study.json; choose an empty or new --out.")
+    atomic_write_json(path, spec)
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
