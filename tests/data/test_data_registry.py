@@ -70,3 +70,14 @@ def test_search_order_prefers_subfolder(tmp_path, build):
     build.write_idx_set(tmp_path / "mnist", n_train=13)
     assert len(load_dataset("mnist", tmp_path, download=False).train_x) == 13
     assert isinstance(resolve_data_dir(str(tmp_path)), Path)
+
+
+def test_mnist_files_are_not_loaded_as_fashion_mnist(real_data_dir, tmp_path):
+    """A data folder is also searched flat, and both data sets use the same file names: MNIST's files must
+    not pass for Fashion-MNIST (found by the training labels' content)."""
+    from moelab.data import load_dataset
+    from moelab.errors import DataError
+
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: these are the mnist files, not fashion-mnist's"):
+        load_dataset("fashion-mnist", data_dir=real_data_dir / "mnist", download=False)
+    assert load_dataset("mnist", data_dir=real_data_dir / "mnist", download=False).num_classes == 10

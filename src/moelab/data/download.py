@@ -62,15 +62,20 @@ def _fetch(url: str, dest: Path, timeout: float) -> str:
     return digest.hexdigest()
 
 
-def _content_md5(path: Path) -> str | None:
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except (OSError, EOFError, zlib.error):
-        return None
-    return digest.hexdigest()
+def content_md5(path: Path) -> str | None:
+    """MD5 of a file's content, gunzipped when it is gzip (None when it cannot be read)."""
+    for opener in (gzip.open, open):
+        digest = hashlib.md5(usedforsecurity=False)
+        try:
+            with opener(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            return digest.hexdigest()
+        except gzip.BadGzipFile:
+            continue  # not gzip: the file is its own content
+        except (OSError, EOFError, zlib.error):
+            return None
+    return None
 
 
 def _verify(remote: RemoteFile, path: Path, sha256: str, url: str) -> str | None:
@@ -80,7 +85,7 @@ def _verify(remote: RemoteFile, path: Path, sha256: str, url: str) -> str | None
     if remote.sha256 is not None and sha256 == remote.sha256:
         return None
     if remote.content_md5 is not None:
-        md5 = _content_md5(path)
+        md5 = content_md5(path)
         if md5 == remote.content_md5:
             log.info("%s: gzip wrapper differs from the canonical file but the content MD5 matches", url)
             return None

@@ -11,7 +11,7 @@ from moelab.data import cifar
 from moelab.data.archive import TAR_SUFFIXES, is_tar_name
 from moelab.data.cache import load_with_cache
 from moelab.data.dataset import ImageDataset
-from moelab.data.download import DownloadFailed, RemoteFile, download_file, mirrors_from_env
+from moelab.data.download import DownloadFailed, RemoteFile, content_md5, download_file, mirrors_from_env
 from moelab.data.idx import read_idx_pair
 from moelab.data.image_folder import read_image_folder
 from moelab.data.location import cache_dir, is_writable_dir, resolve_data_dir, search_dirs
@@ -35,11 +35,15 @@ MNIST_FILES = (
     RemoteFile("t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
                "27ae3e4e09519cfbb04c329615203637"),
 )
-FASHION_FILES = (
-    RemoteFile("train-images-idx3-ubyte.gz", "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc"),
-    RemoteFile("train-labels-idx1-ubyte.gz", "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc"),
-    RemoteFile("t10k-images-idx3-ubyte.gz", "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229"),
-    RemoteFile("t10k-labels-idx1-ubyte.gz", "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf"),
+FASHION_FILES = (  # content MD5s: of the uncompressed files (Debian's dataset-fashion-mnist recompresses them)
+    RemoteFile("train-images-idx3-ubyte.gz", "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+               "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+    RemoteFile("train-labels-idx1-ubyte.gz", "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+               "9018921c3c673c538a1fc5bad174d6f9"),
+    RemoteFile("t10k-images-idx3-ubyte.gz", "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+               "8181f5470baa50b63fa0f6fddb340f0a"),
+    RemoteFile("t10k-labels-idx1-ubyte.gz", "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+               "15d484375f8d13e6eb1aabb0c3f46965"),
 )
 CIFAR_FILES = (
     RemoteFile(cifar.ARCHIVE_NAME, "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
@@ -227,11 +231,27 @@ def _decode(spec_name: str, source: Source):
 
 def load_source(name: str, source: Source, *, cache: bool = True, refresh: bool = False) -> ImageDataset:
     """Decode a located source, through the decoded-array cache."""
+    if source.kind == "idx":
+        check_not_another(name, source)
     ds = load_with_cache(name, source.paths, source.describe(), lambda: _decode(name, source),
                          use_cache=cache, refresh=refresh)
     if source.kind == "image-folder":
         check_classes(name, ds.classes, source.paths[0])
     return ds
+
+
+def check_not_another(name: str, source: Source) -> None:
+    """MNIST and Fashion-MNIST share their file names, and a data folder is also searched flat: refuse the
+    files of one loaded as the other (their training labels' content MD5 tells them apart, 60 kB read)."""
+    labels = next((p for p in source.paths if p.name.startswith("train-labels")), None)
+    if labels is None:
+        return
+    md5 = content_md5(labels)
+    for other, spec in SPECS.items():
+        if other != name and any(f.content_md5 == md5 for f in spec.files if f.filename.startswith("train-labels")):
+            raise DataError(f"{labels}: these are the {other} files, not {name}'s (their content is {other}'s "
+                            f"canonical data). Put the {name} files into {labels.parent.parent / SPECS[name].folder}/ "
+                            f"or point --data-dir at the folder that holds {name}/.")
 
 
 def check_classes(name: str, classes: Sequence[str], where: Path) -> None:
