@@ -3,11 +3,12 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from moelab import MoE
+from moelab import MLPExperts, MoE
 from moelab.cost import cost_row, count_flops, count_params, flops_per_example, match_width
 from moelab.errors import MoelabError
-from moelab.models.mlp_mixture import mlp, mlp_mixture
+from moelab.models.mlp_mixture import SparseMoEMLP, mlp, mlp_mixture
 
 
 def test_mlp_counts_match_hand_count():
@@ -43,9 +44,67 @@ def test_sparse_layer_is_charged_for_routed_experts_only():
     layer = MoE(dim=d, num_experts=e, hidden_dim=h, router="topk", k=k)
     f = flops_per_example(layer, torch.randn(n, d))
     useful = 2 * k * (d * h + h * d) + 2 * d * e  # k expert MLPs + the router's projection
-    dense_all = 2 * e * (d * h + h * d) + 2 * d * e
-    assert useful <= f < 1.25 * useful  # padding rows of the bucketed GEMMs cost a little more
-    assert f < dense_all / 2
+    assert f == useful  # exactly: no padding rows of the bucketed GEMMs, no bias columns
+
+
+SPARSE_IMPLS = ["bucketed", "padded", "grouped", "static"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("router,kw", [("topk", {"k": 2}), ("noisy_topk", {"k": 2}), ("hash", {"k": 2}),
+                                       ("switch", {"capacity_factor": 1.0}), ("topk", {"k": 2, "capacity_factor": 0.7})])
+def test_flops_are_the_mathematics_on_every_path_and_dtype(router, kw, bias):
+    """The same layer counts the same FLOPs on the bucketed, padded, grouped and static paths, in fp32 and
+    under bf16 autocast: 2 * (kept assignments) * (d*h + h*d) + the router's projection(s), nothing more."""
+    torch.manual_seed(0)
+    d, h, e, n = 32, 64, 8, 200
+    layer = MoE(dim=d, num_experts=e, hidden_dim=h, router=router, bias=bias, **kw).eval()
+    x = torch.randn(n, d)
+    with torch.no_grad():
+        _, aux = layer(x)
+    kept = aux.indices.numel() - int(aux.dropped)
+    gates = {"noisy_topk": 2, "hash": 1}.get(router, 1)  # noisy: gate + noise projections; hash: its projection
+    want = (2 * kept * (d * h + h * d) + gates * 2 * n * d * e) / n
+    counts = {}
+    for impl in SPARSE_IMPLS:
+        layer.experts.sparse_impl = impl
+        for bf16 in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                counts[impl, bf16] = flops_per_example(layer, x)
+    assert set(counts.values()) == {want}, counts
+
+
+def test_over_counts_fail():
+    """A 5% over-count (e.g. padding rows, or the late-bias GEMM of the grouped path) is not the model's cost."""
+    d, h, e, n = 32, 64, 16, 512
+    layer = MoE(dim=d, num_experts=e, hidden_dim=h, router="topk", k=2).eval()
+    x = torch.randn(n, d)
+    f = flops_per_example(layer, x)
+    assert f == 2 * 2 * (d * h + h * d) + 2 * d * e
+    raw = {}
+    for impl in ("bucketed", "grouped"):  # what those layouts compute
+        layer.experts.sparse_impl = impl
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            layer(x)
+        raw[impl] = counter.get_total_flops() / n
+    assert raw["grouped"] > f and raw["bucketed"] > f  # bias GEMMs / padding: exact_compute is what removes them
+
+
+def test_mnist_sparse_model_counts_the_same_on_every_path():
+    """mnist-sparse's network (dim 32, 16 experts 32-64-32, top-2): embed + router + 2 experts + head, whatever
+    path or dtype: 30 592 (before: 31 504 on the CPU bucketed path, 32 640 grouped, 33 664 grouped in bf16)."""
+    torch.manual_seed(0)
+    model = SparseMoEMLP(196, 32, 64, 10, 1, 16, "topk", k=2)
+    x = torch.randn(256, 196)
+    want = 2 * 196 * 32 + 2 * 32 * 16 + 2 * 2 * (32 * 64 + 64 * 32) + 2 * 32 * 10
+    for impl in SPARSE_IMPLS:
+        for m in model.modules():
+            if isinstance(m, MLPExperts):
+                m.sparse_impl = impl
+        for bf16 in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                assert flops_per_example(model, x) == want, (impl, bf16)
 
 
 def test_eval_mode_is_restored_and_empty_batch_is_refused():

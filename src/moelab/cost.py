@@ -1,10 +1,14 @@
 """What a model costs: parameters and inference FLOPs per example, counted, not worked out by hand.
 
 FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on a real forward pass in eval
-mode: every matmul / bmm / baddbmm / conv the model actually runs (2 FLOPs per multiply-add), so a
-sparse mixture is charged for the experts it routes to (and any padding rows it computes), and a dense
-mixture for all of its experts. Elementwise ops (activations, softmax, norms) are not counted, as is
-usual in the MoE literature; they are a small share for the networks here.
+mode: every matmul / bmm / baddbmm / conv the model runs (2 FLOPs per multiply-add), so a sparse
+mixture is charged for the experts it routes to, and a dense mixture for all of its experts. The count
+is the model's mathematics, not an implementation's: the forward runs inside
+:func:`moelab.moe.experts.exact_compute`, where expert stacks run each routed expert on exactly its rows
+(no padding rows of the bucketed / capacity layouts, no bias columns folded into grouped GEMMs), so a
+layer counts the same on every sparse path, in fp32 and under bf16 autocast. Elementwise ops
+(activations, softmax, norms) are not counted, as is usual in the MoE literature; they are a small share
+for the networks here.
 
     params = count_params(model)
     flops = flops_per_example(model, x[:256])      # x: a batch of real inputs
@@ -57,9 +61,12 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 @torch.no_grad()
 def count_flops(fn: Callable[..., object], *args, **kwargs) -> int:
-    """Total FLOPs of ``fn(*args, **kwargs)`` (matmuls and convolutions, 2 per multiply-add)."""
+    """Total FLOPs of ``fn(*args, **kwargs)`` (matmuls and convolutions, 2 per multiply-add; expert stacks
+    on exactly their routed rows)."""
+    from moelab.moe.experts import exact_compute  # late: moelab.moe is heavier than this module
+
     counter = FlopCounterMode(display=False)
-    with counter:
+    with exact_compute(), counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 

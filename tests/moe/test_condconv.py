@@ -155,3 +155,18 @@ def test_bad_input_and_temperature_raise():
         m.temperature = -1
     m.temperature = 30  # annealing schedule start (Chen et al.)
     assert m.temperature == 30.0
+
+
+@pytest.mark.parametrize("routing", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, dilation=2, groups=2, bias=False)])
+def test_empty_batch(routing, kw):
+    """No images: nn.Conv2d's empty (0, O, H', W') output (a grouped conv needs groups >= 1), with a backward."""
+    m = CondConv2d(C, 6, 3, num_experts=4, routing=routing, **kw)
+    nn_conv = torch.nn.Conv2d(C, 6, 3, **kw)
+    x = torch.randn(0, C, H, W, requires_grad=True)
+    y = m(x)
+    assert y.shape == nn_conv(x).shape and y.shape[0] == 0
+    assert m.last_routing.shape == (0, 4)
+    y.square().sum().backward()
+    assert x.grad.shape == x.shape and (m.weight.grad == 0).all()
+    assert m(torch.randn(2, C, H, W)).shape == nn_conv(torch.randn(2, C, H, W)).shape  # then a real batch

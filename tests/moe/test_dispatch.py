@@ -181,3 +181,60 @@ def test_bucket_layout_gather_and_combine(mask_p, max_b):
     assert_close(y, ref, 1e-12, "combine")
     assert torch.autograd.gradcheck(lambda a: D.gather_rows(a, lay), (x,))
     assert torch.autograd.gradcheck(lambda a, b: D.combine_rows(a, lay, b), (ye, w))
+
+
+@pytest.mark.parametrize("n,e,k,mask_p", [(13, 4, 2, 0.4), (9, 6, 1, 0.5), (7, 3, 3, 0.0), (5, 2, 2, 1.0)])
+def test_untrimmed_plan_keeps_dropped_rows_dead(n, e, k, mask_p):
+    """trim=False: all N*k rows, the dropped ones last in the last expert's group (offsets[-1] = N*k), read as
+    zeros and given no gradient; gather + combine equal the trimmed plan's."""
+    idx, mask = _routing(n, e, k, mask_p)
+    if mask is None:
+        mask = torch.ones(n, k, dtype=torch.bool)
+    trimmed, plan = D.sort_by_expert(idx, e, mask), D.sort_by_expert(idx, e, mask, trim=False)
+    kept = int(mask.sum())
+    assert plan.num_rows == n * k and int(plan.live.sum()) == kept and not plan.live[kept:].any()
+    assert torch.equal(plan.counts, trimmed.counts) and torch.equal(plan.order[:kept], trimmed.order)
+    assert torch.equal(plan.offsets[:-1], trimmed.offsets[:-1]) and int(plan.offsets[-1]) == n * k
+    assert (plan.expert[1:] >= plan.expert[:-1]).all() and int(plan.expert.max()) <= e - 1
+    x = torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(n, k, dtype=torch.float64, requires_grad=True)
+    lay = D.flat_layout(plan)
+    xs = D.gather_rows(x, lay)
+    assert (xs[kept:] == 0).all() and torch.equal(xs[:kept], x[trimmed.token])
+    ys = xs * 3 + 1  # dead rows become non-zero: the combine must not read them
+    y = D.combine_rows(ys, lay, w)
+    ref = D.scatter_combine(D.gather_sorted(x, trimmed) * 3 + 1, trimmed, w)
+    assert_close(y, ref, 1e-12, "combine")
+    g = torch.randn_like(y)
+    assert_close(torch.autograd.grad(y, x, g, retain_graph=True)[0], torch.autograd.grad(ref, x, g)[0], 1e-12,
+                 "grad x")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("cap", [1, 3, 20])
+def test_capacity_layout_is_one_static_batch(masked, cap):
+    n, e, k = 20, 4, 2
+    idx = torch.rand(n, e).topk(k, dim=-1).indices
+    mask = torch.rand(n, k) > 0.3 if masked else None
+    plan = D.sort_by_expert(idx, e, mask, trim=False)
+    lay = D.capacity_layout(plan, cap)
+    assert lay.num_rows == e * cap and lay.groups[0][1] == cap
+    keep = torch.ones(n, k, dtype=torch.bool) if mask is None else mask
+    flat = idx.reshape(-1)
+    for ex in range(e):  # expert ex's first `cap` kept assignments, in token order, then padding
+        mine = [a for a in range(n * k) if keep.reshape(-1)[a] and flat[a] == ex][:cap]
+        rows = lay.row_assign[ex * cap:(ex + 1) * cap].tolist()
+        assert rows == mine + [n * k] * (cap - len(mine))
+        assert lay.row_token[ex * cap:(ex + 1) * cap].tolist() == [a // k for a in mine] + [n] * (cap - len(mine))
+        for slot, a in enumerate(mine):
+            assert int(lay.assign_row[a]) == ex * cap + slot
+    placed = set(lay.row_assign[lay.row_assign < n * k].tolist())
+    assert all(int(lay.assign_row[a]) == e * cap for a in range(n * k) if a not in placed)  # dropped: row R
+    x = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(n, k, dtype=torch.float64)
+    xe = D.gather_rows(x, lay)
+    assert (xe[lay.row_token == n] == 0).all()
+    y = D.combine_rows(xe, lay, w)
+    want = sum(w[:, j:j + 1] * x * (lay.assign_row.view(n, k)[:, j:j + 1] < e * cap) for j in range(k))
+    assert_close(y, want, 1e-12, "combine of the identity")
+    assert torch.autograd.gradcheck(lambda t: D.combine_rows(D.gather_rows(t, lay), lay, w), (x,))

@@ -42,7 +42,7 @@ def _check_sparse(ex, n, k, mask_p=0.0, indices=None, tol=1e-5):
         assert_close(getattr(ex, name).grad, gref, tol, f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded"])
+@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k,mask_p", [(1, 0.0), (2, 0.0), (2, 0.4)])
 def test_sparse_matches_naive(impl, bias, k, mask_p):
@@ -50,13 +50,13 @@ def test_sparse_matches_naive(impl, bias, k, mask_p):
     _check_sparse(ex, 23, k, mask_p)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded"])
+@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
 @pytest.mark.parametrize("e,k,n", [(1, 1, 5), (4, 4, 6), (3, 2, 1)])
 def test_sparse_edge_shapes(impl, e, k, n):
     _check_sparse(MLPExperts(e, 8, 16, sparse_impl=impl), n, k)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded"])
+@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
 def test_sparse_experts_without_tokens(impl):
     ex = MLPExperts(5, 8, 16, sparse_impl=impl)
     idx = torch.tensor([[0, 3]] * 7)  # experts 1, 2, 4 receive nothing
@@ -193,7 +193,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "sigmoid", "tanh", "silu", "identity", "softmax", lambda t: t * t])
-@pytest.mark.parametrize("impl", ["bucketed", "grouped"])
+@pytest.mark.parametrize("impl", ["bucketed", "grouped", "static"])
 def test_activation_backward_in_batched_paths(act, impl):
     """Every activation (named or a callable) through both batched sparse paths matches the oracle."""
     ex = MLPExperts(3, 8, 16, 8, activation=act, output_activation="tanh", sparse_impl=impl)
@@ -211,3 +211,82 @@ def test_bucketed_matches_grouped_and_padded_exactly_in_routing():
         outs[impl] = ex.forward_sparse(x, idx, w)
     assert_close(outs["bucketed"], outs["grouped"], 1e-5, "bucketed vs grouped")
     assert_close(outs["padded"], outs["grouped"], 1e-5, "padded vs grouped")
+
+
+@pytest.mark.parametrize("impl", ["grouped", "bucketed"])
+def test_forward_groups_backward_with_a_broadcast_gradient(impl):
+    """out.sum() sends a stride-0 gradient; torch._grouped_mm's backward refused it ("Invalid strides/sizes")."""
+    from moelab.moe import dispatch as D
+
+    ex = MLPExperts(4, 16, 32, sparse_impl=impl)
+    ref = ex.to_module_experts()
+    x = torch.randn(20, 16, requires_grad=True)
+    idx = torch.rand(20, 4).topk(2).indices
+    plan = D.sort_by_expert(idx, 4)
+    ex.forward_groups(D.gather_sorted(x, plan), plan).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref.forward_groups(D.gather_sorted(x_ref, plan), plan).sum().backward()
+    assert_close(x.grad, x_ref.grad, 1e-5, "grad x")
+    assert_close(ex.w1.grad, torch.stack([m[0].weight.grad.t() for m in ref.experts]), 1e-5, "grad w1")
+    ex.zero_grad()
+    ex.forward_sparse(x, idx, torch.rand(20, 2)).sum().backward()  # the fused sparse path too
+    assert torch.isfinite(ex.w1.grad).all()
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mask_p", [0.0, 0.4])
+def test_static_path_matches_naive(kernels_on, bias, mask_p):
+    """"static" without a capacity: every expert on every token, mixed by the sparse gates (exact also for a
+    token choosing one expert twice); with the router's capacity: one (E, C) batch."""
+    from moelab import kernels
+    from moelab.moe.routers.base import capacity_mask
+
+    with kernels.use(kernels_on):
+        ex = MLPExperts(4, 8, 16, 12, bias=bias, sparse_impl="static")
+        _check_sparse(ex, 23, 2, mask_p)
+        ex.zero_grad()
+        _check_sparse(ex, 9, 2, indices=torch.tensor([[1, 1], [0, 2], [3, 3]] * 3))  # repeated experts
+        idx = torch.rand(23, 4).topk(2, dim=-1).indices
+        for cap in (3, 6, 23):  # drops, a few, none
+            ref = ex.to_module_experts()
+            mask = capacity_mask(idx, 4, cap)
+            x, w = torch.randn(23, 8), torch.rand(23, 2)
+            assert_close(ex.forward_sparse(x, idx, w, mask, capacity=cap), ref.forward_sparse(x, idx, w, mask),
+                         1e-5, f"capacity {cap}")
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("impl", ["grouped", "static"])
+def test_sync_free_paths_with_dropped_assignments_match_naive(kernels_on, impl):
+    """The grouped path keeps dropped assignments as dead rows (zero inputs, never read, no gradient)."""
+    from moelab import kernels
+
+    with kernels.use(kernels_on):
+        for bias, out_act in ((True, None), (True, "tanh"), (False, None)):
+            _check_sparse(MLPExperts(4, 8, 16, 8, bias=bias, output_activation=out_act, sparse_impl=impl), 31, 2,
+                          0.5)
+        _check_sparse(MLPExperts(3, 8, None, 8, sparse_impl=impl), 11, 1, 0.6)  # linear experts
+
+
+@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_exact_compute_counts_the_routed_rows_on_every_path(impl, bias):
+    """Inside exact_compute a FLOP counter sees k experts per token (no padding, no bias columns), in fp32 and
+    under bf16 autocast."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moelab.moe.experts import exact_compute
+
+    ex = MLPExperts(8, 16, 32, bias=bias, sparse_impl=impl)
+    x = torch.randn(50, 16)
+    idx = torch.cat([torch.zeros(50, 1, dtype=torch.long), torch.randint(1, 8, (50, 1))], 1)  # expert 0 is hot
+    mask = torch.rand(50, 2) > 0.2
+    want = 2 * int(mask.sum()) * (16 * 32 + 32 * 16)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            counter = FlopCounterMode(display=False)
+            with torch.no_grad(), exact_compute(), counter:
+                y = ex.forward_sparse(x, idx, torch.rand(50, 2), mask)
+        assert counter.get_total_flops() == want, (impl, autocast)
+        assert y.shape == (50, 16)

@@ -55,11 +55,13 @@ def test_every_router_matches_naive_reference(router):
 
 @pytest.mark.parametrize("router,kw", [("topk", {"k": E}), ("topk", {"k": 1}), ("switch", {"capacity_factor": 0.5}),
                                        ("topk", {"k": 2, "capacity_factor": 0.6}), ("noisy_topk", {"k": 3})])
+@pytest.mark.filterwarnings("ignore:router .* with k=1:UserWarning")  # top-1 softmax on purpose
 def test_router_options_match_naive(router, kw):
     ours, ref = _pair(router, **kw)
     _assert_equivalent(ours, ref, torch.randn(20, D))
 
 
+@pytest.mark.filterwarnings("ignore:router .* with k=1:UserWarning")  # top-1 softmax on purpose
 @pytest.mark.parametrize("router", ["topk", "dense", "switch", "expert_choice", "soft", "hash"])
 @pytest.mark.parametrize("n,e", [(1, E), (6, 1)])
 def test_edge_shapes(router, n, e):
@@ -242,3 +244,107 @@ def test_dim_none_with_stack_experts_and_custom_gate():
         assert y.shape == (4, 5)
         want = torch.einsum("ne,eno->no", aux.gates, stack(x))
         assert_close(y, want, 1e-5, router)
+
+
+ALL_ROUTERS = ["dense", "topk", "noisy_topk", "switch", "expert_choice", "soft", "multi_gate", "uniform", "hash",
+               "random"]
+
+
+@pytest.mark.parametrize("shape", [(0, D), (0, 5, D), (3, 0, D)])
+@pytest.mark.parametrize("impl", ["auto", "grouped", "static"])
+@pytest.mark.parametrize("router", ALL_ROUTERS)
+def test_empty_batch(router, impl, shape):
+    """No tokens: an empty output of the right shape, every auxiliary loss 0 (not NaN), and a backward pass."""
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router=router, sparse_impl=impl)
+    x = torch.randn(*shape, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == shape and aux.loss.shape == () and aux.loss.item() == 0.0
+    assert all(torch.isfinite(v) and v.item() == 0 for v in aux.losses.values()), aux.losses
+    slots = shape[0] if router == "soft" else 0  # soft: one (zero) slot per expert and group, even of 0 tokens
+    assert aux.expert_counts.tolist() == [slots] * E and aux.dropped.item() == 0
+    assert aux.gates.shape == (0, E)
+    (y.square().sum() + aux.loss).backward()
+    assert x.grad.shape == shape
+    for name, p in layer.named_parameters():
+        assert p.grad is None or (p.grad == 0).all(), name
+
+
+@pytest.mark.parametrize("router", ["switch", "topk"])
+def test_empty_then_full_batch_with_capacity(router):
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router=router, capacity_factor=1.0)
+    y, aux = layer(torch.randn(0, D))
+    assert y.shape == (0, D) and aux.loss.item() == 0.0
+    y, aux = layer(torch.randn(9, D))
+    assert y.shape == (9, D) and torch.isfinite(aux.loss)
+
+
+def test_option_checks_name_the_value():
+    with pytest.raises(MoelabError, match=r"router 'topk': k must be an int in \[1, num_experts=4\], got True"):
+        MoE(dim=D, num_experts=E, router="topk", k=True)
+    for router in ["noisy_topk", "hash"]:
+        with pytest.raises(MoelabError, match=rf"router '{router}': k must be an int .*got True"):
+            MoE(dim=D, num_experts=E, router=router, k=True)
+    for bad in [float("nan"), float("inf"), -0.1, "0.1", True]:
+        with pytest.raises(MoelabError, match=r"aux_loss_weights\['balance'\] must be a finite number >= 0"):
+            MoE(dim=D, num_experts=E, router="topk", aux_loss_weights={"balance": bad})
+    with pytest.raises(MoelabError, match=r"aux_loss_weights\['entropy'\]"):
+        MoE(dim=D, num_experts=E, router="topk", aux_loss_weights={"entropy": float("-inf")})
+    layer = MoE(dim=D, num_experts=E, router="topk", aux_loss_weights={"entropy": -0.01})  # documented: spreads
+    assert layer.aux_loss_weights["entropy"] == -0.01
+    for key, bad in [("dim", True), ("num_experts", True)]:
+        with pytest.raises(MoelabError, match=rf"MoE: {key} must be a positive int, got True"):
+            MoE(**{"dim": D, "num_experts": E, key: bad})
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "hash"])
+def test_one_expert_default_k(router, recwarn):
+    """The default k (2 for topk / noisy_topk) is clamped to the number of experts; no top-1 warning for E = 1."""
+    layer = MoE(dim=D, num_experts=1, hidden_dim=H, router=router)
+    assert layer.router.k == 1
+    y, aux = layer(torch.randn(5, D))
+    assert y.shape == (5, D) and aux.indices.shape == (5, 1)
+    assert not [w for w in recwarn if "k=1" in str(w.message)]
+    with pytest.raises(MoelabError, match=r"k must be an int in \[1, num_experts=1\], got 2"):
+        MoE(dim=D, num_experts=1, router=router, k=2)
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk"])
+def test_top1_softmax_warns_once(router):
+    with pytest.warns(UserWarning, match=r"k=1: the softmax over one chosen logit is always 1.*router='switch'") as rec:
+        MoE(dim=D, num_experts=E, router=router, k=1)
+    assert len([w for w in rec if "k=1" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("router,kw", [("switch", {}), ("topk", {"k": 2}), ("hash", {"k": 1}),
+                                       ("topk", {"k": 1, "router_kwargs": {"normalize": False}}),
+                                       ("seed_sparse", {"k": 1})])
+def test_top1_weights_that_learn_do_not_warn(router, kw, recwarn):
+    """switch weighs by the full softmax probability, normalize=False too, raw gates through ReLU: no warning."""
+    MoE(dim=D, num_experts=E, router=router, **kw)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning) and "k=1" in str(w.message)]
+
+
+@pytest.mark.parametrize("router,opts,match", [
+    ("switch", {"capacity_factor": float("inf")}, "capacity_factor must be > 0"),
+    ("switch", {"capacity_factor": float("nan")}, "capacity_factor must be > 0"),
+    ("switch", {"capacity_factor": True}, "capacity_factor must be > 0"),
+    ("topk", {"capacity_factor": -1.0}, "capacity_factor must be > 0"),
+    ("expert_choice", {"capacity_factor": 0}, "capacity_factor must be > 0"),
+    ("noisy_topk", {"capacity_factor": float("inf")}, "capacity_factor must be > 0"),
+    ("noisy_topk", {"noise_epsilon": -1e-3}, "noise_epsilon must be >= 0"),
+    ("noisy_topk", {"noise_epsilon": float("nan")}, "noise_epsilon must be >= 0"),
+    ("soft", {"slots_per_expert": True}, "slots_per_expert must be >= 1"),
+    ("soft", {"slots_per_expert": 1.5}, "slots_per_expert must be >= 1"),
+    ("soft", {"slots_per_expert": 0}, "slots_per_expert must be >= 1"),
+    ("multi_gate", {"num_gates": True}, "num_gates must be >= 1"),
+    ("switch", {"router_kwargs": {"jitter": 1.0}}, r"jitter must be >= 0 and < 1"),
+    ("switch", {"router_kwargs": {"jitter": float("nan")}}, r"jitter must be >= 0 and < 1"),
+    ("dense", {"router_kwargs": {"temperature": 0.0}}, "temperature must be > 0"),
+    ("dense", {"router_kwargs": {"temperature": float("inf")}}, "temperature must be > 0"),
+    ("topk", {"router_kwargs": {"normalize": 1}}, "normalize must be True or False"),
+    ("hash", {"router_kwargs": {"seed": -1}}, "seed must be >= 0"),
+])
+def test_numeric_router_options_are_checked_by_their_router(router, opts, match):
+    name = {"topk": "topk"}.get(router, router)
+    with pytest.raises(MoelabError, match=rf"router '{name}': {match}.*got"):
+        MoE(dim=D, num_experts=E, router=router, **opts)

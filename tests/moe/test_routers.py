@@ -53,6 +53,7 @@ def test_dense_router():
     assert set(r.losses) == set(DenseRouter.loss_names)
 
 
+@pytest.mark.filterwarnings("ignore:router .* with k=1:UserWarning")  # top-1 softmax on purpose
 @pytest.mark.parametrize("k", [1, 2, E])
 def test_topk_invariants(k):
     router = TopKRouter(D, E, k=k)

@@ -29,6 +29,7 @@ def _naive(m: TokenMoE2d, x):
     return x + m.norm(out)
 
 
+@pytest.mark.filterwarnings("ignore:router .* with k=1:UserWarning")  # top-1 softmax on purpose
 @pytest.mark.parametrize("k", [1, 2])
 def test_equals_a_loop_over_positions_and_experts_train_and_eval(k):
     m = TokenMoE2d(C, 4, 16, router="topk", k=k).double()
@@ -87,9 +88,24 @@ def test_one_expert_dense_is_a_pointwise_ffn_of_the_same_active_flops():
     assert expert_flops(sparse) == expert_flops(twin) == 2 * N * H * W * (2 * C * 2 * 16)
 
 
+@pytest.mark.filterwarnings("ignore:router .* with k=1:UserWarning")  # top-1 softmax on purpose
 def test_bad_input_is_named():
     m = TokenMoE2d(C, 4, 16, k=1)
     with pytest.raises(MoelabError, match=r"TokenMoE2d expected input \(N, 8, H, W\), got \(3, 7, 5, 4\)"):
         m(torch.randn(3, 7, 5, 4))
     with pytest.raises(MoelabError, match="channels must be a positive int, got 0"):
         TokenMoE2d(0, 4, 16)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "noisy_topk", "soft", "expert_choice", "dense", "hash"])
+@pytest.mark.parametrize("shape", [(0, C, H, W), (2, C, 0, 0), (2, C, 3, 0)])
+def test_empty_feature_map(router, shape):
+    """No positions (no images, or H*W = 0): y has x's shape, aux.loss is 0 (not NaN), backward works and
+    BatchNorm's running statistics stay finite."""
+    m = TokenMoE2d(C, 4, 16, router=router).train()
+    x = torch.randn(*shape, requires_grad=True)
+    y, aux = m(x)
+    assert y.shape == shape and aux.loss.item() == 0.0 and aux.gates.shape == (0, 4)
+    (y.square().sum() + aux.loss).backward()
+    assert x.grad.shape == shape
+    assert torch.isfinite(m.norm.running_mean).all() and torch.isfinite(m.norm.running_var).all()

@@ -142,14 +142,10 @@ def build_model(m: Model, in_dim: int, num_classes: int, hidden: int | None = No
     defaults = resolve(m.router)[0].default_loss_weights
     weights = {name: aux_scale * w for name, w in defaults.items()}
     router = m.router
-    model = SparseMoEMLP(in_dim, m.dim, m.hidden, num_classes, m.depth, m.num_experts, router,
-                         k=m.k, capacity_factor=m.capacity_factor or None, aux_loss_weights=weights,
-                         moe_layers=m.moe_layers, activation=m.activation, arch=m.arch)
-    if router == "topk":
-        for block in model.blocks:
-            if hasattr(block, "router"):
-                block.router.normalize = m.normalize
-    return model
+    return SparseMoEMLP(in_dim, m.dim, m.hidden, num_classes, m.depth, m.num_experts, router,
+                        k=m.k, capacity_factor=m.capacity_factor or None, aux_loss_weights=weights,
+                        moe_layers=m.moe_layers, activation=m.activation, arch=m.arch,
+                        router_options={"normalize": m.normalize} if router == "topk" else None)
 
 
 @torch.no_grad()

@@ -380,7 +380,8 @@ class SparseMoEMLP(nn.Module):
     def __init__(self, in_dim: int = 196, dim: int = 64, hidden_dim: int = 128, num_classes: int = 10,
                  depth: int = 1, num_experts: int = 0, router: str = "topk", k: int | None = None,
                  capacity_factor: float | None = None, aux_loss_weights: dict | None = None,
-                 moe_layers: str = "all", activation: str = "gelu", arch: str = "residual"):
+                 moe_layers: str = "all", activation: str = "gelu", arch: str = "residual",
+                 router_options: dict | None = None):
         super().__init__()
         _check_dims(in_dim=in_dim, dim=dim, hidden_dim=hidden_dim, num_classes=num_classes, depth=depth)
         if moe_layers not in ("all", "last"):
@@ -391,6 +392,8 @@ class SparseMoEMLP(nn.Module):
         opts = {"k": k} if k is not None and router in ("topk", "noisy_topk") else {}
         if capacity_factor is not None and router != "soft":
             opts["capacity_factor"] = capacity_factor
+        if router_options:
+            opts["router_kwargs"] = dict(router_options)
         if arch == "experts":
             self.embed, self.norms, self.head = nn.Identity(), nn.ModuleList([nn.Identity()]), nn.Identity()
             self.blocks = nn.ModuleList([

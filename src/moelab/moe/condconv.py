@@ -158,7 +158,11 @@ class CondConv2d(nn.Module):
         self.last_routing = r.detach()
         n, c, h, w = x.shape
         o = self.out_channels
-        kernel = (r.to(self.weight.dtype) @ self.weight).view(n * o, -1, *self.kernel_size)  # (N*O, C/g, kh, kw)
+        if n == 0:  # no images (a grouped conv needs groups >= 1): nn.Conv2d's (0, O, H', W'), still attached
+            return F.conv2d(x, self.kernels[0].to(x.dtype), None, self.stride, self.padding, self.dilation,
+                            self.groups) + 0 * r.sum().to(x.dtype)
+        kernel = r.to(self.weight.dtype) @ self.weight  # (N, O * C/g * kh * kw)
+        kernel = kernel.view(n * o, c // self.groups, *self.kernel_size)  # (N*O, C/g, kh, kw)
         bias = None if self.bias is None else (r.to(self.bias.dtype) @ self.bias).view(n * o)  # (N*O,)
         y = F.conv2d(x.reshape(1, n * c, h, w), kernel, bias, self.stride, self.padding, self.dilation,
                      groups=n * self.groups)  # (1, N*O, H', W')

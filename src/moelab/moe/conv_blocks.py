@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.moe import dispatch as D
-from moelab.moe.experts import Experts
+from moelab.moe.experts import Experts, exact_compute_on
 
 __all__ = ["ConvBlock", "ConvBlockExperts", "IMPLS"]
 
@@ -232,9 +232,9 @@ class ConvBlockExperts(Experts):
                               f"{plan.num_rows} rows, got {self.num_experts} experts and {xs.shape[0]} rows")
         counts = plan.counts.tolist()  # host sync: the padded capacity is a shape
         cap = max(counts)
-        if cap == 0:  # nothing routed: (0, O, H', W'), still attached to the parameters
+        if cap == 0:  # nothing routed: (0, O, H', W'), still attached to the input and the parameters
             h, w = ((s + 2 - 3) // self.stride + 1 for s in xs.shape[2:])
-            return xs.new_zeros(0, self.out_channels, h, w) + 0 * self.conv1.weight.sum()
+            return xs.new_zeros(0, self.out_channels, h, w) + 0 * (self.conv1.weight.sum() + xs.sum())
         if self.resolve_impl(xs) == "loop":
             return self._loop(xs, counts)
         full = min(counts) == cap  # every expert exactly full: no padding, plain BN
@@ -242,7 +242,10 @@ class ConvBlockExperts(Experts):
         return D.unpad_by_expert(self._slots(D.pad_by_expert(xs, plan, cap), valid), plan)
 
     def resolve_impl(self, x: Tensor) -> str:
-        """``impl`` for this call: "auto" is "loop" on the CPU, "grouped" elsewhere."""
+        """``impl`` for this call: "auto" is "loop" on the CPU, "grouped" elsewhere; "loop" inside
+        :func:`moelab.moe.experts.exact_compute` (no padded slots: what a FLOP counter should see)."""
+        if exact_compute_on():
+            return "loop"
         if self.impl != "auto":
             return self.impl
         return "loop" if x.device.type == "cpu" else "grouped"

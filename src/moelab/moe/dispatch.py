@@ -17,14 +17,21 @@ an (E_b, C_b, d) batch padded to its largest group, so each layer is one ``bmm``
 kernel calls, bias fused by ``baddbmm``) while the padding stays small (the bucket boundaries
 minimise padded rows + a per-call cost, :func:`plan_buckets`). Experts with no tokens are skipped.
 
+The *capacity* layout (:func:`capacity_layout`) is one (E, C) batch for a capacity C fixed by the router:
+static shapes, nothing read back to the host.
+
 Gather and combine are custom autograd functions whose backward passes are gathers through the
 inverse maps (``assign_row``/``row_assign``), so neither direction needs a serial ``index_add``.
-Everything stays on the input's device; host syncs: reading M when assignments are dropped, and
-the per-expert counts for the bucketed layout.
+Everything stays on the input's device. Host syncs, only where a shape depends on the routing: a trimmed
+plan (``sort_by_expert(trim=True)``, the default) reads M when assignments are dropped, and the bucketed
+layout reads the per-expert counts (CPU paths). The flat and capacity layouts read nothing back: an
+untrimmed plan (``trim=False``) keeps the dropped assignments as dead rows at the end of the last group
+(zero inputs, never read, no gradient).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +46,7 @@ __all__ = [
     "RowLayout",
     "sort_by_expert",
     "flat_layout",
+    "capacity_layout",
     "bucket_layout",
     "plan_buckets",
     "gather_rows",
@@ -61,9 +69,11 @@ class DispatchPlan:
     order:   (M,)   assignment id ``n*k + j`` of each sorted row
     token:   (M,)   token index of each sorted row (``order // k``)
     expert:  (M,)   expert id of each sorted row (non-decreasing)
-    counts:  (E,)   rows per expert, sums to M
+    counts:  (E,)   kept rows per expert, sums to the number of kept assignments
     offsets: (E,)   int32 cumulative counts (end row of each group), for ``grouped_mm``
     inverse: (N*k,) sorted row of assignment ``n*k + j``; ``>= M`` for dropped assignments
+    live:    (M,)   bool, untrimmed plans only: False for the dead rows of dropped assignments (M = N*k;
+             they sort last, ``expert`` clamps them to E-1 and ``offsets[-1]`` is N*k)
     """
 
     order: Tensor
@@ -74,6 +84,7 @@ class DispatchPlan:
     inverse: Tensor
     num_tokens: int
     k: int
+    live: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -84,35 +95,46 @@ class DispatchPlan:
         return self.num_rows < self.inverse.shape[0]
 
 
-def sort_by_expert(indices: Tensor, num_experts: int, mask: Tensor | None = None) -> DispatchPlan:
+def sort_by_expert(indices: Tensor, num_experts: int, mask: Tensor | None = None, *,
+                   trim: bool = True) -> DispatchPlan:
     """Sort the (N, k) expert assignments by expert id (stable: token order kept within an expert).
 
     mask: optional (N, k) bool, False = assignment dropped (it is not computed, contributes zero).
+    trim: drop the dropped assignments' rows (M = kept count: one host sync, the row count is a shape);
+    False keeps all N*k rows, the dropped ones as dead rows (``live``), and reads nothing back.
     """
     n, k = indices.shape
+    e = num_experts
     flat = indices.reshape(-1)  # (N*k,)
     if mask is not None:
-        flat = torch.where(mask.reshape(-1), flat, torch.full_like(flat, num_experts))
+        flat = torch.where(mask.reshape(-1), flat, torch.full_like(flat, e))
     if kernels.enabled(flat):  # one counting-sort pass
-        order, counts, inverse = kernel_ops.sort_plan(flat, num_experts)
-        counts = counts[:num_experts]
-    else:
+        order, counts, inverse = kernel_ops.sort_plan(flat, e)
+        counts = counts[:e]
+    else:  # no bincount (it reads the ids' max back to the host): a scatter_add of ones
         order = torch.argsort(flat, stable=True)  # (N*k,) assignment id of each sorted row
-        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # (E,)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)  # (N*k,)
-    if mask is not None:
-        m = int(counts.sum())  # host sync (masked routing only): the kept rows' count sizes the plan
-        order = order[:m]
+        counts = torch.zeros(e + 1, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))[:e]  # (E,)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    expert, live = flat.index_select(0, order), None
+    offsets = counts.cumsum(0)
+    if mask is not None and trim:
+        m = int(counts.sum())  # host sync (trimmed masked routing only): the kept rows' count sizes the plan
+        order, expert = order[:m], expert[:m]
+    elif mask is not None:  # dead rows (sentinel E, sorted last) ride at the end of the last group
+        live = expert < e
+        expert = expert.clamp_max(e - 1)
+        offsets = torch.cat([offsets[:-1], offsets.new_full((1,), flat.shape[0])])
     return DispatchPlan(
         order=order,
         token=order // k,
-        expert=flat[order],
+        expert=expert,
         counts=counts,
-        offsets=counts.cumsum(0).to(torch.int32),
+        offsets=offsets.to(torch.int32),
         inverse=inverse,
         num_tokens=n,
         k=k,
+        live=live,
     )
 
 
@@ -144,11 +166,41 @@ class RowLayout:
 
 
 def flat_layout(plan: DispatchPlan) -> RowLayout:
-    """The M expert-sorted rows, unpadded (for ``grouped_mm`` / per-group loops)."""
+    """The M expert-sorted rows, unpadded (for ``grouped_mm`` / per-group loops). The dead rows of an untrimmed
+    plan are padding rows (read zeros, get no gradient); its dropped assignments read zero."""
     m = plan.num_rows
+    if plan.live is not None:
+        nk = plan.inverse.shape[0]
+        row_token = torch.where(plan.live, plan.token, plan.num_tokens)
+        row_assign = torch.where(plan.live, plan.order, nk)
+        assign_row = torch.where(plan.live.index_select(0, plan.inverse), plan.inverse, m)
+        return RowLayout(row_token, row_assign, assign_row, plan.num_tokens, plan.k, padded=True, dropped=True)
     assign_row = plan.inverse.clamp_max(m) if plan.has_dropped else plan.inverse
     return RowLayout(plan.token, plan.order, assign_row, plan.num_tokens, plan.k, padded=False,
                      dropped=plan.has_dropped)
+
+
+def capacity_layout(plan: DispatchPlan, capacity: int) -> RowLayout:
+    """One (E, C) batch, C = ``capacity`` fixed by the caller (a router's capacity: no expert keeps more):
+    expert e's kept assignments in rows [e*C, e*C + count_e) in token order, the rest padding. Static shapes,
+    nothing read back to the host. An assignment past its expert's C rows is dropped (reads zero).
+    ``plan``: untrimmed (``sort_by_expert(trim=False)``) or without a mask, with N*k > 0 rows."""
+    e, c, nk = plan.counts.shape[0], capacity, plan.inverse.shape[0]
+    if plan.num_rows != nk or nk == 0:
+        raise ValueError("capacity_layout needs an untrimmed plan with at least one row")
+    dev = plan.order.device
+    starts = plan.counts.cumsum(0) - plan.counts  # (E,) first sorted row of each expert
+    pos = torch.arange(c, device=dev)  # (C,)
+    valid = (pos < plan.counts[:, None]).reshape(-1)  # (E*C,) slot holds a row
+    src = (starts[:, None] + pos).reshape(-1).clamp_max(nk - 1)  # (E*C,) its sorted row
+    row_assign = torch.where(valid, plan.order.index_select(0, src), nk)
+    row_token = torch.where(valid, row_assign // plan.k, plan.num_tokens)
+    ex = plan.expert.index_select(0, plan.inverse)  # (N*k,) expert of each assignment
+    at = plan.inverse - starts.index_select(0, ex)  # position within its expert
+    kept = at < c if plan.live is None else plan.live.index_select(0, plan.inverse) & (at < c)
+    assign_row = torch.where(kept, ex * c + at, e * c)
+    return RowLayout(row_token, row_assign, assign_row, plan.num_tokens, plan.k, padded=True, dropped=True,
+                     groups=[(torch.arange(e, device=dev), c)])
 
 
 def plan_buckets(counts: list[int], max_buckets: int = 8, call_cost: float = 0.03) -> list[tuple[list[int], int]]:
@@ -237,7 +289,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (assign_row,) = ctx.saved_tensors
         g = (_with_zero_row(grad) if ctx.dropped else grad).index_select(0, assign_row)  # (N*k, *f)
-        g = g.view(-1, ctx.k, *grad.shape[1:])
+        g = g.view(g.shape[0] // ctx.k, ctx.k, *grad.shape[1:])
         out = g[:, 0]
         for j in range(1, ctx.k):  # a short loop over k, not over experts
             out = out + g[:, j]
@@ -260,8 +312,8 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, ye: Tensor, assign_row: Tensor, row_assign: Tensor, weights: Tensor, padded: bool,
                 dropped: bool) -> Tensor:
         n, k = weights.shape
-        flat = ye.reshape(ye.shape[0], -1)
-        yk = (_with_zero_row(flat) if dropped else flat).index_select(0, assign_row).view(n, k, -1)  # (N, k, o)
+        flat = ye.reshape(ye.shape[0], math.prod(ye.shape[1:]))  # (R, o)
+        yk = (_with_zero_row(flat) if dropped else flat).index_select(0, assign_row).view(n, k, flat.shape[1])
         w = weights.to(ye.dtype)
         y = yk[:, 0] * w[:, :1]  # (N, o)
         for j in range(1, k):
@@ -333,30 +385,47 @@ def has_native_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: ``_grouped_mm``'s backward refuses the
+    broadcast (stride-0) gradient of e.g. ``out.sum()`` ("Invalid strides/sizes")."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, counts: Tensor | None = None) -> Tensor:
     """Grouped GEMM: a (M, K) rows grouped by ``offsets`` (E,) int32 ends, b (E, K, P) -> (M, P).
 
     Uses ``torch._grouped_mm`` (one ATen call, autograd included; needs 16-byte aligned rows and a
     float32/bf16/fp16 dtype) when it can; otherwise a loop of matmuls over groups. Operands are cast
     to the autocast dtype when autocast is on (``_grouped_mm`` is not on the CPU autocast list).
+    ``counts``: the group sizes when they are ``diff(offsets)`` (saves the diff in the fallback).
     """
     dt = autocast_dtype(a)
     a, b = a.to(dt), b.to(dt)
+    if a.shape[0] == 0:  # no rows: (0, P), still attached to b
+        return a @ b[0]
     align = 16 // a.element_size()
-    if (has_native_grouped_mm() and a.shape[0] > 0 and dt in GROUPED_MM_DTYPES
+    if (has_native_grouped_mm() and dt in GROUPED_MM_DTYPES
             and a.shape[1] % align == 0 and b.shape[2] % align == 0):
-        return torch._grouped_mm(a, b, offs=offsets)
+        return _ContiguousGrad.apply(torch._grouped_mm(a, b, offs=offsets))
     # host sync (fallback without native grouped_mm only): split sizes
     sizes = (counts if counts is not None else torch.diff(offsets, prepend=offsets.new_zeros(1))).tolist()
-    if a.shape[0] == 0:
-        return a.new_zeros(0, b.shape[-1])
     return torch.cat([p @ b[i] for i, p in enumerate(a.split(sizes))])
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # device types autocast knows (not e.g. meta)
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype:
     """The dtype a matmul on ``x`` would run in under the current autocast state."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+    if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) and x.is_floating_point():
         return torch.get_autocast_dtype(dev)
     return x.dtype
 

@@ -11,15 +11,20 @@ Shapes (E experts, N tokens, M routed rows, C slots per expert):
 :class:`MLPExperts` keeps stacked weights ``(E, in, hidden)`` / ``(E, hidden, out)``: the dense
 path is one GEMM for the first layer and one ``baddbmm`` for the second; the sparse path is
 sort -> gather once -> batched GEMMs -> weighted combine (:mod:`moelab.moe.dispatch`), the GEMMs
-being either ``torch._grouped_mm`` over the unpadded expert-sorted rows or one ``baddbmm`` per
-load bucket (:mod:`moelab.moe.bucketed_mlp`).
+being ``torch._grouped_mm`` over the unpadded expert-sorted rows, one ``baddbmm`` per load bucket
+(:mod:`moelab.moe.bucketed_mlp`) or one fixed-capacity ``baddbmm`` (:func:`sparse_path` chooses).
 :class:`ModuleExperts` wraps any list of modules and loops over them: the slow reference.
+
+Inside :func:`exact_compute` every stack runs each routed expert on exactly its rows (what
+:mod:`moelab.cost` counts: the layer's mathematics, not a layout's padding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +34,28 @@ from moelab.errors import MoelabError
 from moelab.moe import dispatch as D
 from moelab.moe.bucketed_mlp import bucketed_mlp
 
-__all__ = ["Experts", "MLPExperts", "ModuleExperts", "CallableExperts", "ACTIVATIONS", "get_activation"]
+__all__ = ["Experts", "MLPExperts", "ModuleExperts", "CallableExperts", "ACTIVATIONS", "get_activation",
+           "sparse_path", "exact_compute", "exact_compute_on"]
+
+_exact = threading.local()
+
+
+@contextlib.contextmanager
+def exact_compute() -> Iterator[None]:
+    """Within it, expert stacks run every routed expert on exactly its rows: no padding rows, no bias folded
+    into GEMM columns, no bias GEMM after the combine. A FLOP counter then sees the layer's mathematics,
+    the same on every path and dtype (:func:`moelab.cost.count_flops` uses it). Slower: a matmul per
+    expert and layer, and the group sizes read back to the host."""
+    prev = getattr(_exact, "on", False)
+    _exact.on = True
+    try:
+        yield
+    finally:
+        _exact.on = prev
+
+
+def exact_compute_on() -> bool:
+    return not torch.compiler.is_compiling() and getattr(_exact, "on", False)
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -104,7 +130,9 @@ class MLPExperts(Experts):
     ``hidden_dim=None`` gives linear experts ``out_act(x W1_e + b1_e)`` with w1: (E, in_dim, out_dim).
     ``sparse_impl`` (the top-k path, :meth:`forward_sparse`): "grouped" (``torch._grouped_mm`` over the
     expert-sorted rows, no padding), "bucketed" (experts sorted by load into <= 8 padded batches, one
-    ``baddbmm`` each), "padded" (one batch padded to the busiest expert) or "auto" (see :meth:`_impl`).
+    ``baddbmm`` each), "padded" (one batch padded to the busiest expert), "static" (no host sync: one
+    (E, C) ``baddbmm`` for a router capacity C, else every expert on every token) or "auto" (see
+    :func:`sparse_path`).
     """
 
     def __init__(self, num_experts: int, in_dim: int, hidden_dim: int | None, out_dim: int | None = None, *,
@@ -165,7 +193,7 @@ class MLPExperts(Experts):
         e, n = self.num_experts, x.shape[0]
         w1 = self.w1.permute(1, 0, 2).reshape(self.in_dim, -1)  # (in, E*h)
         h = x @ w1 if self.b1 is None else torch.addmm(self.b1.reshape(-1), x, w1)  # (N, E*h)
-        h = self._act(h, self.w2 is None).view(n, e, -1).transpose(0, 1)  # (E, N, h)
+        h = self._act(h.view(n, e, self.w1.shape[2]), self.w2 is None).transpose(0, 1)  # (E, N, h), per expert
         if self.w2 is None:
             return h
         return self._act(self._bmm(h, self.w2, self.b2), True)  # (E, N, out)
@@ -185,7 +213,10 @@ class MLPExperts(Experts):
     def forward_groups(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:
         """xs (M, in) sorted by expert -> (M, out) (generic path; ``forward_sparse`` has the fast one)."""
         self._check(xs)
-        if not self._grouped_ok(D.autocast_dtype(xs)):
+        dt = D.autocast_dtype(xs)
+        if exact_compute_on():
+            return self._rows_exact(xs.to(dt), plan)
+        if not self._grouped_ok(dt, xs.device.type):
             cap = int(plan.counts.max()) if plan.num_rows else 0  # host sync: the padded capacity is a shape
             return D.unpad_by_expert(self.forward_slots(D.pad_by_expert(xs, plan, cap)), plan)
         h = xs
@@ -197,44 +228,62 @@ class MLPExperts(Experts):
         return h
 
     def forward_sparse(self, x: Tensor, indices: Tensor, weights: Tensor | None = None,
-                       mask: Tensor | None = None) -> Tensor:
+                       mask: Tensor | None = None, capacity: int | None = None) -> Tensor:
         """x (N, in), indices/weights (N, k) -> (N, out): sort once, gather once, batched GEMMs, combine.
 
         "bucketed": experts sorted by load into a few padded (E_b, C_b, in) batches, one ``baddbmm``
         per layer and bucket (bias fused). "grouped": one ``grouped_mm`` per layer over the unpadded
         sorted rows; b1 rides in the GEMM as extra input columns of ones (x | 1) @ (W1 ; b1), and b2
         (without an output activation) is added after the combine as gates (N, E) @ b2 (E, out).
+        "static": see :meth:`_sparse_static`. ``capacity``: the router's expert capacity when it has one
+        (every expert keeps at most that many of the assignments ``mask`` keeps).
         """
         self._check(x)
         if weights is None:
             return super().forward_sparse(x, indices, weights, mask)
         dt = D.autocast_dtype(x)
-        plan = D.sort_by_expert(indices, self.num_experts, mask)
-        if self._impl(dt, plan) == "grouped":
+        if exact_compute_on():
+            plan = D.sort_by_expert(indices, self.num_experts, mask)
+            layout = D.flat_layout(plan)
+            return D.combine_rows(self._rows_exact(D.gather_rows(x, layout, dt), plan), layout, weights)
+        path = self._impl(dt, x.device.type)
+        if path == "static" and capacity is None and self.sparse_impl == "auto" and x.shape[0] \
+                and x.device.type != "meta":  # no capacity to bound the batch: one host read of the counts
+            path = "bucketed"  # beats running every expert on every token (E/k x the FLOPs)
+        if path == "static" or x.shape[0] == 0:  # no tokens: (0, out), attached to x and the weights
+            return self._sparse_static(x, indices, weights, mask, capacity, dt)
+        if path == "grouped":  # untrimmed plan: dropped assignments stay as dead rows, nothing read back
+            plan = D.sort_by_expert(indices, self.num_experts, mask, trim=False)
             return self._sparse_grouped(x, plan, indices, weights, mask, dt)
-        layout = D.bucket_layout(plan, max_buckets=1 if self.sparse_impl == "padded" else self.max_buckets)
+        plan = D.sort_by_expert(indices, self.num_experts, mask)
+        layout = D.bucket_layout(plan, max_buckets=1 if path == "padded" else self.max_buckets)
         if not layout.groups:  # every assignment dropped
             return x.new_zeros(x.shape[0], self.out_dim, dtype=dt) + 0 * weights.sum().to(dt)
         groups = [(experts.shape[0], cap) for experts, cap in layout.groups]
         xe = D.gather_rows(x, layout, dt)  # (R, in) in the compute dtype
-        acts = [self.activation, self.output_activation] if self.w2 is not None else [self.output_activation]
-        params = [self.w1, self.b1] + ([self.w2, self.b2] if self.w2 is not None else [])
-        ye = bucketed_mlp(xe, groups, layout.expert_order, acts, dt, params)  # (R, out)
+        ye = bucketed_mlp(xe, groups, layout.expert_order, self._acts(), dt, self._params())  # (R, out)
         return D.combine_rows(ye, layout, weights)  # (N, out)
+
+    def _acts(self) -> list:
+        return [self.activation, self.output_activation] if self.w2 is not None else [self.output_activation]
+
+    def _params(self) -> list:
+        return [self.w1, self.b1] + ([self.w2, self.b2] if self.w2 is not None else [])
 
     def _sparse_grouped(self, x: Tensor, plan: D.DispatchPlan, indices: Tensor, weights: Tensor,
                         mask: Tensor | None, dt: torch.dtype) -> Tensor:
         layout = D.flat_layout(plan)
+        counts = None if plan.live is not None else plan.counts  # group sizes (dead rows: diff(offsets))
         xa, w1 = x.to(dt), self.w1.to(dt)
         if self.b1 is not None:  # ones columns (a of them keep rows 16-byte aligned), bias row, zero rows
             a = _align(dt)
             xa = F.pad(xa, (0, a), value=1.0)  # (N, in+a)
             w1 = torch.cat([w1, self.b1.to(dt).unsqueeze(1), w1.new_zeros(self.num_experts, a - 1, w1.shape[2])],
                            dim=1)  # (E, in+a, h)
-        h = D.grouped_mm(D.gather_rows(xa, layout), w1, plan.offsets, plan.counts)  # (M, h)
+        h = D.grouped_mm(D.gather_rows(xa, layout), w1, plan.offsets, counts)  # (M, h)
         if self.w2 is None:
             return D.combine_rows(self._act(h, True), layout, weights)
-        h = D.grouped_mm(self._act(h, False), self.w2.to(dt), plan.offsets, plan.counts)  # (M, out)
+        h = D.grouped_mm(self._act(h, False), self.w2.to(dt), plan.offsets, counts)  # (M, out)
         late_bias = self.b2 is not None and self.output_activation is None
         if self.b2 is not None and not late_bias:
             h = h + self.b2.to(h.dtype).index_select(0, plan.expert)
@@ -245,23 +294,49 @@ class MLPExperts(Experts):
             y = torch.addmm(y, gates.to(y.dtype), self.b2.to(y.dtype))
         return y
 
-    def _grouped_ok(self, dt: torch.dtype) -> bool:
-        """``torch._grouped_mm`` can run these shapes in ``dt`` (float dtype, 16-byte aligned rows)."""
+    def _sparse_static(self, x: Tensor, indices: Tensor, weights: Tensor, mask: Tensor | None,
+                       capacity: int | None, dt: torch.dtype) -> Tensor:
+        """Static shapes, nothing read back to the host. With a router capacity C: one (E, C) batch per layer
+        (:func:`moelab.moe.dispatch.capacity_layout`, bias fused). Without one, N rows per expert is the only
+        bound known on the device, so every expert runs on every token (``forward_dense``) and the sparse
+        gates (N, E) mix them: E/k times the routed FLOPs, exact for any indices."""
+        n, e = x.shape[0], self.num_experts
+        if capacity is None or n == 0:
+            w = weights if mask is None else weights * mask
+            gates = w.new_zeros(n, e).scatter_add(1, indices, w)  # (N, E)
+            ys = self.forward_dense(x)  # (E, N, out)
+            return torch.einsum("ne,eno->no", gates.to(ys.dtype), ys)
+        plan = D.sort_by_expert(indices, e, mask, trim=False)
+        cap = min(capacity, indices.numel())  # no expert holds more than the N*k assignments
+        layout = D.capacity_layout(plan, cap)
+        xe = D.gather_rows(x, layout, dt)  # (E*C, in)
+        ye = bucketed_mlp(xe, [(e, cap)], None, self._acts(), dt, self._params())  # (E*C, out)
+        return D.combine_rows(ye, layout, weights)
+
+    def _rows_exact(self, xs: Tensor, plan: D.DispatchPlan) -> Tensor:
+        """xs (M, in) sorted by expert (a trimmed plan) -> (M, out): one matmul per expert and layer on exactly
+        its rows, biases added per row (:func:`exact_compute`; host sync: the group sizes)."""
+        sizes = plan.counts.tolist()  # host sync (exact_compute only)
+        h = xs
+        for w, b, last in self._layers():
+            parts = [p @ w[i].to(p.dtype) for i, p in enumerate(h.split(sizes)) if p.shape[0]]
+            h = torch.cat(parts) if parts else h.new_zeros(0, w.shape[2])
+            if b is not None:
+                h = h + b.to(h.dtype).index_select(0, plan.expert)
+            h = self._act(h, last)
+        return h
+
+    def _grouped_ok(self, dt: torch.dtype, device_type: str = "cpu") -> bool:
+        """``torch._grouped_mm`` can run these shapes in ``dt`` on this device without a host sync: a float
+        dtype with 16-byte aligned rows, and bf16 off the CPU (see :func:`sparse_path`)."""
         a = _align(dt)
         widths = (self.in_dim, self.w1.shape[2], self.out_dim)
-        return D.has_native_grouped_mm() and dt in D.GROUPED_MM_DTYPES and all(w % a == 0 for w in widths)
+        return (D.has_native_grouped_mm() and dt in D.GROUPED_MM_DTYPES and all(w % a == 0 for w in widths)
+                and (device_type == "cpu" or dt == torch.bfloat16))
 
-    def _impl(self, dt: torch.dtype, plan: D.DispatchPlan) -> str:
-        """"grouped" or "bucketed" for this call. "auto": grouped on accelerators, bucketed bmm on CPU.
-        On CPU the bucketed layout measured as fast as or faster than ``torch._grouped_mm`` on every
-        ``moelab bench layer`` config, in fp32 and bf16 (up to 1.35x on many small experts), and than
-        one GEMM per expert issued from C++ (oneDNN builds a new bf16 kernel for every new row count:
-        ~0.5 ms per call, 170 GFLOP/s per thread even with cached shapes, vs ~310 for ``bmm``)."""
-        if self.sparse_impl in ("padded", "bucketed") or not self._grouped_ok(dt):
-            return "bucketed"
-        if self.sparse_impl == "grouped" or self.w1.device.type != "cpu":
-            return "grouped"
-        return "bucketed"
+    def _impl(self, dt: torch.dtype, device_type: str) -> str:
+        """The sparse path of this call, :func:`sparse_path` of ``sparse_impl``, the device and dtype."""
+        return sparse_path(self.sparse_impl, device_type, dt, self._grouped_ok(dt, device_type))
 
     def to_module_experts(self) -> ModuleExperts:
         """An equivalent :class:`ModuleExperts` (copies of the weights as nn.Linear stacks): the oracle."""
@@ -282,7 +357,28 @@ class MLPExperts(Experts):
         return ModuleExperts(mods)
 
 
-SPARSE_IMPLS = ("auto", "grouped", "bucketed", "padded")
+SPARSE_IMPLS = ("auto", "grouped", "bucketed", "padded", "static")
+
+
+def sparse_path(impl: str, device_type: str, dtype: torch.dtype, grouped_ok: bool) -> str:
+    """The path :meth:`MLPExperts.forward_sparse` takes: "grouped", "bucketed", "padded" or "static".
+
+    "auto": the CPU takes "bucketed" (as fast as or faster than ``torch._grouped_mm`` on every ``moelab bench
+    layer`` config there, fp32 and bf16, up to 1.35x on many small experts; and than one GEMM per expert
+    issued from C++: oneDNN builds a new bf16 kernel for every new row count). Elsewhere "grouped" in bf16,
+    "static" in any other dtype: ``torch._grouped_mm`` takes only bf16 on CUDA (its meta kernel refuses the
+    rest; fp32 takes a fallback that copies the offsets to the host), and the bucketed and padded layouts
+    read the per-expert counts back to size their batches, while "static" reads nothing back
+    (:meth:`MLPExperts.forward_sparse` takes "bucketed" instead when "auto" gave "static" and the router has
+    no capacity: one host read per layer costs less than running every expert on every token).
+    "grouped" where it cannot run (``grouped_ok`` False: no native kernel, unaligned widths, or not bf16 off
+    the CPU) becomes "bucketed" on the CPU and "static" elsewhere; the other names are taken as given."""
+    if impl in ("bucketed", "padded", "static"):
+        return impl
+    cpu = device_type == "cpu"
+    if grouped_ok and (impl == "grouped" or not cpu):
+        return "grouped"
+    return "bucketed" if cpu else "static"
 
 
 def _align(dt: torch.dtype) -> int:

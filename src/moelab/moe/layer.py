@@ -5,7 +5,8 @@
 
 Execution by routing kind (N tokens = prod of x's leading dims, E experts):
     dense / multi    experts.forward_dense(x) (E, N, out) mixed by gates (N, E) (or G gate sets)
-    sparse (top-k)   sort -> gather -> grouped GEMMs -> weighted scatter (``experts.forward_sparse``)
+    sparse (top-k)   sort -> gather -> grouped GEMMs -> weighted scatter (``experts.forward_sparse``; with
+                     the router's capacity, so that a static-shape path can use it)
     expert_choice    x[expert_tokens] (E, C, d) -> experts.forward_slots -> weighted index_add
     soft             slots = dispatch^T x (B, S, d) -> forward_slots -> combine @ slot outputs
 
@@ -15,6 +16,7 @@ Execution by routing kind (N tokens = prod of x's leading dims, E experts):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -81,8 +83,12 @@ class MoE(nn.Module):
         activation / output_activation / bias: for the default ``MLPExperts``.
         capacity_factor: switch / expert_choice / top-k capacity; noise_epsilon: noisy_topk;
         slots_per_expert: soft; num_gates / gate_mode: multi_gate. Only passed when given.
-        aux_loss_weights: name -> weight for "balance", "z", "importance", "load", "entropy".
+        aux_loss_weights: name -> weight for "balance", "z", "importance", "load", "entropy" (finite, >= 0;
+            "entropy" may be negative: it then spreads the gates).
         router_kwargs: further router options.
+        sparse_impl: the default ``MLPExperts``' sparse path (:func:`moelab.moe.experts.sparse_path`).
+
+    A batch of no tokens gives an empty output and zero auxiliary losses.
     """
 
     def __init__(self, dim: int | None = None, num_experts: int = 8, hidden_dim: int | None = None,
@@ -94,9 +100,9 @@ class MoE(nn.Module):
                  aux_loss_weights: Mapping[str, float] | None = None, router_kwargs: Mapping | None = None,
                  sparse_impl: str = "auto"):
         super().__init__()
-        if dim is not None and (not isinstance(dim, int) or dim < 1):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise MoelabError(f"MoE: dim must be a positive int, got {dim!r}")
-        if not isinstance(num_experts, int) or num_experts < 1:
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise MoelabError(f"MoE: num_experts must be a positive int, got {num_experts!r}")
         self.dim, self.num_experts = dim, num_experts
         if experts is None:
@@ -129,6 +135,10 @@ class MoE(nn.Module):
             if name not in LOSS_NAMES:
                 raise MoelabError(f"MoE: unknown auxiliary loss {name!r} in aux_loss_weights; "
                                   f"valid: {', '.join(LOSS_NAMES)}")
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) \
+                    or (w < 0 and name != "entropy"):
+                raise MoelabError(f"MoE: aux_loss_weights[{name!r}] must be a finite number >= 0 (any finite "
+                                  f"number for 'entropy': < 0 spreads the gates), got {w!r}")
             if w and name not in self.router.loss_names:
                 raise MoelabError(f"MoE: router {self.router.name!r} does not produce the {name!r} loss "
                                   f"(it produces {list(self.router.loss_names) or 'none'}); remove it from "
@@ -143,22 +153,25 @@ class MoE(nn.Module):
         if self.dim is not None:
             if x.dim() < 1 or x.shape[-1] != self.dim:
                 raise MoelabError(f"MoE expected input of shape (..., {self.dim}), got {tuple(x.shape)}")
-            lead = x.shape[:-1]
-            soft = self.router.name == "soft"
-            xr = (x.reshape(-1, x.shape[-2], self.dim) if x.dim() >= 3 else x.reshape(-1, 1, self.dim)) if soft \
-                else x.reshape(-1, self.dim)
+            lead = x.shape[:-1]  # explicit sizes below: -1 is ambiguous for a batch of no tokens
+            if self.router.name == "soft":  # groups of m tokens: (B, m, d); a 2-D x is m = 1
+                xr = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], self.dim) if x.dim() >= 3 \
+                    else x.reshape(math.prod(lead), 1, self.dim)
+            else:
+                xr = x.reshape(math.prod(lead), self.dim)
         else:
             lead, xr = x.shape[:1], x
         r = self.router(xr)
-        xf = xr.reshape(-1, *xr.shape[2:]) if r.kind == "soft" else xr
+        xf = xr.reshape(xr.shape[0] * xr.shape[1], *xr.shape[2:]) if r.kind == "soft" else xr
         expert_outputs = None
         every = r.kind in ("dense", "multi") or (r.kind == "sparse" and r.mask is None
                                                   and r.indices.shape[1] == self.num_experts)
         if every:
             expert_outputs = self.experts.forward_dense(xf)  # (E, N, *out)
             y = mix(r, expert_outputs)
-        elif r.kind == "sparse":
-            y = self.experts.forward_sparse(xf, r.indices, r.weights, r.mask)
+        elif r.kind == "sparse":  # the router's capacity lets MLPExperts run a static-shape batch
+            cap = {"capacity": r.capacity} if r.capacity is not None and isinstance(self.experts, MLPExperts) else {}
+            y = self.experts.forward_sparse(xf, r.indices, r.weights, r.mask, **cap)
         elif r.kind == "expert_choice":
             y = self._expert_choice(xf, r)
         elif r.kind == "soft":
@@ -189,6 +202,7 @@ class MoE(nn.Module):
         p = slots.shape[1] // e
         xs = slots.view(b, e, p, d).transpose(0, 1).reshape(e, b * p, d)  # (E, B*p, d)
         ys = self.experts.forward_slots(xs)  # (E, B*p, out)
-        ys = ys.view(e, b, p, -1).transpose(0, 1).reshape(b, e * p, -1)  # (B, S, out)
+        o = ys.shape[-1]
+        ys = ys.view(e, b, p, o).transpose(0, 1).reshape(b, e * p, o)  # (B, S, out)
         y = torch.einsum("bms,bso->bmo", comb.to(ys.dtype), ys)  # (B, m, out)
-        return y.reshape(b * m, -1)
+        return y.reshape(b * m, o)

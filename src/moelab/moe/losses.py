@@ -8,7 +8,7 @@ Task losses (mean over examples)
     jacobs_competitive_loss sum_i g_i ||y - o_i||^2               (Jacobs et al. 1991, eq. 1.2)
     jacobs_loglik_loss      -log sum_i g_i exp(-||y - o_i||^2 / 2) (Jacobs et al. 1991, eq. 1.3)
     cooperative_loss        ||y - sum_i g_i o_i||^2               (the "blending" baseline)
-Auxiliary router losses (scalars)
+Auxiliary router losses (scalars; 0 for a batch of no tokens)
     importance_loss         CV^2 of sum_n g_ni                     (Shazeer et al. 2017)
     load_loss               CV^2 of sum_n P(n, i)                  (Shazeer et al. 2017)
     switch_balance_loss     E * sum_i f_i P_i                      (Fedus et al. 2021)
@@ -39,12 +39,20 @@ __all__ = [
     "switch_balance_loss",
     "router_z_loss",
     "gate_entropy",
+    "mean_or_zero",
 ]
 
 
 def _hi(t: Tensor) -> Tensor:
     """Compute in float32 at least: bf16/fp16 -> float32, float64 stays float64."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def mean_or_zero(v: Tensor, dim: int | None = None) -> Tensor:
+    """``v.mean(dim)``, but 0 (not NaN) over an empty dimension: an auxiliary loss of no tokens is zero."""
+    if (v.numel() if dim is None else v.shape[dim]) == 0:
+        return v.sum() if dim is None else v.sum(dim)
+    return v.mean() if dim is None else v.mean(dim)
 
 
 def safe_log(p: Tensor) -> Tensor:
@@ -158,14 +166,14 @@ def switch_balance_loss(probs: Tensor, counts: Tensor) -> Tensor:
     P_i = mean_n probs_ni (router probability). probs (N, E), or (E,) already averaged over tokens;
     counts (E,) -> scalar; 1.0 when uniform."""
     e = probs.shape[-1]
-    p = _hi(probs).mean(0) if probs.dim() == 2 else _hi(probs)  # (E,)
+    p = mean_or_zero(_hi(probs), 0) if probs.dim() == 2 else _hi(probs)  # (E,)
     f = counts.to(p.dtype) / counts.sum().clamp_min(1).to(p.dtype)  # (E,)
     return e * (f.detach() * p).sum()
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
     """mean_n (logsumexp_i z_ni)^2. logits (N, E) -> scalar."""
-    return torch.logsumexp(_hi(logits), dim=-1).pow(2).mean()
+    return mean_or_zero(torch.logsumexp(_hi(logits), dim=-1).pow(2))
 
 
 def gate_entropy(gates: Tensor) -> Tensor:
@@ -175,7 +183,7 @@ def gate_entropy(gates: Tensor) -> Tensor:
     g = _hi(gates)
     pos = g > 0
     plogp = torch.where(pos, g * torch.log(torch.where(pos, g, torch.ones_like(g))), torch.zeros_like(g))
-    return -plogp.sum(-1).mean()
+    return -mean_or_zero(plogp.sum(-1))
 
 
 def oracle_routing_loss(gates: torch.Tensor, labels: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:

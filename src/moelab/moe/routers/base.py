@@ -11,19 +11,28 @@ A router maps tokens x (N, d) to a :class:`Routing`:
     losses    dict name -> scalar auxiliary loss (unweighted); always returned
 
 Every router takes ``gate``: an optional ``nn.Module`` mapping x -> logits (N, E) used instead
-of the default ``nn.Linear(dim, E, bias=False)``.
+of the default ``nn.Linear(dim, E, bias=False)``. A plain ``nn.Linear`` gate (the default) runs in float32
+(float64 for float64 inputs) with autocast off: which experts a token goes to must not depend on the
+compute precision (any other gate module runs as given). Routing has static shapes and reads nothing back
+to the host (except the optional finite check, :func:`finite_checks_on`): no bincount, one_hot or .item().
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
+from moelab.moe.dispatch import AUTOCAST_DEVICES
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Routing:
     multi_gates: Tensor | None = None  # (G, N, E)
     multi_mode: str = "sum"
     losses: dict[str, Tensor] = field(default_factory=dict)
+    capacity: int | None = None  # sparse routings with a capacity: no expert keeps more than this many rows
 
     def dense_gates(self) -> Tensor:
         """(N, E) combine weights, dense view (zeros for unselected / dropped experts); computed once."""
@@ -63,8 +73,7 @@ class Router(nn.Module):
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
                  num_logits: int | None = None, default_gate: bool = True):
         super().__init__()
-        if num_experts < 1:
-            raise MoelabError(f"router {self.name!r}: num_experts must be >= 1, got {num_experts}")
+        check_int(self.name, "num_experts", num_experts, 1)
         self.dim, self.num_experts = dim, num_experts
         self.num_logits = num_experts if num_logits is None else num_logits
         if gate is None and default_gate:
@@ -75,7 +84,7 @@ class Router(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """x (..., d) -> float32 (float64 for float64 x) logits (..., num_logits); non-finite logits raise MoelabError."""
-        logits = self.gate(x)
+        logits = project(self.gate, x)
         if logits.shape[:-1] != x.shape[: logits.dim() - 1] or logits.shape[-1] != self.num_logits:
             raise MoelabError(f"router {self.name!r}: gate must map x {tuple(x.shape)} to logits "
                               f"(..., {self.num_logits}), got {tuple(logits.shape)}")
@@ -93,6 +102,34 @@ class Router(nn.Module):
 def to_float(t: Tensor) -> Tensor:
     """Routing math runs in float32 (or float64 when the input is float64), never in bf16/fp16."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def fp32_of(*ts: Tensor) -> torch.dtype:
+    """float64 if any of ``ts`` is float64, else float32: the dtype routing projections run in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device`` (a no-op where autocast does not exist, e.g. meta)."""
+    if device.type not in AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def linear_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., d) @ weight (o, d)^T (+ bias) in float32 (float64 if x or weight is) with autocast off: a routing
+    projection whose top-k must not change with the compute precision (bf16 autocast would round x and W)."""
+    dt = fp32_of(x, weight)
+    with autocast_off(x.device):
+        return F.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+
+
+def project(gate: nn.Module, x: Tensor) -> Tensor:
+    """A gating module on x: a plain ``nn.Linear`` (the default gate, or one passed as ``gate=``) in float32
+    (:func:`linear_fp32`), any other module as it is (under autocast, in its dtype)."""
+    if type(gate) is nn.Linear:
+        return linear_fp32(x, gate.weight, gate.bias)
+    return gate(x)
 
 
 CHECK_FINITE_ENV = "MOELAB_CHECK_FINITE"
@@ -136,18 +173,64 @@ def check_gate_values(name: str, gate_values: str) -> str:
     return gate_values
 
 
+def check_int(name: str, option: str, value, minimum: int) -> int:
+    """An int (not a bool) >= minimum; MoelabError naming the router and the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MoelabError(f"router {name!r}: {option} must be >= {minimum} (an int), got {value!r}")
+    return value
+
+
+def check_float(name: str, option: str, value, minimum: float = 0.0, *, strict: bool = False,
+                below: float | None = None) -> float:
+    """A finite real number (not a bool) >= minimum (> with ``strict``), < ``below`` when given -> float."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > minimum if strict else value >= minimum) and (below is None or value < below)
+    if not ok:
+        rng = f"{'>' if strict else '>='} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+        raise MoelabError(f"router {name!r}: {option} must be {rng} (a finite number), got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, option: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise MoelabError(f"router {name!r}: {option} must be True or False, got {value!r}")
+    return value
+
+
+def default_k(k: int | None, num_experts: int, default: int = 2) -> int:
+    """k as given, or the router's default clamped to the number of experts (one expert: k = 1)."""
+    return min(default, num_experts) if k is None else k
+
+
 def check_k(name: str, k: int, num_experts: int) -> int:
-    if not isinstance(k, int) or k < 1 or k > num_experts:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > num_experts:
         raise MoelabError(f"router {name!r}: k must be an int in [1, num_experts={num_experts}], got {k!r}")
     return k
+
+
+def warn_top1_softmax(name: str, k: int, num_experts: int) -> None:
+    """k = 1 with weights = softmax over the chosen logits: that softmax is always 1, so the task loss gives
+    the gate no gradient (only the auxiliary losses train it). Warned once per call site."""
+    if k == 1 and num_experts > 1:
+        warnings.warn(f"router {name!r} with k=1: the softmax over one chosen logit is always 1, so the gate "
+                      f"learns only from the auxiliary losses, not from the task; use router='switch' (top-1 "
+                      f"weighted by its full softmax probability)", UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel, seen from its caller's caller, of the first frame outside moelab: the
+    user's line that built the layer (MoE, make_router or a router class)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))  # .../moelab
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(root + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_capacity_factor(name: str, cf: float | None, allow_none: bool = True) -> float | None:
     if cf is None and allow_none:
         return None
-    if cf is None or not float(cf) > 0:
-        raise MoelabError(f"router {name!r}: capacity_factor must be > 0, got {cf!r}")
-    return float(cf)
+    return check_float(name, "capacity_factor", cf, 0.0, strict=True)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
@@ -162,7 +245,8 @@ def capacity_mask(indices: Tensor, num_experts: int, capacity: int) -> Tensor:
     """
     n, k = indices.shape
     flat = indices.t().reshape(-1)  # (k*N,) choice-major order
-    onehot = torch.nn.functional.one_hot(flat, num_experts)  # (k*N, E)
+    # a comparison, not F.one_hot: one_hot checks the ids' range on the host (a sync; no meta kernel)
+    onehot = (flat.unsqueeze(1) == torch.arange(num_experts, device=flat.device)).long()  # (k*N, E)
     pos = (onehot.cumsum(0) * onehot).sum(1) - 1  # (k*N,) position within its expert
     return (pos < capacity).view(k, n).t()
 
@@ -189,11 +273,15 @@ def dense_from_sparse(indices: Tensor, weights: Tensor, num_experts: int) -> Ten
 
 
 def counts_of(indices: Tensor, num_experts: int, mask: Tensor | None = None) -> Tensor:
-    """(N, k) -> (E,) number of (kept) assignments per expert."""
+    """(N, k) -> (E,) number of (kept) assignments per expert.
+
+    A scatter_add, not ``torch.bincount``: bincount reads the ids' max back to the host (a sync on an
+    accelerator, a graph break under torch.compile) and has no meta kernel."""
     flat = indices.reshape(-1)
     if mask is not None:  # dropped assignments go to a sentinel bin E
         flat = torch.where(mask.reshape(-1), flat, torch.full_like(flat, num_experts))
-    return torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    bins = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    return bins.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
 def zero_long(device: torch.device) -> Tensor:

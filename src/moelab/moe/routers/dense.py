@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe import losses as L
-from moelab.moe.routers.base import Router, Routing, check_gate_values, zero_long
+from moelab.moe.routers.base import Router, Routing, check_float, check_gate_values, zero_long
 
 
 class DenseRouter(Router):
@@ -25,7 +25,7 @@ class DenseRouter(Router):
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
                  temperature: float = 1.0, gate_values: str = "softmax"):
         super().__init__(dim, num_experts, gate=gate)
-        self.temperature = temperature
+        self.temperature = check_float(self.name, "temperature", temperature, 0.0, strict=True)
         self.gate_values = check_gate_values(self.name, gate_values)
 
     def route(self, x: Tensor) -> Routing:

@@ -31,7 +31,8 @@ class ExpertChoiceRouter(Router):
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor, allow_none=False)
 
     def capacity(self, n: int) -> int:
-        return max(1, min(n, int(-(-self.capacity_factor * n // self.num_experts))))
+        """C = min(N, ceil(capacity_factor * N / E)), at least 1 (0 for an empty batch)."""
+        return min(n, max(1, int(-(-self.capacity_factor * n // self.num_experts))))
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)

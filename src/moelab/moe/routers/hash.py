@@ -6,7 +6,8 @@
     mode "random": scores (N, E) ~ U(0, 1), fresh every call
     indices (N, k) = topk(scores);  weights (N, k) = 1/k
 
-No gradient reaches the router; no auxiliary losses.
+No gradient reaches the router; no auxiliary losses. The projection runs in float32 with autocast off,
+so a token's experts do not change with the compute precision.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from moelab.errors import MoelabError
 from moelab.moe.routers.base import (
     Router,
     Routing,
+    autocast_off,
     check_finite,
+    check_int,
     check_k,
     counts_of,
+    project,
     to_float,
     zero_long,
 )
@@ -38,11 +42,13 @@ class HashRouter(Router):
         super().__init__(dim, num_experts, gate=gate, default_gate=False)
         self.mode = mode
         self.k = check_k(self.name, k, num_experts)
+        check_int(self.name, "seed", seed, 0)
         if mode == "hash" and gate is None:
             if dim is None:
                 raise MoelabError("router 'hash': give dim (for the fixed random projection) or gate=")
-            gen = torch.Generator().manual_seed(seed)
-            self.register_buffer("projection", torch.randn(dim, num_experts, generator=gen))
+            gen = torch.Generator().manual_seed(seed)  # drawn on the CPU, then put on the default device
+            proj = torch.randn(dim, num_experts, generator=gen, device="cpu")
+            self.register_buffer("projection", proj.to(torch.empty(0).device))
 
     def route(self, x: Tensor) -> Routing:
         n, e = x.shape[0], self.num_experts
@@ -50,9 +56,10 @@ class HashRouter(Router):
             if self.mode == "random":
                 scores = torch.rand(n, e, device=x.device)
             elif self.gate is not None:
-                scores = to_float(self.gate(x))
+                scores = to_float(project(self.gate, x))
             else:
-                scores = x.float() @ self.projection  # (N, E)
+                with autocast_off(x.device):  # float32 whatever the autocast state
+                    scores = x.float() @ self.projection.float()  # (N, E)
             check_finite(scores, self.name)
             indices = scores.topk(self.k, dim=-1).indices  # (N, k)
         weights = torch.full((n, self.k), 1.0 / self.k, device=x.device)

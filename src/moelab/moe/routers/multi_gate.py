@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.moe import losses as L
-from moelab.moe.routers.base import Router, Routing, check_gate_values, zero_long
+from moelab.moe.routers.base import Router, Routing, check_gate_values, check_int, zero_long
 
 
 class _ConcatGates(nn.Module):
@@ -41,8 +41,7 @@ class MultiGateRouter(Router):
                  num_gates: int = 2, mode: str = "sum", gate_values: str = "softmax"):
         if mode not in ("sum", "max"):
             raise MoelabError(f"router 'multi_gate': mode must be 'sum' or 'max', got {mode!r}")
-        if not isinstance(num_gates, int) or num_gates < 1:
-            raise MoelabError(f"router 'multi_gate': num_gates must be an int >= 1, got {num_gates!r}")
+        check_int(self.name, "num_gates", num_gates, 1)
         if isinstance(gate, Sequence) and not isinstance(gate, nn.Module) or isinstance(gate, nn.ModuleList):
             gate = list(gate)
             num_gates = len(gate)
@@ -61,6 +60,6 @@ class MultiGateRouter(Router):
             multi_mode=self.mode,
             expert_counts=torch.full((e,), n, dtype=torch.long, device=x.device), dropped=zero_long(x.device),
             losses={"importance": L.importance_loss(view),
-                    "z": torch.stack([L.router_z_loss(lg) for lg in logits]).mean(),
+                    "z": torch.stack([L.router_z_loss(lg) for lg in logits]).mean(),  # mean over G >= 1 heads
                     "entropy": L.gate_entropy(gates.reshape(g * n, e))},
         )

@@ -8,6 +8,9 @@
 The load estimator is the probability that expert i stays in the top k when only its own noise is
 resampled; thresholds, clean logits and the noise std are all on the same raw-logit scale.
 Losses: importance CV^2 and load CV^2 (the paper's pair), plus balance, z-loss and entropy.
+k defaults to 2 (at most the number of experts); k = 1 warns: the softmax over one chosen logit is always 1,
+so the gate learns only from the auxiliary losses (use ``router="switch"``). Both projections (gate and
+noise) run in float32 under autocast, like every default gate.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ from moelab.moe.routers.base import (
     Routing,
     check_capacity_factor,
     check_finite,
+    check_float,
     check_k,
+    default_k,
+    project,
     to_float,
     topk,
+    warn_top1_softmax,
 )
 from moelab.moe.routers.topk import sparse_routing
 
@@ -50,24 +57,25 @@ class NoisyTopKRouter(Router):
     loss_names = ("importance", "load", "balance", "z", "entropy")
     default_loss_weights = {"importance": 0.1, "load": 0.1}
 
-    def __init__(self, dim: int | None, num_experts: int, k: int = 2, *, gate: nn.Module | None = None,
+    def __init__(self, dim: int | None, num_experts: int, k: int | None = None, *, gate: nn.Module | None = None,
                  noise_gate: nn.Module | None = None, noise_epsilon: float = 1e-2,
                  capacity_factor: float | None = None):
         super().__init__(dim, num_experts, gate=gate)
-        self.k = check_k(self.name, k, num_experts)
+        self.k = check_k(self.name, default_k(k, num_experts), num_experts)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
+        self.noise_epsilon = check_float(self.name, "noise_epsilon", noise_epsilon, 0.0)
+        warn_top1_softmax(self.name, self.k, num_experts)
         if noise_gate is None:
             if dim is None:
                 raise MoelabError(f"router {self.name!r}: with a custom gate and no dim, also pass noise_gate=")
             noise_gate = nn.Linear(dim, num_experts, bias=False)
             nn.init.zeros_(noise_gate.weight)  # as in the paper: start with std = softplus(0) + eps
         self.noise_gate = noise_gate
-        self.noise_epsilon = noise_epsilon
 
     def route(self, x: Tensor, eps: Tensor | None = None) -> Routing:
         """eps: optional (N, E) standard-normal sample (for reproducible tests); drawn when training."""
         clean = self.logits(x)  # (N, E)
-        raw = to_float(self.noise_gate(x))
+        raw = to_float(project(self.noise_gate, x))
         check_finite(raw, self.name)
         std = F.softplus(raw) + self.noise_epsilon  # (N, E)
         if eps is None and self.training:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.moe import losses as L
-from moelab.moe.routers.base import Router, Routing
+from moelab.moe.routers.base import Router, Routing, check_bool, check_int
 
 
 class NormalizedSlots(nn.Module):
@@ -43,8 +43,8 @@ class SoftMoERouter(Router):
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
                  slots_per_expert: int = 1, normalize: bool = False):
-        if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
-            raise MoelabError(f"router 'soft': slots_per_expert must be an int >= 1, got {slots_per_expert!r}")
+        check_int(self.name, "slots_per_expert", slots_per_expert, 1)
+        check_bool(self.name, "normalize", normalize)
         if gate is None and normalize and dim is not None:
             gate = NormalizedSlots(dim, num_experts * slots_per_expert)
         super().__init__(dim, num_experts, gate=gate, num_logits=num_experts * slots_per_expert)

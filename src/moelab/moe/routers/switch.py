@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab import kernels
-from moelab.moe.routers.base import Router, Routing, check_capacity_factor
+from moelab.moe.routers.base import Router, Routing, check_capacity_factor, check_float
 from moelab.moe.routers.topk import fused_sparse_routing, sparse_routing
 
 
@@ -27,7 +27,7 @@ class SwitchRouter(Router):
                  capacity_factor: float = 1.25, jitter: float = 0.0):
         super().__init__(dim, num_experts, gate=gate)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor, allow_none=False)
-        self.jitter = jitter
+        self.jitter = check_float(self.name, "jitter", jitter, 0.0, below=1.0)
 
     def route(self, x: Tensor) -> Routing:
         if self.training and self.jitter > 0:  # multiplicative input jitter (the paper's eps = 1e-2)

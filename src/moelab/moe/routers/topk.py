@@ -8,6 +8,11 @@ noise): keep the k largest logits, softmax over them.
 ``gate_values="raw"``: the k largest gate outputs, through ReLU, are the weights, un-normalised (the CIFAR
 seed's ``sparseGating``: the others masked with -inf, then ReLU, so masked and negative values weigh 0).
 
+k defaults to 2 (at most the number of experts). k = 1 with the default softmax weights (``normalize``)
+is a trap: the softmax over one chosen logit is always 1, so the task loss gives the gate no gradient and
+it learns only from the auxiliary losses; the router warns, and ``router="switch"`` (top-1 weighted by
+the full softmax probability) is what you want (or ``normalize=False``, which is the same weights).
+
 Optional ``capacity_factor``: expert capacity C = ceil(cf * N * k / E); assignments beyond it
 are dropped (mask), first choices before second choices.
 Losses: Switch balance (f from the top-k assignments), z-loss, importance CV^2, gate entropy.
@@ -25,12 +30,15 @@ from moelab.moe.routers.base import (
     Router,
     Routing,
     capacity_mask,
+    check_bool,
     check_capacity_factor,
     check_gate_values,
     check_k,
     counts_of,
+    default_k,
     expert_capacity,
     topk,
+    warn_top1_softmax,
     zero_long,
 )
 
@@ -47,12 +55,13 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
     """
     n, e = logits.shape
     k = indices.shape[1]
-    mask = None
+    mask = capacity = None
     dropped = zero_long(logits.device)
     counts_all = counts_of(indices, e)  # (E,) before capacity: Switch's f_i
     counts = counts_all
     if capacity_factor is not None:
-        mask = capacity_mask(indices, e, expert_capacity(n, e, k, capacity_factor))  # (N, k)
+        capacity = expert_capacity(n, e, k, capacity_factor)
+        mask = capacity_mask(indices, e, capacity)  # (N, k)
         counts = counts_of(indices, e, mask)
         dropped = (~mask).sum()
     w_kept = weights if mask is None else weights * mask
@@ -61,10 +70,11 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
     if entropy is None:
         entropy = lse - (probs * logits).sum(-1)  # (N,) -sum p log p with log p = logits - lse
     losses = {"balance": L.switch_balance_loss(probs if mean_probs is None else mean_probs, counts_all),
-              "z": lse.square().mean(), "importance": L.cv_squared(importance), "entropy": entropy.mean()}
+              "z": L.mean_or_zero(lse.square()), "importance": L.cv_squared(importance),
+              "entropy": L.mean_or_zero(entropy)}
     losses.update(extra or {})
     return Routing("sparse", gates=None, logits=logits, indices=indices, weights=weights, mask=mask,
-                   expert_counts=counts, dropped=dropped, losses=losses)
+                   expert_counts=counts, dropped=dropped, losses=losses, capacity=capacity)
 
 
 def fused_sparse_routing(logits: Tensor, k: int, normalize: bool, capacity_factor: float | None) -> Routing:
@@ -72,7 +82,7 @@ def fused_sparse_routing(logits: Tensor, k: int, normalize: bool, capacity_facto
     weights, logsumexp, mean probabilities and entropy in one pass over the logits (the same values)."""
     indices, weights, lse, psum, ent = kernel_ops.topk_softmax(logits, k, normalize)
     return sparse_routing(logits, None, indices, weights, capacity_factor, lse=lse,
-                          mean_probs=psum / logits.shape[0], entropy=ent)
+                          mean_probs=psum / max(logits.shape[0], 1), entropy=ent)
 
 
 class TopKRouter(Router):
@@ -80,13 +90,15 @@ class TopKRouter(Router):
     loss_names = ("balance", "z", "importance", "entropy")
     default_loss_weights = {"balance": 0.01}
 
-    def __init__(self, dim: int | None, num_experts: int, k: int = 2, *, gate: nn.Module | None = None,
+    def __init__(self, dim: int | None, num_experts: int, k: int | None = None, *, gate: nn.Module | None = None,
                  capacity_factor: float | None = None, normalize: bool = True, gate_values: str = "softmax"):
         super().__init__(dim, num_experts, gate=gate)
         self.gate_values = check_gate_values(self.name, gate_values)
-        self.k = check_k(self.name, k, num_experts)
+        self.k = check_k(self.name, default_k(k, num_experts), num_experts)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
-        self.normalize = normalize
+        self.normalize = check_bool(self.name, "normalize", normalize)
+        if gate_values == "softmax" and normalize:
+            warn_top1_softmax(self.name, self.k, num_experts)
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)

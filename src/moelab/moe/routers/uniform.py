@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelab.moe.routers.base import Router, Routing, check_finite, to_float, zero_long
+from moelab.moe.routers.base import Router, Routing, check_finite, project, to_float, zero_long
 
 
 class UniformRouter(Router):
@@ -25,7 +25,7 @@ class UniformRouter(Router):
         n, e = x.shape[0], self.num_experts
         logits = None
         if self.gate is not None:
-            logits = to_float(self.gate(x))
+            logits = to_float(project(self.gate, x))
             check_finite(logits, self.name)
         return Routing(
             "dense", gates=torch.full((n, e), 1.0 / e, device=x.device), logits=logits,
