@@ -39,17 +39,93 @@ def test_unknown_device_names_the_choices():
         D.resolve_device("tpu")
 
 
+@pytest.fixture(autouse=True)
+def cuda_flags():
+    """resolve_device configures torch's process-wide CUDA flags: every test here leaves them as it found them."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
 def test_cuda_index_and_local_rank(monkeypatch):
     """Without a GPU, with torch's CUDA queries faked: which device each spelling resolves to."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    assert D.resolve_device("auto") == torch.device("cuda", 1)  # torchrun rank 3 of 2 GPUs: wraps around
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert D.resolve_device("auto") == torch.device("cuda", 1)  # torchrun local rank 1: its own GPU
+    assert D.resolve_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert D.resolve_device("cuda") == torch.device("cuda", 0)
     assert D.resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(MoelabError, match=r"--device cuda:2: expected cuda:N with 0 <= N < 2"):
         D.resolve_device("cuda:2")
     with pytest.raises(MoelabError, match=r"--device cuda:x: expected cuda:N"):
         D.resolve_device("cuda:x")
+
+
+def test_a_local_rank_without_its_own_gpu_is_refused(monkeypatch):
+    """torchrun rank 3 on a machine with 2 GPUs used to wrap around onto GPU 1, beside rank 1: NCCL refuses
+    that ("Duplicate GPU detected"). It is refused first, in one line naming the counts."""
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for spec in ("auto", "cuda"):
+        with pytest.raises(MoelabError, match=r"^--device \w+: 4 processes on this machine need one GPU each, but "
+                                              r"torch sees 2 GPU\(s\) \(this is LOCAL_RANK 3\); start at most 2 .*"
+                                              r"or use --device cpu\.$"):
+            D.resolve_device(spec)
+    assert D.resolve_device("cpu") == torch.device("cpu")  # a CPU run with many ranks is fine
+    assert D.resolve_device("cuda:0") == torch.device("cuda", 0)  # asked for by name: as asked
+
+
+def test_configure_sets_the_cuda_flags_for_cuda_only(monkeypatch):
+    monkeypatch.delenv(D.TF32_ENV, raising=False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
+    for cpu in ("cpu", torch.device("cpu")):
+        D.configure(cpu)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == (False, False, False), "a CPU run must leave torch's flags alone"
+    D.configure("cuda:0")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+    assert torch.get_float32_matmul_precision() == "high"  # the same switch, as torch reports it
+    monkeypatch.setenv(D.TF32_ENV, "0")
+    D.configure(torch.device("cuda", 1))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.benchmark
+
+
+def test_resolving_a_device_configures_it(monkeypatch):
+    """configure runs where a run's device is resolved (moelab.train.run.Run and the CLI call resolve_device):
+    for a CUDA device, never for the CPU (also not when CUDA is there: --device cpu on a GPU machine)."""
+    calls = []
+    monkeypatch.setattr(D, "configure", calls.append)
+    _fake_gpus(monkeypatch, 1)
+    assert D.resolve_device("cpu") == torch.device("cpu") and calls == []
+    D.resolve_device("auto")
+    D.resolve_device("cuda:0")
+    assert calls == [torch.device("cuda", 0)] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.resolve_device("auto") == torch.device("cpu") and len(calls) == 2
+
+
+@no_cuda
+def test_bench_layer_refuses_a_missing_gpu():
+    from moelab.bench.layer import main
+
+    with pytest.raises(MoelabError, match=r"--device cuda: no CUDA device is available here"):
+        main(["--device", "cuda", "--configs", "16,32,4,2,32", "--repeats", "1", "--warmup", "1"])
+
+
+def test_a_cpu_run_leaves_the_cuda_flags_alone(tmp_path):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    run_experiment("digits-jacobs", ["train.epochs=1", "baselines.equal_cost=false"], out=tmp_path / "r",
+                   quiet=True, device="cpu")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark) == flags
 
 
 def test_to_device_and_to_host():
@@ -105,6 +181,18 @@ def test_family_runs_on_cuda_like_on_cpu(name, tmp_path, request):
             assert cuda_row["params"] == row["params"]
         # same data order, same initial weights; only the kernels' rounding differs
         assert cuda_row["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=0.1), model
+
+
+@needs_cuda
+def test_count_syncs_and_cuda_flags_on_a_gpu():
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.benchmark = False
+    dev = D.resolve_device("cuda")
+    assert dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    x = torch.ones(4, device=dev)
+    _, syncs = D.count_syncs(lambda: x * 2)
+    assert syncs == []
+    value, syncs = D.count_syncs(lambda: (x * 2).sum().item())
+    assert value == 8.0 and len(syncs) >= 1  # .item() reads the value back: at least one sync
 
 
 @pytest.mark.parametrize("name", list(CASES))

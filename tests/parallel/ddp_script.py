@@ -73,7 +73,7 @@ def main(out_path: str) -> None:
     x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
     ref = Net()
     ref_acc = train(ref, x, y, ddp.DistContext())
-    with ddp.maybe_init_from_env() as ctx:
+    with ddp.maybe_init_from_env("gloo") as ctx:  # CPU tensors: gloo, also on a GPU machine
         assert ctx.enabled and ctx.world_size == 2, ctx
         # the DDP model lives in run_ddp: freed before the process group is destroyed (a DDP model
         # outliving destroy_process_group can hang at exit)

@@ -33,7 +33,7 @@ def test_torchrun_ddp_equals_single_process(tmp_path):
 def test_failing_rank_stops_the_job(tmp_path):
     """Rank 1 raises right after joining, rank 0 waits in a collective: the job must end within seconds."""
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "moelab", "run", "whatever", "--nproc", "2"], cwd=tmp_path,
+    p = subprocess.run([sys.executable, "-m", "moelab", "run", "whatever", "--nproc", "2", "--device", "cpu"], cwd=tmp_path,
                        env=_env(MOELAB_FAIL_RANK="1"), capture_output=True, text=True, timeout=90)
     took = time.monotonic() - t0
     assert p.returncode != 0
@@ -46,7 +46,7 @@ def test_failing_rank_stops_the_job(tmp_path):
 # The balance loss is a batch statistic, computed per rank under DDP (as in every DDP code base): off here,
 # so that the sharded run must equal the single-process one.
 DIGITS = ["digits-jacobs", "--set", "train.epochs=2", "--set", "train.bf16=false", "--set", "train.balance_weight=0",
-          "--set", "threads=1", "--quiet"]
+          "--set", "threads=1", "--quiet", "--device", "cpu"]  # gloo/CPU, also on a GPU machine
 
 
 def test_builtin_modern_jacobs_runs_data_parallel(tmp_path):
@@ -71,7 +71,7 @@ def test_builtin_modern_jacobs_runs_data_parallel(tmp_path):
 
 
 def test_single_process_experiment_refuses_nproc(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "moelab", "run", "mnist-jacobs-faithful", "--nproc", "2",
+    p = subprocess.run([sys.executable, "-m", "moelab", "run", "mnist-jacobs-faithful", "--nproc", "2", "--device", "cpu",
                         "--out", str(tmp_path / "r")], env=_env(MOELAB_DATA_DIR=str(tmp_path)), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode != 0

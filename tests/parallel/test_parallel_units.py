@@ -10,9 +10,9 @@ from torch import nn
 
 from moelab.errors import MoelabError
 from moelab.moe import MLPExperts, ModuleExperts
-from moelab.parallel import comm, ddp
+from moelab.parallel import comm, ddp, launch
 from moelab.parallel.expert_parallel import slice_experts
-from moelab.parallel.launch import launch_local, strip_nproc, torchrun_command
+from moelab.parallel.launch import check_gpus, device_arg, launch_local, strip_nproc, torchrun_command
 
 
 def test_strip_nproc_and_command():
@@ -28,6 +28,66 @@ def test_launch_local_refuses_nesting(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(MoelabError, match="inside a torchrun job"):
         launch_local(2, ["run", "x"])
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_device_arg():
+    assert device_arg(["run", "x"]) == "auto"
+    assert device_arg(["run", "x", "--device", "cpu"]) == "cpu"
+    assert device_arg(["run", "--device=cuda:1", "x"]) == "cuda:1"
+    assert device_arg(["run", "--device", "cpu", "--device=cuda"]) == "cuda"  # argparse: the last one wins
+
+
+def test_nproc_beyond_the_gpus_is_refused_before_launching(monkeypatch):
+    """--nproc 4 on 2 GPUs used to put two ranks on one GPU (LOCAL_RANK % count), which NCCL refuses
+    ("Duplicate GPU detected"): refused in one line naming both numbers, before torchrun starts."""
+    _gpus(monkeypatch, 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    started = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **kw: started.append(a))
+    for argv in (["run", "x", "--nproc", "4"], ["run", "x", "--device", "cuda", "--nproc=4"]):
+        with pytest.raises(MoelabError) as err:
+            launch_local(4, argv)
+        msg = str(err.value)
+        assert msg == ("--nproc 4: 4 processes need one GPU each, but torch sees 2 GPU(s); use --nproc 2 or fewer, "
+                       "or --device cpu to run 4 processes on the CPU.")
+        assert "\n" not in msg
+    with pytest.raises(MoelabError, match=r"--nproc 2 with --device cuda:1: every process would use that one GPU"):
+        launch_local(2, ["run", "x", "--device", "cuda:1", "--nproc", "2"])
+    assert started == []
+    check_gpus(2, "auto")  # one GPU each: fine
+    check_gpus(2, "cuda")
+    check_gpus(4, "cpu")  # CPU processes: any number
+    check_gpus(1, "cuda:1")
+
+
+def test_nproc_without_gpus_runs_on_the_cpu(monkeypatch):
+    _gpus(monkeypatch, 0)
+    check_gpus(8, "auto")
+    check_gpus(8, "cpu")
+    check_gpus(8, "cuda")  # refused with the reason by each worker's --device check (no CUDA here)
+
+
+def test_default_device_refuses_a_shared_gpu(monkeypatch):
+    """spawn / torchrun processes: nccl needs one GPU per process; a gloo (CPU) group takes no GPU at all."""
+    _gpus(monkeypatch, 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert ddp.default_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(MoelabError, match=r"^2 processes on this machine need one GPU each, but torch sees 1 GPU"):
+        ddp.default_device()
+    with pytest.raises(MoelabError, match=r"--nproc 2: 2 processes need one GPU each, but torch sees 1"):
+        launch.spawn(print, 2)  # nccl (a GPU is "there"): refused before any process starts
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(ddp.dist, "init_process_group", lambda **kw: calls.append(kw["backend"]))
+    ddp.init("gloo")  # a CPU job on a GPU machine: no GPU is taken, nothing refused
+    assert calls == ["gloo"]
 
 
 @pytest.mark.parametrize("n,bs", [(29, 8), (10, None), (7, 4)])

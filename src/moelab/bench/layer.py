@@ -96,7 +96,8 @@ def bench_layer(configs: Sequence[tuple[int, int, int, int, int]] | None = None,
             fns = {name: _step(models["ours" if name == "ours_pytorch" else name], x, g, amp,
                                fused=name != "ours_pytorch") for name in impls}
             secs = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device, cpu_time=cpu_time)
-            row: dict = {"d": d, "h": h, "E": e, "k": k, "tokens": n, "dtype": dt,
+            row: dict = {"d": d, "h": h, "E": e, "k": k, "tokens": n, "dtype": dt, "device": str(device),
+                         "tf32": _tf32(device),
                          "threads": torch.get_num_threads(), "timer": "cpu" if cpu_time else "wall",
                          "allocator": allocator_state(), "kernels": kernels.status(), "cpu_bf16": cpu_bf16_isa()}
             for name, s in secs.items():
@@ -115,6 +116,11 @@ def bench_layer(configs: Sequence[tuple[int, int, int, int, int]] | None = None,
     return rows
 
 
+def _tf32(device: str | torch.device) -> bool | None:
+    """Whether fp32 matmuls run in TF32 on ``device`` (None off CUDA)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) if torch.device(device).type == "cuda" else None
+
+
 def format_rows(rows: Sequence[dict]) -> str:
     out = []
     for r in rows:
@@ -128,8 +134,10 @@ def format_rows(rows: Sequence[dict]) -> str:
     cols += [("ours_vs_dense", "ours/dense", ".2f"), ("ours_vs_naive", "ours/naive", ".2f"),
              ("kernel_speedup", "ours/ours_pytorch", ".2f")]
     cols = [c for c in cols if c[0] in out[0]]
-    note = (f"(ratios are throughput ratios; target ours/dense >= 0.80; heap allocator: {rows[0]['allocator']}; "
-            f"kernels: {rows[0]['kernels']}; CPU bf16: {rows[0]['cpu_bf16']})")
+    dev = rows[0].get("device", "cpu")
+    where = (f"heap allocator: {rows[0]['allocator']}; kernels: {rows[0]['kernels']}; CPU bf16: {rows[0]['cpu_bf16']}"
+             if dev == "cpu" else f"device {dev}; fp32 matmuls in TF32: {rows[0].get('tf32')}")
+    note = f"(ratios are throughput ratios; target ours/dense >= 0.80; {where})"
     return format_table(out, cols) + "\n" + note
 
 
@@ -143,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--configs", default=None, help="semicolon list of d,h,E,k,tokens (default: the three standard)")
     p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda, cuda:N or auto; a CUDA device runs fp32 matmuls in TF32 as the "
+                        "experiments do (MOELAB_TF32=0: full fp32)")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with process CPU time (shared machines; use with --threads 1)")
     a = p.parse_args(argv)
@@ -157,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise MoelabError(f"--configs: each config needs 5 ints d,h,E,k,tokens, got {a.configs!r}")
     repeats = a.repeats if a.repeats is not None else (3 if a.quick else 5)
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    from moelab.device import resolve_device
+
+    device = str(resolve_device(a.device))  # a CUDA device that is not there is refused with the reason
     bench_layer(configs, a.dtypes.split(","), repeats=repeats, json_out=a.json, threads=a.threads,
-                warmup=warmup, impls=a.impls.split(","), device=a.device, cpu_time=a.cpu_time)
+                warmup=warmup, impls=a.impls.split(","), device=device, cpu_time=a.cpu_time)
     return 0
 
 

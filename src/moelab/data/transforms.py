@@ -114,10 +114,6 @@ def _device(generator: torch.Generator | None, x: torch.Tensor) -> torch.device:
     return generator.device if generator is not None else x.device
 
 
-def _randint(low: int, high: int, n: int, generator: torch.Generator | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.randint(low, high + 1, (n,), generator=generator, device=_device(generator, x))
-
-
 def translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, fill: str = "edge") -> torch.Tensor:
     """Shift image ``i`` of an NCHW batch down by ``dy[i]`` and right by ``dx[i]`` pixels (negative: up/left).
 
@@ -143,18 +139,29 @@ def translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, fill: str = "
     return out
 
 
+def translate_offsets(n: int, max_shift: int | float | tuple[int | float, int | float], h: int, w: int,
+                      generator: torch.Generator | None, device: torch.device | str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random offsets ``(dy, dx)`` (each (n,) long) :func:`random_translate` draws for n images of h x w:
+    dy then dx, on the generator's device (None: torch's global generator, on ``device``). Drawing them
+    apart from the images lets a caller draw on the host and shift on another device."""
+    my, mx = max_shift if isinstance(max_shift, tuple) else (max_shift, max_shift)
+    by, bx = _shift_bound(my, h), _shift_bound(mx, w)
+    dev = generator.device if generator is not None else torch.device(device or "cpu")
+    dy = torch.randint(-by, by + 1, (n,), generator=generator, device=dev)
+    dx = torch.randint(-bx, bx + 1, (n,), generator=generator, device=dev)
+    return dy, dx
+
+
 def random_translate(x: torch.Tensor, max_shift: int | float | tuple[int | float, int | float],
                      generator: torch.Generator | None, fill: str = "edge") -> torch.Tensor:
     """Shift every NCHW image by its own random integer offset in [-max_shift, max_shift] (per axis).
 
     ``max_shift`` is pixels, or a float below 1 meaning a fraction of the image size; a pair
-    gives (vertical, horizontal) bounds.
+    gives (vertical, horizontal) bounds. The offsets are :func:`translate_offsets`.
     """
     n, _, h, w = x.shape
-    my, mx = max_shift if isinstance(max_shift, tuple) else (max_shift, max_shift)
-    by, bx = _shift_bound(my, h), _shift_bound(mx, w)
-    dy = _randint(-by, by, n, generator, x)
-    dx = _randint(-bx, bx, n, generator, x)
+    dy, dx = translate_offsets(n, max_shift, h, w, generator, x.device)
     return translate(x, dy, dx, fill)
 
 

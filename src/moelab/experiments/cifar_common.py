@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import refuse
-from moelab.data.transforms import random_translate, train_val_split
-from moelab.device import to_device, to_host
+from moelab.data.feed import Rows, send
+from moelab.data.transforms import random_translate, train_val_split, translate, translate_offsets
+from moelab.device import to_host
 from moelab.experiments.cifar_experts_config import Config
 from moelab.models.cifar_cnn import conv_l2_penalty
 from moelab.moe.hierarchical import pair_cover
@@ -45,31 +46,62 @@ def _as_dict(obj):
 
 
 class Images:
-    """uint8 NHWC images on the host -> normalised float NCHW (channels_last) batches on ``device``,
-    augmented on the whole batch at once (no per-image Python work). Labels ``y`` stay on the host."""
+    """uint8 NHWC images -> normalised float NCHW (channels_last) batches on ``device``, augmented on the whole
+    batch at once (no per-image Python work), on that device. ``x`` and ``y`` (the labels metrics read) stay
+    on the host; batches come through :class:`moelab.data.feed.Rows`: gathered on a CUDA device that the
+    images fit on (``resident``; None: decided by their size), else gathered on the host, into pinned memory
+    and copied asynchronously; on the CPU, plain indexing (the same batches on every path)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, channels_last: bool, device: torch.device | str = "cpu"):
-        self.x = torch.from_numpy(np.ascontiguousarray(x))  # (N, 32, 32, 3) uint8
-        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, channels_last: bool,
+                 device: torch.device | str = "cpu", resident: bool | None = None):
+        self.x = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))  # (N, 32, 32, 3) uint8
+        self.y = y if torch.is_tensor(y) else torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.channels_last = channels_last
         self.device = torch.device(device)
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+        self.rows = Rows(self.x, self.device, resident)
+        self.labels = Rows(self.y, self.device, self.rows.resident)
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def resident(self) -> bool:
+        """Whether the images live on the device (and batches are gathered there)."""
+        return self.rows.resident
+
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None, shift: int = 0,
               gen: torch.Generator | None = None) -> torch.Tensor:
-        x = to_device(self.x[idx], self.device)  # uint8 to the device: 4x less to copy than float
+        """Images ``idx`` on the device, normalised, then mirrored where ``flip``, then shifted by a random
+        offset in [-shift, shift] per axis (edge fill) drawn from ``gen``."""
+        return self._take(idx, flip, shift, gen, labels=False)[0]
+
+    def take(self, idx: torch.Tensor, flip: torch.Tensor | None = None, shift: int = 0,
+             gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch(idx, flip, shift, gen), labels of idx)``, both on the device."""
+        return self._take(idx, flip, shift, gen, labels=True)
+
+    def _take(self, idx, flip, shift, gen, labels: bool):
+        # the shift offsets are drawn here, on the host, as random_translate draws them (dy, then dx)
+        dy = dx = None
+        if shift > 0 and gen is not None:
+            dy, dx = translate_offsets(len(idx), shift, self.x.shape[1], self.x.shape[2], gen)
+        y = self.y[idx] if labels and not self.resident else None
+        idx_d, flip, dy, dx, y = send([idx if self.resident else None, flip, dy, dx, y], self.device)  # one copy
+        x = self.rows.take(idx_d if self.resident else idx)  # uint8 on the device: 4x less to copy than float
+        if labels and self.resident:
+            y = self.labels.take(idx_d)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # NCHW view of NHWC = channels_last
         x = (x - self.mean) / self.std
         if flip is not None:
-            x = torch.where(to_device(flip, self.device).view(-1, 1, 1, 1), x.flip(3), x)
-        if shift > 0:
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if dy is not None:
+            x = translate(x, dy, dx, fill="edge")
+        elif shift > 0:  # no generator: torch's global one, on the device (as random_translate does)
             x = random_translate(x, shift, gen, fill="edge")
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        return x
+        return x, y
 
 
 def load_average() -> float:
@@ -168,7 +200,8 @@ def image_batches(images: Images, batch: int, gen: torch.Generator, hflip: bool,
     :func:`moelab.train.loop.minibatch_epoch`; the weight is 1 (a mean loss), or the batch size when
     ``summed`` (a loss summed over the batch, as airbench's recipe has it)."""
     for idx, flip in index_batches(len(images), batch, gen, hflip, max_steps):
-        yield images.batch(idx, flip, shift, gen), images.y[idx], (len(idx) if summed else 1.0)
+        x, y = images.take(idx, flip, shift, gen)  # both on images.device
+        yield x, y, (len(idx) if summed else 1.0)
 
 
 @torch.no_grad()
@@ -267,15 +300,12 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     model.eval()
     speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
     return {"last": last, "best_val": state["best"], "best_epoch": state["best_epoch"] + 1, "train_img_per_s": speed,
-            "train_s": state["seconds"]}
+            "train_s": run.phase_times[phase]["train_s"]}
 
 
 def images_of(images: Images, classes: list[int]) -> Images:
     keep = torch.isin(images.y, torch.tensor(classes))
-    out = Images.__new__(Images)
-    out.x, out.y, out.channels_last, out.device = images.x[keep], images.y[keep], images.channels_last, images.device
-    out.mean, out.std = images.mean, images.std
-    return out
+    return Images(images.x[keep], images.y[keep], images.channels_last, images.device, resident=images.resident)
 
 
 def full_classes(data: Data) -> Images:

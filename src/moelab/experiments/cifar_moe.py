@@ -296,10 +296,9 @@ class Fitter:
         model.init_whitening(self.whiten_sample)
         total = max(1, round(epochs * self.steps_per_epoch))
         recipe = Recipe(model, t, self.data["train"], total, self.bf16, run, phase)  # the optimiser: after .to(device)
-        start = time.perf_counter()
         train_phase(run, phase, model, recipe.opt, math.ceil(total / self.steps_per_epoch), recipe.epoch,
                     sched=recipe.sched, evaluate=lambda epoch: self.evaluate(model), log_every=t.log_every)
-        train_time = round(time.perf_counter() - start, 1)
+        train_time = run.train_time(phase)
         val, test = self.data["val"], self.data["test"]
         val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch)
         probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch)
@@ -365,7 +364,7 @@ def _equal_cost(cfg: Config, run: Run, moe: dict, fit: Fitter) -> dict[str, dict
         return fit(phase, dense(w), t.epochs)
 
     names = EQUAL_COST if cfg.baselines.equal_params else ("dense-equal-flops",)
-    rows = equal_cost_rows(run, widths, train_dense, names=names)
+    rows = equal_cost_rows(run, widths, train_dense, names=names, make_dense=dense)
     if cfg.baselines.equal_time:
         ref = rows["dense-equal-flops"]
         epochs = t.epochs * moe["train_time_s"] / max(ref["train_time_s"], 1e-9)

@@ -122,7 +122,7 @@ def dense_baselines(run: Run, moe_row: dict, make_dense, probe: Tensor, train_de
     mixture's counted parameters / inference FLOPs (on ``probe``), trained by ``train_dense(phase, hidden)``."""
     widths = dense_widths(moe_row, lambda h: count_params(make_dense(h)),
                           lambda h: flops_per_example(make_dense(h), probe))
-    return equal_cost_rows(run, widths, train_dense, names=names)
+    return equal_cost_rows(run, widths, train_dense, names=names, make_dense=make_dense)
 
 
 def label_single(models: dict) -> None:
@@ -134,9 +134,12 @@ def label_single(models: dict) -> None:
 
 
 def minibatches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int, norm: tuple[float, float],
-             raw: Tensor | None = None, augment: Augment | None = None):
+             raw: Tensor | None = None, augment: Augment | None = None, feed: DigitFeed | None = None):
     """This epoch's shuffled minibatches (``run.generator(phase, epoch)`` orders and augments them): rows of
     ``x``, or, with ``augment``, the augmented ``raw`` images. Yields ``(x, y, loss_weight)``.
+
+    ``feed`` (:class:`DigitFeed` over these ``x``, ``y``, ``raw``, ``augment``) gathers and augments each
+    batch on its device, with the same draws (None: on the host, where the tensors are).
 
     Under torch.distributed every rank draws and augments the same global batch (so the data are those
     of one process) and keeps its contiguous part (``ddp.local_share``); ``loss_weight`` makes DDP's
@@ -145,9 +148,39 @@ def minibatches(run: Run, phase: str, epoch: int, x: Tensor, y: Tensor, bs: int,
     perm = torch.randperm(y.shape[0], generator=g)
     for i in range(0, y.shape[0], bs):
         idx = perm[i:i + bs]
-        xb = augment(raw.index_select(0, idx), g) if augment is not None else x.index_select(0, idx)
-        xb, yb = ddp.local_share(xb), ddp.local_share(y.index_select(0, idx))
+        if feed is not None:
+            xb, yb = feed.take(idx, g)
+        else:
+            xb = augment(raw.index_select(0, idx), g) if augment is not None else x.index_select(0, idx)
+            yb = y.index_select(0, idx)
+        xb, yb = ddp.local_share(xb), ddp.local_share(yb)
         yield (xb - norm[0]) / norm[1], yb, ddp.loss_weight(len(yb), len(idx))
+
+
+class DigitFeed:
+    """A digit experiment's training tensors batched on ``device`` (:mod:`moelab.data.feed`): the rows of
+    ``x`` (or, with ``augment``, of ``raw``, augmented on the device by :class:`~moelab.data.feed.DeviceAugment`)
+    and of ``y``, living on a CUDA device they fit on (``resident``; None: by size), else gathered on the host
+    into pinned memory and sent asynchronously. ``take`` gives :func:`minibatches`' host batches, with the
+    same draws from the generator."""
+
+    def __init__(self, x: Tensor, y: Tensor, device: torch.device | str, raw: Tensor | None = None,
+                 augment: Augment | None = None, resident: bool | None = None):
+        from moelab.data.feed import DeviceAugment, Rows
+
+        self.device = torch.device(device)
+        self.rows = Rows(raw if augment is not None else x, self.device, resident)
+        self.labels = Rows(y, self.device, self.rows.resident)
+        self.augment = DeviceAugment(augment, self.device) if augment is not None else None
+
+    def take(self, idx: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        from moelab.data.feed import send
+
+        draws = self.augment.draw(len(idx), g) if self.augment is not None else []
+        idx_d, *draws = send([idx, *draws], self.device)  # one asynchronous copy for the batch's numbers
+        xb = self.rows.take(idx_d if self.rows.resident else idx)
+        xb = self.augment(xb, draws) if self.augment is not None else xb
+        return xb, self.labels.take(idx_d if self.labels.resident else idx)
 
 
 class Splits:
@@ -181,6 +214,17 @@ class Splits:
         return self.test_x, self.test_y, "test_err"
 
     def batches(self, run: Run, phase: str, epoch: int, batch_size: int):
-        """This epoch's shuffled (and augmented) minibatches, :func:`minibatches`."""
+        """This epoch's shuffled (and augmented) minibatches, :func:`minibatches`; on a CUDA ``run.device``
+        gathered (and augmented) there (:class:`DigitFeed`, made once per device)."""
         return minibatches(run, phase, epoch, self.train_x, self.train_y, batch_size, self.norm, self.raw,
-                           self.augment)
+                           self.augment, feed=self.feed(run.device))
+
+    def feed(self, device: torch.device | str | None) -> DigitFeed | None:
+        """The :class:`DigitFeed` of the training split on ``device``; None on the CPU (the host path)."""
+        if device is None or torch.device(device).type == "cpu":
+            return None
+        feeds = self.__dict__.setdefault("_feeds", {})
+        key = str(device)
+        if key not in feeds:
+            feeds[key] = DigitFeed(self.train_x, self.train_y, device, self.raw, self.augment)
+        return feeds[key]

@@ -62,20 +62,27 @@ def _timeout_s() -> float:
 
 
 def default_device() -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is there, else cpu."""
+    """cuda:LOCAL_RANK when CUDA is there, else cpu. A LOCAL_RANK without a GPU of its own is refused
+    (MoelabError): two ranks on one GPU is an error in NCCL ("Duplicate GPU detected")."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= count:
+            procs = os.environ.get("LOCAL_WORLD_SIZE", str(local + 1))
+            raise MoelabError(f"{procs} processes on this machine need one GPU each, but torch sees {count} GPU(s) "
+                              f"(this is LOCAL_RANK {local}); start at most {count} processes per machine, or "
+                              f"run on the CPU (--device cpu, gloo).")
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 
 def init(backend: str | None = None, timeout_s: float | None = None, **kw) -> DistContext:
     """``init_process_group`` from the env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) with a finite timeout.
 
-    backend: "nccl" when CUDA is available, else "gloo"."""
-    dev = default_device()
-    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    backend: "nccl" when CUDA is available, else "gloo". Under nccl each process first takes its own GPU
+    (:func:`default_device`); a gloo job (a CPU run, even on a GPU machine) picks none."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(default_device())
     timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else _timeout_s())
     dist.init_process_group(backend=backend, timeout=timeout, **kw)
     return current()

@@ -209,12 +209,16 @@ class ShardedExperts(Experts):
         return super().forward_sparse(x, indices, weights, mask)
 
     def gather(self) -> Experts:
-        """The full expert stack on every rank (all-gather of the shards; for checkpoints / evaluation)."""
+        """The full expert stack on every rank (all-gather of the shards; for checkpoints / evaluation): a
+        new module on this shard's device. The live shard is left as it is (same parameter objects, same
+        device): training goes on after a gather."""
         if isinstance(self.local, ModuleExperts):
             objs: list = [None] * self.world
-            dist.all_gather_object(objs, [m.cpu() for m in self.local.experts], group=self.group)
+            # host copies to pickle (nn.Module.cpu() would move the live experts themselves)
+            mine = [_host_copy(m) for m in self.local.experts]
+            dist.all_gather_object(objs, mine, group=self.group)
             return ModuleExperts([m for part in objs for m in part]).to(self._device())
-        full = copy.deepcopy(self.local)
+        full = copy.deepcopy(self.local)  # the live tensors are replaced below, never moved
         for sub in full.modules():
             for store in (sub._parameters, sub._buffers):
                 for name, t in store.items():
@@ -227,6 +231,21 @@ class ShardedExperts(Experts):
                         else cat
         full.num_experts = self.num_experts
         return full
+
+
+def _host_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every tensor on the CPU, made without moving ``module`` (and without
+    copying its device tensors on the device first)."""
+    memo = {id(t): None for t in [*module.parameters(), *module.buffers()]}  # filled in below, on the host
+    out = copy.deepcopy(module, memo)
+    for src, dst in zip(module.modules(), out.modules()):
+        for store in ("_parameters", "_buffers"):
+            for name, t in getattr(src, store).items():
+                if t is None:
+                    continue
+                host = t.detach().to("cpu", copy=True)
+                getattr(dst, store)[name] = nn.Parameter(host, t.requires_grad) if store == "_parameters" else host
+    return out
 
 
 class ExpertParallelMoE(MoE):
@@ -250,7 +269,8 @@ class ExpertParallelMoE(MoE):
         return ep
 
     def to_moe(self) -> MoE:
-        """A single-process :class:`MoE` with all experts gathered (collective over the group)."""
+        """A single-process :class:`MoE` with all experts gathered (collective over the group): a copy on this
+        layer's device; this layer is left as it is (:meth:`ShardedExperts.gather`)."""
         full = copy.deepcopy(self, {id(self.experts): None})
         full.__class__ = MoE
         full.experts = self.experts.gather()
