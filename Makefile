@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:  `make run`  and  `make test`.
 # TORCH_SPEC picks the torch build; the default is the CPU wheel available on this machine.
-# Users with a GPU: `make run TORCH_SPEC="torch>=2.2"` (or install torch first, then `make run`).
+# Users with a GPU: `make run TORCH_SPEC="torch>=2.4"` (or install torch first, then `make run`).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0

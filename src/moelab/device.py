@@ -94,6 +94,15 @@ def to_device(obj, device: torch.device | None):
     return obj
 
 
+def chunks_on(x: torch.Tensor, chunk: int, device: torch.device):
+    """``x`` (on the host) in chunks of ``chunk`` rows on ``device``: for a GPU, pinned once and copied
+    asynchronously, so the copy of the next chunk overlaps the work on this one; slices on the CPU."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    for i in range(0, x.shape[0], chunk):
+        yield x[i:i + chunk].to(device, non_blocking=True)
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """A model output on the CPU (a no-op there)."""
     return t if t.device.type == "cpu" else t.cpu()

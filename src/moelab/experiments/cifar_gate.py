@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.cost import cost_row, count_params, flops_per_example
+from moelab.data.feed import fits_on_device
 from moelab.device import to_device, to_host
 from moelab.errors import ConfigError
 from moelab.experiments.baselines import dense_widths
@@ -128,15 +129,21 @@ def gate_extra(cache: dict, split: str, idx: torch.Tensor | None = None, flip: t
     if flip is not None and f"{split}_flip.probs" in cache:
         split_f = split + "_flip"
         ef = gate_extra(cache, split_f, idx)
-        e = torch.where(flip.view(-1, 1), ef, e)
+        e = torch.where(flip.to(e.device).view(-1, 1), ef, e)
     return e
+
+
+def cache_on(cache: dict, device: torch.device) -> dict:
+    """The cached expert outputs where the gate trains: each tensor that fits moves to a GPU once
+    (:func:`moelab.data.feed.fits_on_device`), so batches are gathered there, not on the host per step."""
+    return {k: v.to(device) if torch.is_tensor(v) and fits_on_device(v, device) else v for k, v in cache.items()}
 
 
 def gate_probs(cache: dict, split: str, idx: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
     p = cache[f"{split}.probs"][:, idx].float()
     if flip is not None and f"{split}_flip.probs" in cache:  # else: the gate alone sees the mirrored image
         pf = cache[f"{split}_flip.probs"][:, idx].float()
-        p = torch.where(flip.view(1, -1, 1), pf, p)
+        p = torch.where(flip.to(p.device).view(1, -1, 1), pf, p)
     return p
 
 
@@ -159,8 +166,9 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
     cover, mixer = data.cover, SeedCombine(kind, E, gc.top_k)
     shift = cfg.augment.max_shift if gc.shift else 0
     state = {"images": 0, "seconds": 0.0}
+    cache, labels = cache_on(cache, dev), cache_on({"y": data.train.y}, dev)["y"]
 
-    def forward(x, split, idx, flip):  # the cached expert outputs live on the host: this batch's go to the device
+    def forward(x, split, idx, flip):  # this batch's cached expert outputs, gathered where they live
         extra = to_device(gate_extra(cache, split, idx, flip), dev) if extra_dim else None
         with autocast_for(cfg, dev):
             g = gate(x, extra)
@@ -178,7 +186,7 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
             idx, flip = b
             return forward(data.train.batch(idx, flip, shift, gen) if use_trunk else None, "train", idx, flip)
 
-        batches = ((b, data.train.y[b[0]].to(dev), 1.0)
+        batches = ((b, to_device(labels[b[0].to(labels.device)], dev), 1.0)
                    for b in index_batches(len(data.train), gc.batch, gen, cfg.augment.hflip))
         return minibatch_epoch(gate, opt, sched if gc.schedule == "onecycle" else None, batches, batch_forward,
                                loss_fn, progress=run.progress(f"[gate] epoch {epoch + 1}", len(data.train)),
@@ -204,6 +212,7 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
     gate.eval()
     bs, dev = cfg.compute.eval_batch, images.device
     mixer = SeedCombine(kind, gate.num_experts, cfg.gate.top_k)
+    cache = cache_on({k: v for k, v in cache.items() if k.startswith(f"{split}.")}, dev)
     logits, weights = [], []
     for i in range(0, len(images), bs):
         idx = torch.arange(i, min(i + bs, len(images)))

@@ -57,7 +57,7 @@ from torch import Tensor
 from moelab.config import Float, Int, Switch
 from moelab.cost import cost_row
 from moelab.data.augment import Augment
-from moelab.device import to_host
+from moelab.device import chunks_on, to_host
 from moelab.errors import ConfigError
 from moelab.experiments import family
 from moelab.experiments.digit_common import (
@@ -213,8 +213,7 @@ def _predict(model, x: Tensor, bf16: bool, chunk: int = 8192) -> tuple[Tensor, T
     model.eval()
     device = next(model.parameters()).device
     probs, gates = [], []
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i:i + chunk].to(device)
+    for xb in chunks_on(x, chunk, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if isinstance(model, MoE):
                 p, g = mixture_predict(model, xb)

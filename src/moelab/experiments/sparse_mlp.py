@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.config import Float, Int, refuse
+from moelab.config import Float, Int, Switch, refuse
 from moelab.cost import count_params, flops_per_example
 from moelab.data.augment import Augment
-from moelab.device import to_host
+from moelab.device import chunks_on, to_host
 from moelab.errors import MoelabError
 from moelab.experiments import family
 from moelab.experiments.digit_common import (
@@ -99,7 +99,8 @@ class Train(Optim):
     shift: Annotated[int, Int(ge=0, le=8)] = 1  # random translation of the 28x28 images (pixels) before the zoom
     rotate: Annotated[float, Float(ge=0, le=45)] = 0.0  # random rotation of the 28x28 images (degrees; 0: off)
     scale: Annotated[float, Float(ge=0, lt=0.5)] = 0.0  # random zoom by a factor in [1 - scale, 1 + scale]
-    bf16: bool = False  # the sparse path is slower in bf16 on CPU (gather / scatter), see docs
+    bf16: Switch = Switch("false")  # "auto": bf16 where the device computes it natively (a GPU); on a CPU the
+    # sparse path is slower in bf16 (gather / scatter), see docs
     log_every: Annotated[int, Int(ge=1)] = 5
 
 
@@ -155,9 +156,9 @@ def _predict(model: SparseMoEMLP, x: Tensor, bf16: bool, chunk: int = 2048) -> t
     model.eval()
     device = next(model.parameters()).device
     probs, gates = [], []
-    for i in range(0, x.shape[0], chunk):
+    for xb in chunks_on(x, chunk, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, _, auxes = model.forward_with_aux(x[i:i + chunk].to(device))  # one forward: logits and gates
+            logits, _, auxes = model.forward_with_aux(xb)  # one forward: logits and gates
         if auxes:
             gates.append(to_host(auxes[-1].gates.float()))
         probs.append(to_host(torch.softmax(logits.float(), -1)))
