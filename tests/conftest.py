@@ -22,3 +22,32 @@ def real_data_dir() -> Path:
     if not (d / "mnist").is_dir():
         pytest.skip(f"real data sets not found at {d} (set MOELAB_DATA_DIR)")
     return d
+
+
+@pytest.fixture(scope="session")
+def _decoded_store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("decoded-shared")
+
+
+@pytest.fixture
+def shared_decoded_cache(_decoded_store) -> Path:
+    """The test's cache folder ($MOELAB_CACHE_DIR, set per test above or by the test module) with its
+    ``decoded/`` data-set entries shared by every test of the session that asks for this fixture: CIFAR-10 is
+    decoded from its 60000 JPEGs (about 20 s of CPU) once per session instead of once per test. Everything
+    else in the cache (experts, expert outputs, kernels, checksum memo) stays the test's own."""
+    cache = Path(os.environ["MOELAB_CACHE_DIR"])
+    cache.mkdir(parents=True, exist_ok=True)
+    link = cache / "decoded"
+    if not link.exists():
+        link.symlink_to(_decoded_store, target_is_directory=True)
+    return cache
+
+
+@pytest.fixture
+def cifar_dir(shared_decoded_cache) -> Path:
+    """The folder holding CIFAR-10 (MOELAB_DATA_DIR, else ../shared/datasets), its decoded arrays shared
+    across tests (:func:`shared_decoded_cache`); skip when absent."""
+    d = Path(os.environ.get("MOELAB_DATA_DIR", SHARED_DATA))
+    if not (d / "cifar10-jpeg75.tar.gz").is_file() and not (d / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 not found in {d} (set MOELAB_DATA_DIR)")
+    return d

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from equal_cost_checks import assert_closest_width
 
+from moelab.cost import count_params, flops_per_example
 from moelab.errors import ConfigError
 from moelab.experiments import resolve_config
 from moelab.experiments.runner import run_experiment
+from moelab.models.mlp_mixture import SeedMLP, mlp
 
 
 @pytest.fixture(autouse=True)
@@ -34,13 +37,14 @@ def _mnist_dir() -> str:
 MODELS = {"moe", "single", "dense-equal-params", "dense-equal-flops"}
 
 
-def _check_summary(s: dict, out: Path, num_experts: int, num_classes: int = 10) -> None:
+def _check_summary(s: dict, out: Path, num_experts: int, dense, probe: torch.Tensor, num_classes: int = 10) -> None:
+    """``dense(hidden)``: the family's dense network of that width, whose FLOPs are counted on ``probe``."""
     assert set(s["models"]) == MODELS
     for m in s["models"].values():
         assert 0.0 <= m["test_accuracy"] <= 1.0
         assert m["test_error_pct"] == pytest.approx(100 * (1 - m["test_accuracy"]), abs=1e-3)
         assert m["params"] > 0 and m["flops_per_example"] > 0 and m["train_time_s"] >= 0
-    _check_equal_cost(s["models"])
+    _check_equal_cost(s["models"], dense, probe)
     assert s["test_accuracy"] == s["models"]["moe"]["test_accuracy"]
     share = s["lead_share"]
     assert len(share) == num_experts and sum(share) == pytest.approx(1.0, abs=1e-5)
@@ -56,12 +60,22 @@ def _check_summary(s: dict, out: Path, num_experts: int, num_classes: int = 10) 
     assert (out / "eval" / "dense-equal-params.safetensors").is_file()
 
 
-def _check_equal_cost(models: dict) -> None:
+def _check_equal_cost(models: dict, dense, probe: torch.Tensor) -> None:
     """The dense-gated mixture runs every expert, so one dense MLP has both its parameters and its FLOPs:
-    trained once, the FLOPs row repeats the params row."""
+    trained once, the FLOPs row repeats the params row. Its rows report the exact counts of ``dense`` at its
+    width, and that width is the closest to the mixture's counts (within half a hidden unit's cost)."""
     moe, p, f = models["moe"], models["dense-equal-params"], models["dense-equal-flops"]
-    assert abs(p["params"] - moe["params"]) <= p["params"] / p["hidden"]  # within one hidden unit
-    assert abs(f["flops_per_example"] - moe["flops_per_example"]) <= f["flops_per_example"] / f["hidden"]
+
+    def params(h):
+        return count_params(dense(h))
+
+    def flops(h):
+        return flops_per_example(dense(h), probe)
+
+    assert p["params"] == params(p["hidden"])
+    assert f["flops_per_example"] == pytest.approx(flops(f["hidden"]), abs=0.1)  # summaries round FLOPs to 0.1
+    assert_closest_width(params, p["hidden"], moe["params"], "dense-equal-params")
+    assert_closest_width(flops, f["hidden"], moe["flops_per_example"], "dense-equal-flops")
     assert f["same_model_as"] == "dense-equal-params" and "same_model_as" not in p
     assert f["test_accuracy"] == p["test_accuracy"] and f["hidden"] == p["hidden"]
     assert f["matched_to"] == "flops_per_example" and p["matched_to"] == "params"
@@ -72,7 +86,8 @@ def _check_equal_cost(models: dict) -> None:
 def test_digits_jacobs_default_learns(tmp_path):
     out = tmp_path / "run"
     s = run_experiment("digits-jacobs", ["train.epochs=10"], out=out, quiet=True)
-    _check_summary(s, out, num_experts=resolve_config("digits-jacobs")[1]["model"]["num_experts"])
+    _check_summary(s, out, resolve_config("digits-jacobs")[1]["model"]["num_experts"], lambda h: mlp(64, h, 10),
+                   torch.zeros(4, 64))
     assert s["models"]["moe"]["test_accuracy"] > 0.85  # chance is 0.10
     assert s["models"]["single"]["test_accuracy"] > 0.8
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +123,7 @@ def test_mnist_modern_learns(tmp_path):
     out = tmp_path / "run"
     s = run_experiment("mnist-jacobs", ["data.train_limit=3000", "data.test_limit=1000", "train.epochs=8", "threads=1"],
                        out=out, data_dir=data_dir, quiet=True)
-    _check_summary(s, out, num_experts=10)
+    _check_summary(s, out, 10, lambda h: mlp(196, h, 10), torch.zeros(4, 196))
     assert s["models"]["moe"]["test_accuracy"] > 0.8
     assert s["models"]["single"]["test_accuracy"] > 0.7
     assert s["models"]["moe"]["params"] == 11 * (197 * 25 + 26 * 10)
@@ -129,7 +144,7 @@ def test_mnist_faithful_learns(tmp_path):
                        ["data.train_limit=2000", "data.test_limit=500", "faithful.moe_epochs=120", "threads=1",
                         "faithful.single_epochs=120", "faithful.log_every=40", "faithful.checkpoint_every=60"],
                        out=out, data_dir=data_dir, quiet=True)
-    _check_summary(s, out, num_experts=10)
+    _check_summary(s, out, 10, lambda h: SeedMLP(196, h, 10), torch.ones(4, 197))  # bias column
     assert s["models"]["moe"]["test_accuracy"] > 0.6  # full-batch GD from the seed's init is slow; chance 0.1
     assert s["models"]["single"]["test_accuracy"] > 0.6
     assert s["models"]["moe"]["trained_on"] == "train"

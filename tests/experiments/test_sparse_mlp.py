@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from equal_cost_checks import assert_closest_width
 
 from moelab.cost import count_params, flops_per_example
 from moelab.errors import ConfigError
@@ -40,10 +41,21 @@ def test_mnist_sparse_end_to_end(real_data_dir, tmp_path):
         assert r["params"] > 0 and r["flops_per_example"] > 0 and r["train_time_s"] >= 0
     moe, fl, pa = models["moe"], models["dense-equal-flops"], models["dense-equal-params"]
     assert moe["test_accuracy"] > 0.3  # 2 epochs on 1000 images; chance is 0.1
+    # the widths closest to the mixture's counts, and the rows report the dense network's exact counts
+    m = typed(Config, resolve_config("mnist-sparse", SMALL + ["model.k=2", "model.normalize=true"])[1]).model
+    probe = torch.zeros(4, 196)
+
+    def params(h):
+        return count_params(build_model(m, 196, 10, h, dense=True))
+
+    def flops(h):
+        return flops_per_example(build_model(m, 196, 10, h, dense=True), probe)
+
+    for row, key, cost in ((pa, "params", params), (fl, "flops_per_example", flops)):
+        assert row["matched_to"] == key and row[key] == pytest.approx(cost(row["hidden"]), abs=0.1)
+        assert_closest_width(cost, row["hidden"], moe[key], key)
     # sparse: the mixture has ~E/k times the parameters of the dense network with its FLOPs
-    assert pa["params"] == pytest.approx(moe["params"], rel=0.02) and pa["params"] > 2 * fl["params"]
-    assert fl["flops_per_example"] == pytest.approx(moe["flops_per_example"], rel=0.05)
-    assert pa["flops_per_example"] > 1.5 * moe["flops_per_example"]
+    assert pa["params"] > 2 * fl["params"] and pa["flops_per_example"] > 1.5 * moe["flops_per_example"]
     assert "same_model_as" not in fl and "same_model_as" not in pa
     assert s["protocol"]["val_size"] == 500
     assert len(s["lead_share"]) == 8 and sum(s["lead_share"]) == pytest.approx(1, abs=1e-4)

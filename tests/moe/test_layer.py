@@ -1,6 +1,3 @@
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -200,10 +197,8 @@ def test_public_exports():
     assert ROUTERS["topk"] is TopKRouter
 
 
-COMPILE_SCRIPT = textwrap.dedent("""
-    import torch, torch._dynamo
-    from moelab import MoE
-    torch.set_num_threads(1)
+def test_torch_compile_dense_path_fullgraph():
+    """In this process (no timeout that could turn into a skip): one graph, the eager result."""
     layer = MoE(dim=16, num_experts=4, hidden_dim=32, router="dense")
     x = torch.randn(5, 16)
     f = torch.compile(lambda t: layer(t), fullgraph=True, backend="eager")
@@ -212,16 +207,6 @@ COMPILE_SCRIPT = textwrap.dedent("""
     assert (y - y0).abs().max() < 1e-5 and (aux.loss - aux0.loss).abs() < 1e-6
     expl = torch._dynamo.explain(lambda t: layer(t))(x)
     assert expl.graph_break_count == 0, expl.break_reasons
-    print("OK")
-""")
-
-
-def test_torch_compile_dense_path_fullgraph():
-    try:
-        out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.skip("torch.compile took more than 60 s on this machine")
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
 def test_dim_none_with_stack_experts_and_custom_gate():

@@ -61,8 +61,8 @@ def block_widths(width: int) -> tuple[int, int, int]:
 def build_model(m: Model, width: int | None = None, dense: bool = False, aux_scale: float = 1.0,
                 twin: bool = False) -> FastCNN:
     """The mixture of ``m`` (``dense=False``) or the dense FastCNN of block-3 width ``width``; ``twin=True``
-    (``model.moe = "tokens"``): the mixture's dense twin, each token MoE one dense FFN of ``k`` x its
-    hidden width (the same active FLOPs, router aside)."""
+    (``model.moe = "tokens"``): the mixture's dense twin, each token MoE one dense FFN of k x its hidden
+    width, k the experts a token runs (``model.k``; 1 for switch): the same active FLOPs, router aside."""
     widths = block_widths(width or m.width)
     if dense or m.moe == "none":
         return FastCNN(widths)
@@ -81,11 +81,13 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
     if m.capacity_factor:
         opts["capacity_factor"] = m.capacity_factor
     if m.moe == "tokens":
+        k_active = opts.get("k", 1 if m.router == "switch" else m.k)  # experts each token runs (switch: 1)
+
         def token_block(b: int, c_in: int, c_out: int) -> nn.Module | None:
             if b not in blocks:
                 return None
             hidden = m.expert_hidden or 2 * c_out
-            moe = TokenMoE2d(c_out, 1, m.k * hidden, router="dense", norm=batch_norm(c_out)) if twin else \
+            moe = TokenMoE2d(c_out, 1, k_active * hidden, router="dense", norm=batch_norm(c_out)) if twin else \
                 TokenMoE2d(c_out, e, hidden, router=m.router, norm=batch_norm(c_out), aux_loss_weights=weights, **opts)
             return BlockThen(ConvBlock(c_in, c_out), moe)
 
