@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
+from moelab.analysis.rundir import read_summary
 from moelab.config import apply_overrides, flatten, read_toml
 from moelab.errors import ConfigError, DataError, MoelabError
 from moelab.experiments import get_family, resolve_config, resolve_file, validate_config
@@ -62,20 +62,13 @@ def run_experiment(
         if is_main and not quiet:
             print(f"moelab: '{out}' has finished (summary.json is there); nothing to resume, nothing changed. "
                   f"`moelab report {out}` shows its results.")
-        return _read_summary(out / "summary.json")
+        return read_summary(out)
     except (ConfigError, DataError, OSError):
         if resume is None and is_main:  # refused before training (a value, the data, the disk): leave no run
             with contextlib.suppress(OSError):
                 _remove_unstarted(out, existed)
         raise
     return summary
-
-
-def _read_summary(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MoelabError(f"'{path}' is not a readable summary ({e}); the run is left as it is.") from None
 
 
 def resume_config(run_dir: Path, name_or_path: str | None, overrides: list[str], seed: int | None):
