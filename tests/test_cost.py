@@ -17,7 +17,7 @@ def test_mlp_counts_match_hand_count():
     assert count_params(m) == 196 * 25 + 25 + 25 * 10 + 10
     # two GEMMs per example: 2 * (196 * 25 + 25 * 10) FLOPs (multiply-adds counted twice, biases not)
     assert flops_per_example(m, x) == 2 * (196 * 25 + 25 * 10)
-    assert cost_row(m, x) == {"params": 5185, "flops_per_example": 10300.0}
+    assert cost_row(m, x) == {"params": 5185, "flops_per_example": 10300.0, "rho": 0.0}  # dense: nothing routed
 
 
 def test_conv_counts_match_hand_count():
@@ -134,3 +134,42 @@ def test_grouped_mm_is_counted_on_the_rows_each_expert_owns():
     assert count_flops(lambda: torch._grouped_mm(x, w, offs=offs)) == 2 * 40 * 16 * 8
     layer = MoE(16, 4, 32, router="topk", k=2, bias=False, sparse_impl="grouped").eval()
     assert count_flops(layer, torch.randn(10, 16)) == 2 * 10 * 16 * 4 + 2 * (10 * 2) * (16 * 32 + 32 * 16)
+
+
+def test_rho_is_the_routed_share_of_the_counted_flops():
+    """rho = (MoE layer minus its router) / total, checked against a hand count on a top-2 MLP mixture,
+    and for CondConv2d (its conv counted, its routing function not)."""
+    from moelab import MoE
+    from moelab.cost import flop_split
+    from moelab.moe import CondConv2d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.moe, self.head = nn.Linear(16, 32), MoE(32, 4, 64, k=2), nn.Linear(32, 10)
+
+        def forward(self, x):
+            y = self.moe(self.stem(x))
+            return self.head(y[0] if isinstance(y, tuple) else y)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    flops, rho = flop_split(Net(), x)
+    stem, router, head = 2 * 16 * 32, 2 * 32 * 4, 2 * 32 * 10
+    experts = 2 * 2 * (32 * 64 + 64 * 32)  # k = 2 experts per example, two GEMMs each
+    assert flops == stem + router + experts + head
+    assert rho == round(experts / flops, 4)
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.cc = nn.Conv2d(3, 8, 3, padding=1), CondConv2d(8, 8, 3, padding=1, num_experts=4)
+
+        def forward(self, x):
+            return self.cc(self.stem(x))
+
+    f, r = flop_split(Conv(), torch.randn(2, 3, 8, 8))
+    stem_f, cc_f, routing = 2 * 3 * 8 * 9 * 64, 2 * 8 * 8 * 9 * 64, 2 * 8 * 4  # per image
+    mix = 2 * 4 * (8 * 8 * 9 + 8)  # the experts' kernels and biases mixed by the routing weights: routed
+    assert f == stem_f + routing + mix + cc_f
+    assert r == round((mix + cc_f) / f, 4)

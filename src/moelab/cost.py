@@ -12,6 +12,12 @@ for the networks here.
 
     params = count_params(model)
     flops = flops_per_example(model, x[:256])      # x: a batch of real inputs
+    flops, rho = flop_split(model, x[:256])        # and the routed share of them
+
+``rho`` (Sun et al. 2026, "When Does Sparse MoE Help in Vision?") is the share of the counted FLOPs spent
+in routed experts: everything a :class:`moelab.MoE` layer computes except its router, and the convolution
+of a :class:`moelab.moe.CondConv2d` (its experts' mixed kernel) except its routing function. 0 for a dense
+network.
 
 :func:`match_width` finds the width of a dense network whose counted cost equals a target, for the
 ``dense-equal-params`` / ``dense-equal-flops`` baselines.
@@ -27,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moelab.errors import MoelabError
 
-__all__ = ["count_params", "count_flops", "flops_per_example", "match_width", "cost_row"]
+__all__ = ["count_params", "count_flops", "flops_per_example", "flop_split", "match_width", "cost_row"]
 
 
 def _register_grouped_mm() -> None:
@@ -71,12 +77,32 @@ def count_flops(fn: Callable[..., object], *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-def flops_per_example(model: nn.Module, batch: Tensor) -> float:
-    """Inference FLOPs per example of ``model`` on ``batch`` (N, ...): counted in eval mode, divided by N.
+def _routed_modules(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(name, names of its non-expert children) of every routed module in ``model``, named as
+    FlopCounterMode's module tracker names them (the root's class name, then the dotted path)."""
+    from moelab.moe.condconv import CondConv2d
+    from moelab.moe.layer import MoE
 
-    The model's train/eval mode is restored afterwards. For a routed model the count is that batch's
-    routing (pass a few hundred real examples: the average is then what inference costs). The batch is
-    moved to the model's device (its first parameter's) when they differ."""
+    root = type(model).__name__
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            skip = ["router"]
+        elif isinstance(m, CondConv2d):
+            skip = ["routing_fn"]
+        else:
+            continue
+        full = f"{root}.{name}" if name else root
+        out.append((full, [f"{full}.{c}" for c in skip]))
+    return out
+
+
+@torch.no_grad()
+def flop_split(model: nn.Module, batch: Tensor) -> tuple[float, float]:
+    """``(flops_per_example, rho)``: counted inference FLOPs per example (as :func:`flops_per_example`) and
+    the share of them spent in routed experts (0.0 for a network without a mixture). One counted pass."""
+    from moelab.moe.experts import exact_compute
+
     if batch.shape[0] < 1:
         raise MoelabError("flops_per_example: the batch is empty")
     param = next(model.parameters(), None)
@@ -84,11 +110,27 @@ def flops_per_example(model: nn.Module, batch: Tensor) -> float:
         batch = batch.to(param.device)
     was_training = model.training
     model.eval()
+    counter = FlopCounterMode(display=False)
     try:
-        total = count_flops(model, batch)
+        with exact_compute(), counter:
+            model(batch)
     finally:
         model.train(was_training)
-    return total / batch.shape[0]
+    total = int(counter.get_total_flops())
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    routed = 0
+    for name, skip in _routed_modules(model):
+        routed += counts.get(name, 0) - sum(counts.get(c, 0) for c in skip)
+    return total / batch.shape[0], (round(routed / total, 4) if total else 0.0)
+
+
+def flops_per_example(model: nn.Module, batch: Tensor) -> float:
+    """Inference FLOPs per example of ``model`` on ``batch`` (N, ...): counted in eval mode, divided by N.
+
+    The model's train/eval mode is restored afterwards. For a routed model the count is that batch's
+    routing (pass a few hundred real examples: the average is then what inference costs). The batch is
+    moved to the model's device (its first parameter's) when they differ."""
+    return flop_split(model, batch)[0]
 
 
 def match_width(cost: Callable[[int], float], target: float, lo: int = 1, hi: int = 1 << 16) -> int:
@@ -109,5 +151,7 @@ def match_width(cost: Callable[[int], float], target: float, lo: int = 1, hi: in
 
 
 def cost_row(model: nn.Module, batch: Tensor) -> dict:
-    """``{"params": ..., "flops_per_example": ...}`` for a summary's model row."""
-    return {"params": count_params(model), "flops_per_example": round(flops_per_example(model, batch), 1)}
+    """``{"params": ..., "flops_per_example": ..., "rho": ...}`` for a summary's model row
+    (:func:`flop_split`)."""
+    flops, rho = flop_split(model, batch)
+    return {"params": count_params(model), "flops_per_example": round(flops, 1), "rho": rho}

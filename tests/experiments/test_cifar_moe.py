@@ -17,7 +17,6 @@ from moelab.experiments.cifar_common import Images
 from moelab.experiments.cifar_moe import (
     Model,
     Train,
-    active_flops,
     block_widths,
     build_model,
     lr_factor,
@@ -114,7 +113,7 @@ def test_token_moe_follows_the_chosen_blocks_and_its_twin_costs_the_same():
     assert auxes[0].indices.shape == (8 * 7 * 7, 2) and auxes[1].indices.shape == (8 * 3 * 3, 2)
     routers = {id(p) for b in net.blocks[1:] for p in b.after.moe.router.parameters()}
     assert routers == {id(p) for p in routing_parameters(net)}
-    f_net, f_twin = active_flops(net, x), active_flops(twin, x)
+    f_net, f_twin = flops_per_example(net, x), flops_per_example(twin, x)
     assert f_twin < f_net < 1.03 * f_twin  # the routers' projections + the grouped path's bias columns
     assert isinstance(net.blocks[2].after, TokenMoE2d) and net.blocks[2].after.moe.experts.sparse_impl == "auto"
     net.eval()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moelab.bench.common import amp_context, format_table, time_interleaved
 from moelab.cost import count_params, flops_per_example, match_width
 from moelab.errors import MoelabError
-from moelab.experiments.cifar_moe import Model, active_flops, build_model
+from moelab.experiments.cifar_moe import Model, build_model
 from moelab.models.fast_cnn import FastCNN
 from moelab.moe import CondConv2d, MoE
 from moelab.precision import fast_bf16
@@ -90,7 +90,7 @@ def bench_cnn(variants: Sequence[str] = VARIANTS, width: int = 128, batch: int =
     for spec in variants:
         m = parse_variant(spec, width)
         moe = build_model(m).to(memory_format=fmt)
-        target = active_flops(moe, probe)
+        target = flops_per_example(moe, probe)
         w = match_width(lambda w, m=m: flops_per_example(build_model(m, w, dense=True), probe), target, hi=8 * width)
         dense = build_model(m, w, dense=True).to(memory_format=fmt)
         steps = {}

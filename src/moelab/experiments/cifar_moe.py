@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from moelab.config import refuse
-from moelab.cost import count_params, flops_per_example
+from moelab.cost import cost_row, count_params, flops_per_example
 from moelab.device import to_host
 from moelab.experiments import family
 from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
@@ -42,7 +42,7 @@ from moelab.experiments.cifar_moe_config import (  # noqa: F401 (re-exported)
     check_config,
 )
 from moelab.models.fast_cnn import BlockThen, ConvBlock, FastCNN, batch_norm
-from moelab.moe import CondConv2d, ConvBlockExperts, MLPExperts, MoE, TokenMoE2d
+from moelab.moe import CondConv2d, ConvBlockExperts, MoE, TokenMoE2d
 from moelab.moe.routers import resolve, router_options
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
@@ -112,22 +112,6 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
                    router_kwargs=router_kwargs, **opts)
 
     return FastCNN(widths, block_factory=block)
-
-
-def active_flops(model: nn.Module, probe: Tensor) -> float:
-    """Counted inference FLOPs per example with every routed expert run on exactly its rows (expert blocks:
-    ``impl = "loop"``; MLP experts: ``sparse_impl = "grouped"``, unpadded): the padded slots of the fast
-    layouts are not the model's cost."""
-    exact = [(m, "impl", "loop") for m in model.modules() if isinstance(m, ConvBlockExperts)]
-    exact += [(m, "sparse_impl", "grouped") for m in model.modules() if isinstance(m, MLPExperts)]
-    saved = [getattr(m, attr) for m, attr, _ in exact]
-    try:
-        for m, attr, value in exact:
-            setattr(m, attr, value)
-        return flops_per_example(model, probe)
-    finally:
-        for (m, attr, _), value in zip(exact, saved):
-            setattr(m, attr, value)
 
 
 def _routing(model: FastCNN) -> list[Tensor]:
@@ -309,8 +293,7 @@ class Fitter:
         err = error_pct(probs, test.y, 3)
         row = {"test_accuracy": round(1 - err / 100, 5), "test_error_pct": err,
                "val_error_pct": error_pct(val_probs, val.y, 3), "epochs": round(total / self.steps_per_epoch, 3),
-               "train_time_s": train_time, "params": count_params(model),
-               "flops_per_example": round(active_flops(model, self.probe), 1), "widths": list(model.widths)}
+               "train_time_s": train_time, **cost_row(model, self.probe), "widths": list(model.widths)}
         if gates is not None:
             row["routing"] = routing_stats(test.y, gates, len(self.data["classes"]))
         run.log(f"[{phase}] test acc {100 * row['test_accuracy']:.2f}% (val err {row['val_error_pct']:.2f}%), "

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.config import Float, Int, Switch, refuse
-from moelab.cost import count_params, flops_per_example
+from moelab.cost import cost_row
 from moelab.data.augment import Augment
 from moelab.device import chunks_on, to_host
 from moelab.errors import MoelabError
@@ -201,8 +201,7 @@ def _train(run: Run, phase: str, model: SparseMoEMLP, t: Train, sp: Splits, bf16
     save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
     rep = model_report(sp.test_y, probs, gates, probs.shape[1])
     rep.update(val_error_pct=error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y), epochs=t.epochs,
-               train_time_s=train_time, params=count_params(model),
-               flops_per_example=round(flops_per_example(model, sp.val_x[:512].to(run.device)), 1))
+               train_time_s=train_time, **cost_row(model, sp.val_x[:512].to(run.device)))
     run.log(f"[{phase}] test err {rep['test_error_pct']:.2f}%, val err {rep['val_error_pct']:.2f}%, "
             f"{rep['params']} params, {rep['flops_per_example']:.0f} FLOPs/example, {train_time} s")
     return rep
