@@ -39,8 +39,8 @@ def test_python_dash_m_entry_point_exit_status():
 def test_bench_help_lists_the_benchmarks(capsys):
     assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: moelab bench {layer,conv,cnn}")
-    for name in ("layer", "conv", "cnn"):
+    assert out.startswith("usage: moelab bench {layer,conv,cnn,steps}")
+    for name in ("layer", "conv", "cnn", "steps"):
         assert f"\n  {name} " in out
     assert main(["bench", "-h"]) == 0 and capsys.readouterr().out == out
 

@@ -15,6 +15,7 @@ BENCHES = {
     "layer": "our MoE layer vs a naive loop vs a dense FFN of equal active FLOPs (--ep N: expert-parallel)",
     "conv": "ways to run the ten CNN experts (ConvExperts implementations), side by side",
     "cnn": "the cifar10-moe MoE CNNs vs their dense-equal-FLOPs CNNs, training images/s",
+    "steps": "each experiment's own MoE vs its dense-equal-FLOPs network: training step time, where it goes",
 }
 
 
@@ -79,7 +80,7 @@ def _cmd_data_check(a: argparse.Namespace) -> int:
 
 def _bench_help() -> str:
     width = max(map(len, BENCHES))
-    lines = ["usage: moelab bench {layer,conv,cnn} [OPTIONS]", "", "benchmarks:"]
+    lines = [f"usage: moelab bench {{{','.join(BENCHES)}}} [OPTIONS]", "", "benchmarks:"]
     lines += [f"  {name:<{width}}  {what}" for name, what in BENCHES.items()]
     lines += ["", "`moelab bench NAME --help` lists a benchmark's options."]
     return "\n".join(lines)
@@ -92,6 +93,8 @@ def _cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
         from moelab.bench.layer import main
     elif a.what == "cnn":
         from moelab.bench.cnn import main
+    elif a.what == "steps":
+        from moelab.bench.steps import main
     else:
         from moelab.bench.conv import main
     return main(rest) or 0

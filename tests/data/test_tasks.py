@@ -61,8 +61,51 @@ def test_grayscale_guard_and_bad_options():
     assert make_task(ds, "classes") is ds
     t = make_task(ds, "rotate", grayscale=True)
     assert np.array_equal(t.train_x[..., 0], t.train_x[..., 1])
-    with pytest.raises(MoelabError, match="data.task must be one of classes, rotate, got 'flip'"):
+    with pytest.raises(MoelabError, match="data.task must be one of classes, rotate, tilt, got 'flip'"):
         make_task(ds, "flip")
     with pytest.raises(MoelabError, match=r"data.rotate_crop must be in \[1, 32\] for toy"):
         make_task(ds, "rotate", crop=40)
     assert torch.is_tensor(torch.from_numpy(t.train_x))
+
+
+def test_task_from_config_refuses_crops_naming_the_key():
+    from types import SimpleNamespace
+
+    from moelab.data.tasks import task_from_config
+    from moelab.errors import ConfigError
+
+    ds = toy()
+    d = SimpleNamespace(task="rotate", rotate_deg=30.0, rotate_crop=0, grayscale=True)
+    t = task_from_config(ds, d, seed=1)
+    assert np.array_equal(t.train_x, make_task(ds, "rotate", deg=30.0, grayscale=True, seed=1).train_x)
+    assert task_from_config(ds, SimpleNamespace(**{**vars(d), "task": "classes", "grayscale": False}), 0) is ds
+    with pytest.raises(ConfigError, match=r"^data.rotate_crop = 33 is out of range: expected a side in \[1, 32\] "
+                                          r"for the 32x32 images of toy, or 0") as e:
+        task_from_config(ds, SimpleNamespace(**{**vars(d), "rotate_crop": 33}), 0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"expected a side in \[23, 32\] .* \(the net\), or 0 \(the largest crop "
+                                          r"with no empty corner, which is 22 px here\)"):
+        task_from_config(ds, d, 0, min_side=23, why="the net")
+
+
+def _blur_auc(t: TaskDataset) -> float:
+    """AUC of one number per image, its mean absolute Laplacian, at telling label 1 from label 0."""
+    x = torch.from_numpy(t.train_x[..., 0]).float()
+    lap = (4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]).abs().mean((1, 2))
+    a, b = lap[torch.from_numpy(t.train_y) == 1], lap[torch.from_numpy(t.train_y) == 0]
+    return float((a[:, None] > b[None, :]).float().mean())
+
+
+def test_tilt_has_no_blur_cue_where_rotate_has_one():
+    """On white noise (no content: only the resampling can differ) the rotate task's halves are told apart by
+    their blur alone, the tilt task's (-deg/2 vs +deg/2, mirrored resampling) are not."""
+    ds = toy(n=400, h=28, c=1, classes=2, seed=3)
+    rot, tilt = make_task(ds, "rotate", deg=30, seed=0), make_task(ds, "tilt", deg=30, seed=0)
+    assert _blur_auc(rot) < 0.05 or _blur_auc(rot) > 0.95  # the rotated half is visibly smoother
+    assert 0.4 < _blur_auc(tilt) < 0.6
+    assert tilt.classes == ["tilted -15", "tilted +15"] and tilt.image_shape[0] == valid_crop(28, 28, 15)
+    up = tilt.train_y == 0
+    crop = tilt.image_shape[0]
+    assert np.array_equal(tilt.train_x[up], rotate(ds.train_x[up], -15.0, crop))
+    assert np.array_equal(tilt.train_x[~up], rotate(ds.train_x[~up], 15.0, crop))
+    assert np.array_equal(tilt.train_latent, ds.train_y)

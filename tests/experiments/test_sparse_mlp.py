@@ -96,3 +96,45 @@ def test_sparse_flops_below_dense_all_experts():
 def test_bad_router_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model.router"):
         run_experiment("mnist-sparse", ["model.router=nope"], out=tmp_path / "r", quiet=True)
+
+
+RECIPE = ["model.router_init=zeros", "model.router_noise=uniform", "model.balance=bias", "model.bias_rate=0.01",
+          "train.routing_lr_scale=0.1"]
+
+
+def test_router_recipe_keys_reach_the_router():
+    m = typed(Config, resolve_config("mnist-sparse", RECIPE + ["model.num_experts=4", "model.depth=2"])[1]).model
+    model = build_model(m, 196, 10, aux_scale=3.0)
+    for block in model.blocks:
+        r = block.router
+        assert (r.balance, r.bias_rate, r.train_noise, r.normalize) == ("bias", 0.01, "uniform", True)
+        assert int(torch.count_nonzero(r.gate.weight)) == 0 and block.aux_loss_weights == {}  # no balance loss
+    plain = build_model(typed(Config, resolve_config("mnist-sparse", [])[1]).model, 196, 10, aux_scale=3.0)
+    assert plain.blocks[0].aux_loss_weights == {"balance": 0.03} and plain.blocks[0].router.balance == "aux"
+    dense = typed(Config, resolve_config("mnist-sparse", ["model.router=dense", "model.router_init=zeros"])[1]).model
+    assert type(build_model(dense, 196, 10).blocks[0].router).__name__ == "DenseRouter"  # the per-sample soft mixture
+
+
+@pytest.mark.parametrize("sets,key", [(["model.router=soft", "model.router_noise=uniform"], "model.router_noise"),
+                                      (["model.router=expert_choice", "model.balance=bias"], "model.balance"),
+                                      (["model.router=dense", "model.capacity_factor=1.0"], "model.capacity_factor")])
+def test_router_recipe_keys_the_router_does_not_take(sets, key, tmp_path):
+    with pytest.raises(ConfigError, match=key):
+        run_experiment("mnist-sparse", sets, out=tmp_path / "r", quiet=True)
+
+
+def test_mnist_sparse_router_recipe_run(real_data_dir, tmp_path):
+    """One epoch with every recipe key set: it trains, the expert bias moved and is in the checkpoint, and the
+    routers trained at routing_lr_scale x lr."""
+    from moelab.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "r"
+    s = run_experiment("mnist-sparse", SMALL + RECIPE + ["model.k=2", "train.epochs=1", "baselines.equal_cost=false"],
+                       out=out, data_dir=str(real_data_dir), quiet=True)
+    assert s["models"]["moe"]["test_accuracy"] > 0.2
+    tensors, meta = load_checkpoint(out / "ckpt" / "moe.safetensors")
+    bias = tensors["model.blocks.0.router.expert_bias"]
+    assert bias.shape == (8,) and int(torch.count_nonzero(bias)) > 0 and float(bias.abs().max()) <= 0.01 * 4 + 1e-6  # 4 steps
+    groups = meta["optim"]["param_groups"]
+    assert [g["name"] for g in groups] == ["weights", "routing"]
+    assert groups[1]["initial_lr"] == pytest.approx(0.1 * groups[0]["initial_lr"])

@@ -40,6 +40,43 @@ def mutual_information(joint: torch.Tensor) -> float:
     return max(float((p * torch.log2(ratio)).sum()), 0.0)
 
 
+def label_expert_counts(labels: torch.Tensor, gates_or_lead: torch.Tensor, num_labels: int,
+                        num_experts: int | None = None) -> torch.Tensor:
+    """(L, E) counts of examples of label l led by expert e; ``gates_or_lead``: gates (N, E) (the lead expert is
+    the argmax) or the lead experts' indices (N,) (then E = ``num_experts``, else the largest index + 1)."""
+    if gates_or_lead.dim() == 2:
+        lead, e = gates_or_lead.argmax(1), gates_or_lead.shape[1]
+    else:
+        lead = gates_or_lead.long()
+        e = num_experts or (int(lead.max()) + 1 if len(lead) else 1)
+    joint = torch.zeros(num_labels, e, dtype=torch.long)
+    joint.index_put_((labels.long().cpu(), lead.cpu()), torch.ones(len(lead), dtype=torch.long), accumulate=True)
+    return joint
+
+
+def joint_info_ratio(joint: torch.Tensor) -> float:
+    """I(row; column) / H(row) of a (label, expert) count matrix, in [0, 1]; 0 when H(row) = 0."""
+    h = float(entropy_bits(joint.sum(1).double()))
+    return min(mutual_information(joint) / h, 1.0) if h > 0 else 0.0
+
+
+def info_ratio(labels: torch.Tensor, gates_or_lead: torch.Tensor, num_labels: int,
+               num_experts: int | None = None) -> float:
+    """I(label; lead expert) / H(label) in [0, 1]: how much of the label the routing alone tells (1: each label
+    has experts of its own; 0: routing independent of it, or a single label). With the latent labels of a task
+    (:mod:`moelab.data.tasks`) it measures whether a mixture splits the data by the hidden clusters."""
+    return joint_info_ratio(label_expert_counts(labels, gates_or_lead, num_labels, num_experts))
+
+
+def latent_routing(latent: torch.Tensor | None, gates: torch.Tensor | None, num_latent: int) -> dict:
+    """A model row's latent routing fields (empty without latent labels or gates): ``latent_expert_info`` =
+    I(latent class; lead expert) / H(latent class) and ``latent_expert_matrix``, the (latent class, expert) counts."""
+    if latent is None or gates is None:
+        return {}
+    joint = label_expert_counts(latent, gates, num_latent)
+    return {"latent_expert_info": round(joint_info_ratio(joint), 4), "latent_expert_matrix": joint.tolist()}
+
+
 def model_stats(labels: torch.Tensor, probs: torch.Tensor) -> dict:
     """Accuracy, per-class accuracy and confusion matrix of one model."""
     labels = labels.long()
@@ -105,10 +142,14 @@ def routing_analysis(
 
 
 def analyse_eval(tensors: dict[str, torch.Tensor]) -> dict:
-    """``model_stats`` plus, when gates are present, ``routing`` (see :func:`routing_analysis`)."""
+    """``model_stats`` plus, when gates are present, ``routing`` (see :func:`routing_analysis`; with the
+    task's ``latent`` labels also ``latent_specialisation``, :func:`info_ratio`)."""
     out = model_stats(tensors["labels"], tensors["probs"])
     if "gates" in tensors:
         out["routing"] = routing_analysis(
             tensors["labels"], tensors["probs"], tensors["gates"], tensors.get("expert_probs")
         )
+        if "latent" in tensors:  # a task's latent classes (save_eval's ``latent``): I(latent; expert) / H
+            latent = tensors["latent"].long()
+            out["routing"]["latent_specialisation"] = info_ratio(latent, tensors["gates"], int(latent.max()) + 1)
     return out

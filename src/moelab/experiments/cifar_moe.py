@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from moelab.analysis.routing import latent_routing
 from moelab.config import refuse
 from moelab.cost import cost_row, count_params, flops_per_example
 from moelab.device import to_host
@@ -41,14 +42,17 @@ from moelab.experiments.cifar_moe_config import (  # noqa: F401 (re-exported)
     Train,
     check_config,
 )
+from moelab.experiments.router_recipe import loss_weights, recipe_options
 from moelab.models.fast_cnn import BlockThen, ConvBlock, FastCNN, batch_norm
 from moelab.moe import CondConv2d, ConvBlockExperts, MoE, TokenMoE2d
 from moelab.moe.routers import resolve, router_options
+from moelab.moe.routers.base import zero_gate
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.runtime import torch_threads
 from moelab.train.evaluation import error_pct, routing_stats, save_eval
 from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
+from moelab.train.optim import routing_parameters
 from moelab.train.run import Run
 
 # ----------------------------------------------------------------------------- models
@@ -59,39 +63,42 @@ def block_widths(width: int) -> tuple[int, int, int]:
 
 
 def build_model(m: Model, width: int | None = None, dense: bool = False, aux_scale: float = 1.0,
-                twin: bool = False) -> FastCNN:
+                twin: bool = False, num_classes: int = 10) -> FastCNN:
     """The mixture of ``m`` (``dense=False``) or the dense FastCNN of block-3 width ``width``; ``twin=True``
     (``model.moe = "tokens"``): the mixture's dense twin, each token MoE one dense FFN of k x its hidden
     width, k the experts a token runs (``model.k``; 1 for switch): the same active FLOPs, router aside."""
     widths = block_widths(width or m.width)
     if dense or m.moe == "none":
-        return FastCNN(widths)
+        return FastCNN(widths, num_classes)
     blocks, e = set(m.moe_blocks), m.num_experts
     if m.moe == "condconv":
         def conv(name: str, c_in: int, c_out: int) -> nn.Module | None:
             if int(name[5]) not in blocks:  # "block{b}.conv{i}"
                 return None
-            return CondConv2d(c_in, c_out, 3, e, padding=1, bias=False, routing=m.routing,
-                              temperature=m.temperature)
+            cc = CondConv2d(c_in, c_out, 3, e, padding=1, bias=False, routing=m.routing, temperature=m.temperature)
+            if m.router_init == "zeros":
+                zero_gate("condconv", cc.routing_fn)
+            return cc
 
-        return FastCNN(widths, conv_factory=conv)
-    router_cls = resolve(m.router)[0]
-    weights = {n: aux_scale * w for n, w in router_cls.default_loss_weights.items()}
+        return FastCNN(widths, num_classes, conv_factory=conv)
+    router_cls, recipe = resolve(m.router)[0], recipe_options(m)
+    weights = loss_weights(m.router, m, aux_scale)  # the router's defaults x aux_scale (no balance loss with bias)
     opts = {"k": m.k} if "k" in router_options(router_cls) else {}
     if m.capacity_factor:
         opts["capacity_factor"] = m.capacity_factor
     if m.moe == "tokens":
-        k_active = opts.get("k", 1 if m.router == "switch" else m.k)  # experts each token runs (switch: 1)
+        k_active = opts.get("k", 1 if m.router == "switch" else e if m.router == "dense" else m.k)  # per token
 
         def token_block(b: int, c_in: int, c_out: int) -> nn.Module | None:
             if b not in blocks:
                 return None
             hidden = m.expert_hidden or 2 * c_out
             moe = TokenMoE2d(c_out, 1, k_active * hidden, router="dense", norm=batch_norm(c_out)) if twin else \
-                TokenMoE2d(c_out, e, hidden, router=m.router, norm=batch_norm(c_out), aux_loss_weights=weights, **opts)
+                TokenMoE2d(c_out, e, hidden, router=m.router, norm=batch_norm(c_out), aux_loss_weights=weights,
+                           router_kwargs=recipe or None, **opts)
             return BlockThen(ConvBlock(c_in, c_out), moe)
 
-        return FastCNN(widths, block_factory=token_block)
+        return FastCNN(widths, num_classes, block_factory=token_block)
 
     def pooled_linear(c_in: int) -> nn.Sequential:  # (N, C, H, W) -> (N, E) logits
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, e, bias=False))
@@ -99,11 +106,11 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
     def block(b: int, c_in: int, c_out: int) -> nn.Module | None:
         if b not in blocks:
             return None
-        gate, router_kwargs = pooled_linear(c_in), None
+        gate, router_kwargs = pooled_linear(c_in), dict(recipe)
         if m.router == "noisy_topk":  # its noise std comes from the same pooled features, zero-initialised
             noise_gate = pooled_linear(c_in)
             nn.init.zeros_(noise_gate[-1].weight)
-            router_kwargs = {"noise_gate": noise_gate}
+            router_kwargs["noise_gate"] = noise_gate
         if m.expert_block == "resnet":
             experts = ConvBlockExperts(c_in, c_out, e, stride=2)
         else:  # E copies of the dense block it replaces (each run on exactly its images)
@@ -111,7 +118,7 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
         return MoE(None, e, router=m.router, experts=experts, gate=gate, aux_loss_weights=weights,
                    router_kwargs=router_kwargs, **opts)
 
-    return FastCNN(widths, block_factory=block)
+    return FastCNN(widths, num_classes, block_factory=block)
 
 
 def _routing(model: FastCNN) -> list[Tensor]:
@@ -120,17 +127,6 @@ def _routing(model: FastCNN) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- the recipe
-
-
-def routing_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that route: each CondConv2d's routing function and each MoE block's router (its gate)."""
-    out: list[nn.Parameter] = []
-    for m in model.modules():
-        if isinstance(m, CondConv2d):
-            out += list(m.routing_fn.parameters())
-        elif isinstance(m, MoE):
-            out += list(m.router.parameters())
-    return out
 
 
 def make_optimizer(model: FastCNN, t: Train, batch: int) -> torch.optim.SGD:
@@ -223,7 +219,7 @@ def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) ->
                 logits = 0.5 * logits + 0.5 * model(x.flip(3)).float()
             if tta >= 2:
                 pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
-                shifted = [pad[:, :, :32, :32], pad[:, :, 2:, 2:]]
+                shifted = [pad[:, :, :-2, :-2], pad[:, :, 2:, 2:]]  # any image size (a rotate task's crop)
                 t_logits = torch.stack([0.5 * model(s).float() + 0.5 * model(s.flip(3)).float() for s in shifted])
                 logits = 0.5 * logits + 0.5 * t_logits.mean(0)
         probs.append(to_host(torch.softmax(logits, -1)))
@@ -235,24 +231,38 @@ def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) ->
 
 
 def load_images(cfg: Config, run: Run) -> dict:
+    """The train / val / test :class:`Images` of ``data.task`` (:func:`moelab.data.tasks.task_from_config`, made
+    of the images kept); a rotate task's crop runs through the CNN and its augmentation at its own size, and
+    its original classes are ``test_latent`` (None for ``classes``), for the routing rows."""
+    import dataclasses
+
     from moelab.data import load_dataset
+    from moelab.data.tasks import task_from_config
     from moelab.data.transforms import train_val_split
+    from moelab.train.run import seeded_generator
 
     d, cl = cfg.data, cfg.compute.channels_last
     ds = load_dataset(d.name, data_dir=run.data_dir)
     classes = list(range(len(ds.classes)))
     tr_keep = limit_per_class(ds.train_y, classes, d.train_per_class)
     te_keep = limit_per_class(ds.test_y, classes, d.test_per_class)
-    x, y = ds.train_x[tr_keep], ds.train_y[tr_keep]
+    ds = task_from_config(dataclasses.replace(ds, train_x=ds.train_x[tr_keep], train_y=ds.train_y[tr_keep],
+                                              test_x=ds.test_x[te_keep], test_y=ds.test_y[te_keep]), d,
+                          int(seeded_generator(run.seed, "task").initial_seed()), min_side=9,
+                          why="the CNN's 2x2 whitening and three 2x poolings")
+    x, y, latent = ds.train_x, ds.train_y, getattr(ds, "train_latent", None)
     if d.val_size >= len(y):
         raise refuse("data.val_size", d.val_size, f"fewer than the {len(y)} training images")
     if cfg.train.batch > len(y) - d.val_size:
         raise refuse("train.batch", cfg.train.batch,
                      f"at most the {len(y) - d.val_size} training images left after data.val_size")
-    tr, va = train_val_split(y, d.val_size, seed=run.seed, stratified=True)
+    strata = y if latent is None else latent * len(ds.classes) + y  # a task: by (latent class, label)
+    tr, va = train_val_split(strata, d.val_size, seed=run.seed, stratified=True)
     dev = run.device
     return {"train": Images(x[tr], y[tr], cl, dev), "val": Images(x[va], y[va], cl, dev),
-            "test": Images(ds.test_x[te_keep], ds.test_y[te_keep], cl, dev), "classes": list(ds.classes)}
+            "test": Images(ds.test_x, ds.test_y, cl, dev), "classes": list(ds.classes),
+            "test_latent": None if latent is None else torch.from_numpy(ds.test_latent),
+            "latent_classes": list(getattr(ds, "latent_classes", []))}
 
 
 class Fitter:
@@ -289,13 +299,14 @@ class Fitter:
         val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch)
         probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch)
         gates = routes[-1] if routes else None
-        save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"])
+        save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"], latent=self.data["test_latent"])
         err = error_pct(probs, test.y, 3)
         row = {"test_accuracy": round(1 - err / 100, 5), "test_error_pct": err,
                "val_error_pct": error_pct(val_probs, val.y, 3), "epochs": round(total / self.steps_per_epoch, 3),
                "train_time_s": train_time, **cost_row(model, self.probe), "widths": list(model.widths)}
         if gates is not None:
-            row["routing"] = routing_stats(test.y, gates, len(self.data["classes"]))
+            row["routing"] = {**routing_stats(test.y, gates, len(self.data["classes"])),
+                              **latent_routing(self.data["test_latent"], gates, len(self.data["latent_classes"]))}
         run.log(f"[{phase}] test acc {100 * row['test_accuracy']:.2f}% (val err {row['val_error_pct']:.2f}%), "
                 f"{row['params']:,} params, {row['flops_per_example'] / 1e6:.1f} MFLOPs/image, {train_time} s")
         return row
@@ -318,18 +329,20 @@ def _run(cfg: Config, run: Run) -> dict:
     fit = Fitter(cfg, run, data, bf16)
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")
-    moe = fit("moe", build_model(m, aux_scale=t.aux_scale), t.epochs)
+    n_cls = len(data["classes"])
+    moe = fit("moe", build_model(m, aux_scale=t.aux_scale, num_classes=n_cls), t.epochs)
     moe.update(moe=m.moe, num_experts=m.num_experts, moe_blocks=m.moe_blocks)
     models["moe"] = moe
     if cfg.baselines.equal_cost and m.moe != "none":
         models.update(_equal_cost(cfg, run, moe, fit))
     if cfg.baselines.dense_twin and m.moe == "tokens":
         seed_module_init(run, "dense-twin")
-        models["dense-twin"] = {**fit("dense-twin", build_model(m, twin=True), t.epochs), "matched_to": "architecture"}
+        models["dense-twin"] = {**fit("dense-twin", build_model(m, twin=True, num_classes=n_cls), t.epochs),
+                                "matched_to": "architecture"}
     if cfg.baselines.reference and m.moe != "none":
         seed_module_init(run, "dense-reference")
-        models["dense-reference"] = {**fit("dense-reference", build_model(m, dense=True), t.epochs),
-                                     "width": m.width}
+        models["dense-reference"] = {**fit("dense-reference", build_model(m, dense=True, num_classes=n_cls),
+                                           t.epochs), "width": m.width}
     return {"test_accuracy": moe["test_accuracy"], "models": models,
             "protocol": {"val_size": len(data["val"]), "selection": "last step; settings chosen on the validation split",
                          "tta": cfg.eval.tta, "bf16": bf16}}
@@ -339,7 +352,7 @@ def _equal_cost(cfg: Config, run: Run, moe: dict, fit: Fitter) -> dict[str, dict
     m, t, probe = cfg.model, cfg.train, fit.probe
 
     def dense(w: int) -> FastCNN:
-        return build_model(m, w, dense=True)
+        return build_model(m, w, dense=True, num_classes=len(fit.data["classes"]))
 
     widths = dense_widths(moe, lambda w: count_params(dense(w)), lambda w: flops_per_example(dense(w), probe[:2]),
                           hi=8 * m.width)

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal, get_args
 
 from moelab.config import Check, Float, Int, Switch, refuse
+from moelab.experiments.router_recipe import check_recipe
 from moelab.schema import defaults_of, rules_of
 
 MoEKind = Literal["none", "condconv", "blocks", "tokens"]
-BlockRouter = Literal["topk", "noisy_topk", "switch", "expert_choice"]
+BlockRouter = Literal["topk", "noisy_topk", "switch", "expert_choice", "dense"]
 MOES, BLOCK_ROUTERS = get_args(MoEKind), get_args(BlockRouter)
 
 
@@ -24,6 +25,13 @@ class Data:
     val_size: Annotated[int, Int(ge=1)] = 5000
     train_per_class: Annotated[int, Int(ge=0)] = 0  # 0: all
     test_per_class: Annotated[int, Int(ge=0)] = 0
+    # rotate: "rotated by rotate_deg or not"; tilt: "by -rotate_deg/2 or +rotate_deg/2" (no blur cue,
+    # moelab.data.tasks); the class becomes the latent label
+    task: Literal["classes", "rotate", "tilt"] = "classes"
+    rotate_deg: Annotated[float, Float(gt=0, lt=180)] = 30.0  # task = rotate: the angle of the rotated half
+    rotate_crop: Annotated[int, Int(ge=0)] = 0  # task = rotate: centre crop side (0: the largest with no empty
+    # corner, 22 px at 30 degrees); at least 9 px (the CNN's three 2x poolings after its 2x2 whitening)
+    grayscale: bool = False  # colour -> luma before the task: JPEG chroma blocks give a rotation away (data.tasks)
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,11 @@ class Model:
     k: Annotated[int, Int(ge=1)] = 2  # blocks, tokens: experts per image / per position (topk, noisy_topk; top-1: switch)
     capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # blocks, tokens: 0 = the router's (expert_choice: 2)
     expert_hidden: Annotated[int, Int(ge=0)] = 0  # tokens: each expert's hidden width; 0 = 2 x the block width
+    # the router recipe (moelab.experiments.router_recipe); dense router: the per-image soft mixture
+    router_init: Literal["default", "zeros"] = "default"  # zeros: the gate (condconv: routing function) starts at 0
+    router_noise: Literal["none", "uniform"] = "none"  # blocks, tokens with topk, switch: U(0, 1) on the choosing logits
+    balance: Literal["aux", "bias"] = "aux"  # blocks, tokens with topk, switch: bias = aux-loss-free (DeepSeek-V3)
+    bias_rate: Annotated[float, Float(gt=0)] = 1e-3  # balance = bias: each step's bias move per expert
 
 
 @dataclass(frozen=True)
@@ -99,8 +112,23 @@ RESUMABLE = ("threads", "train.log_every", "eval.batch")
 
 
 def check_config(c: Config) -> None:
-    """Cross-key rules: k of E experts; no top-1 through a router whose one weight is always 1."""
+    """Cross-key rules: k of E experts; no top-1 through a router whose one weight is always 1; recipe keys only
+    where a router takes them; no flips with the tilt task (a flip turns one tilt into the other)."""
+    if c.data.task == "tilt" and c.train.flip:
+        raise refuse("train.flip", True, "false with data.task = tilt (a horizontal flip turns one tilt into the "
+                     "other: the label would be wrong)")
+    if c.data.task == "tilt" and c.eval.tta:
+        raise refuse("eval.tta", c.eval.tta, "0 with data.task = tilt (test-time flips turn one tilt into the other)")
     m = c.model
+    if m.moe in ("blocks", "tokens"):
+        check_recipe(m, m.router, BLOCK_ROUTERS)
+        if m.router == "dense" and m.capacity_factor:
+            raise refuse("model.capacity_factor", m.capacity_factor, "0 with model.router = dense (no capacity)")
+    elif m.moe == "condconv":
+        for key, default in (("router_noise", "none"), ("balance", "aux")):
+            if getattr(m, key) != default:
+                raise refuse(f"model.{key}", getattr(m, key), f"{default!r} with model.moe = condconv (a top-k "
+                             f"router's option: model.moe = blocks or tokens)")
     if m.moe not in ("blocks", "tokens") or m.router not in ("topk", "noisy_topk"):  # the routers that take k
         return
     if m.k == 1:

@@ -4,6 +4,7 @@ dense baselines."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moelab.config import Int, refuse
+from moelab.config import Float, Int, refuse
 from moelab.cost import count_params, flops_per_example
 from moelab.data.augment import Augment
 from moelab.errors import ConfigError
@@ -35,6 +36,12 @@ class DigitData:
     test_limit: Annotated[int, Int(ge=0)] = 0  # use only the first N test images (0: all)
     val_size: Annotated[int, Int(ge=0)] = 0  # hold out this many training images (stratified) for validation
     standardize: bool = False  # (x - mean) / std with the training images' mean and std (scalars)
+    # rotate: "rotated by rotate_deg or not"; tilt: "by -rotate_deg/2 or +rotate_deg/2" (no blur cue,
+    # moelab.data.tasks); the class becomes the latent label
+    task: Literal["classes", "rotate", "tilt"] = "classes"
+    rotate_deg: Annotated[float, Float(gt=0, lt=180)] = 30.0  # task = rotate: the angle of the rotated half
+    rotate_crop: Annotated[int, Int(ge=0)] = 0  # task = rotate: centre crop side (0: the largest with no empty corner)
+    grayscale: bool = False  # colour -> luma before the task (the leak guard of moelab.data.tasks; digits are grey)
 
 
 def check_sizes(d: DigitData, name: str, n_train: int, n_test: int, batch_size: int | None = None) -> None:
@@ -61,17 +68,19 @@ def grayscale(x: np.ndarray, name: str) -> np.ndarray:
 def load_data(d: DigitData, run_seed: int, data_dir: str | None, *, batch_size: int | None = None,
               shuffle_split: bool = False) -> dict:
     """The experiment's images as float64 (N, H*W) in [0, 1] (the seed's scaling) and int64 labels.
-    ``shuffle_split``: the seed's random split of all images (see ``seed_protocol``)."""
+    ``shuffle_split``: the seed's random split of all images (see ``seed_protocol``). ``data.task``
+    (:func:`moelab.data.tasks.make_task`) is made of the images kept (after the split and the limits, so its
+    labels are balanced in what trains), before the resize; ``train_latent`` / ``test_latent`` are then the
+    original classes (None for ``classes``)."""
     from moelab.data import load_dataset
+    from moelab.data.tasks import task_from_config
     from moelab.data.transforms import resize_cubic_half_like_seed
+    from moelab.train.run import seeded_generator
 
     ds = load_dataset(d.dataset, data_dir=data_dir)
-    tr_x, te_x = grayscale(ds.train_x, ds.name), grayscale(ds.test_x, ds.name)
-    tr_y, te_y = ds.train_y, ds.test_y
+    tr_x, te_x, tr_y, te_y = ds.train_x, ds.test_x, ds.train_y, ds.test_y  # (N, H, W, C)
     check_sizes(d, ds.name, len(tr_y), len(te_y), batch_size)
     if shuffle_split:  # the seed: np.random.shuffle(ids) over all images, first 60000 train
-        from moelab.train.run import seeded_generator
-
         all_x, all_y = np.concatenate([tr_x, te_x]), np.concatenate([tr_y, te_y])
         ids = torch.randperm(len(all_x), generator=seeded_generator(run_seed, "split")).numpy()
         tr_x, tr_y = all_x[ids[:len(tr_x)]], all_y[ids[:len(tr_x)]]
@@ -80,6 +89,12 @@ def load_data(d: DigitData, run_seed: int, data_dir: str | None, *, batch_size: 
         tr_x, tr_y = tr_x[:d.train_limit], tr_y[:d.train_limit]
     if d.test_limit > 0:
         te_x, te_y = te_x[:d.test_limit], te_y[:d.test_limit]
+    task = task_from_config(dataclasses.replace(ds, train_x=tr_x, train_y=tr_y, test_x=te_x, test_y=te_y), d,
+                            int(seeded_generator(run_seed, "task").initial_seed()),
+                            min_side=4 if d.resize == "seed_half" else 1, why="data.resize = \"seed_half\" halves it")
+    tr_x, te_x = grayscale(task.train_x, ds.name), grayscale(task.test_x, ds.name)
+    tr_y, te_y = task.train_y, task.test_y
+    has_latent = getattr(task, "train_latent", None) is not None
     train_raw = torch.from_numpy(np.ascontiguousarray(tr_x))  # before resizing: for augmentation
     if d.resize == "seed_half":
         tr_x, te_x = resize_cubic_half_like_seed(tr_x), resize_cubic_half_like_seed(te_x)
@@ -93,7 +108,10 @@ def load_data(d: DigitData, run_seed: int, data_dir: str | None, *, batch_size: 
         "train_x": torch.from_numpy(both[:len(tr_x)]), "train_y": torch.from_numpy(np.asarray(tr_y)),
         "test_x": torch.from_numpy(both[len(tr_x):]), "test_y": torch.from_numpy(np.asarray(te_y)),
         "train_raw": train_raw, "pixel_affine": (shift, scale), "resize": d.resize,
-        "shape": (h, w), "classes": list(ds.classes), "num_classes": len(ds.classes),
+        "shape": (h, w), "classes": list(task.classes), "num_classes": len(task.classes),
+        "train_latent": torch.from_numpy(task.train_latent) if has_latent else None,
+        "test_latent": torch.from_numpy(task.test_latent) if has_latent else None,
+        "latent_classes": list(task.latent_classes) if has_latent else None,
     }
 
 
@@ -101,13 +119,19 @@ def lead_share(counts: Tensor) -> list[float]:
     return [round(float(c), 4) for c in (counts.float() / max(int(counts.sum()), 1))]
 
 
-def model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_classes: int) -> dict:
+def model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_classes: int,
+                 latent: Tensor | None = None, num_latent: int = 0) -> dict:
+    """A model's test row; a mixture's with its routing, and with a task's ``latent`` classes (``num_latent``
+    of them) ``latent_expert_info`` = I(latent class; lead expert) / H(latent class) and its count matrix."""
+    from moelab.analysis.routing import latent_routing
+
     acc = accuracy(probs, labels)
     out = {"test_accuracy": acc, "test_error_pct": round(100 * (1 - acc), 4)}
     if gates is not None:
         stats = routing_stats(labels, gates, num_classes)
         out.update(stats)
         out["lead_share_pct"] = [round(100 * s, 2) for s in stats["lead_share"]]
+        out.update(latent_routing(latent, gates, num_latent))
     return out
 
 
@@ -188,17 +212,24 @@ class Splits:
 
     ``val_size`` training images (stratified, seeded by the run) are held out as the validation split
     (0: none; then ``val`` is None and ``eval_*`` is the test split). ``raw`` keeps the original training
-    images for ``augment`` (:class:`moelab.data.augment.Augment`, or None)."""
+    images for ``augment`` (:class:`moelab.data.augment.Augment`, or None). A task's latent classes
+    (``data.task``) follow their images: ``val_latent`` / ``test_latent`` (None without), ``latent_classes``."""
 
     def __init__(self, data: dict, val_size: int, seed: int, standardize: bool, augment: Augment | None):
         from moelab.data.transforms import train_val_split
 
         x, y, raw = data["train_x"].float(), data["train_y"], data["train_raw"]
-        self.val_x = self.val_y = None
+        latent = data.get("train_latent")
+        self.val_x = self.val_y = self.val_latent = None
         if val_size > 0:
-            tr_idx, val_idx = train_val_split(y.numpy(), val_size, seed=seed)
+            strata = y if latent is None else latent * (int(y.max()) + 1) + y  # a task: by (latent class, label)
+            tr_idx, val_idx = train_val_split(strata.numpy(), val_size, seed=seed)
             self.val_x, self.val_y = x[val_idx], y[val_idx]
             x, y, raw = x[tr_idx], y[tr_idx], raw[tr_idx]
+            if latent is not None:
+                self.val_latent, latent = latent[val_idx], latent[tr_idx]
+        self.train_latent, self.test_latent = latent, data.get("test_latent")
+        self.latent_classes = data.get("latent_classes") or []
         self.norm = (float(x.mean()), float(x.std())) if standardize else (0.0, 1.0)
         self.train_x, self.train_y, self.raw, self.augment = x, y, raw, augment
         self.classes = data["classes"]

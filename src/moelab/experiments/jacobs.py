@@ -253,8 +253,8 @@ def _fit(run: Run, phase: str, model, loss_fn, t: Train, sp: Splits, bf16: bool,
     train_phase(run, phase, model, opt, epochs, epoch_fn, evaluate=_evaluator(model, sp, bf16), sched=sched,
                 log_every=t.log_every)
     probs, gates = _predict(model, sp.test_x, bf16)
-    save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
-    rep = model_report(sp.test_y, probs, gates, probs.shape[1])
+    save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes, latent=sp.test_latent)
+    rep = model_report(sp.test_y, probs, gates, probs.shape[1], sp.test_latent, len(sp.latent_classes))
     rep.update(epochs=epochs, train_time_s=run.train_time(phase), **cost_row(model, sp.test_x[:256].to(run.device)))
     if sp.val_x is not None:
         rep["val_error_pct"] = error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y)

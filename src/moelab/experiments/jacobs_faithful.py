@@ -74,6 +74,7 @@ class FullBatch:
         self.train_xt, self.test_xt = train_xt[self.rows].contiguous(), test_xt[self.rows].contiguous()
         self.train_y, self.test_y, self.classes = data["train_y"], data["test_y"], data["classes"]
         self.in_dim, self.num_classes, self.dt = data["train_x"].shape[1], n_cls, dt
+        self.test_latent, self.num_latent = data.get("test_latent"), len(data.get("latent_classes") or [])
 
 
 def _err_pct(model, xb: Tensor, y: Tensor) -> float:
@@ -127,8 +128,8 @@ def _train_seed_mixture(run: Run, f: Faithful, m: Model, fb: FullBatch, on_test:
     train_phase(run, "moe", moe, opt, f.moe_epochs, moe_epoch, evaluate=moe_eval,
                 log_every=f.log_every, checkpoint_every=f.checkpoint_every)
     probs, gates = _seed_predict(moe, fb.test_xb)
-    save_eval(run, "moe", fb.test_y, probs, gates, class_names=fb.classes)
-    rep = model_report(fb.test_y, probs, gates, fb.num_classes)
+    save_eval(run, "moe", fb.test_y, probs, gates, class_names=fb.classes, latent=fb.test_latent)
+    rep = model_report(fb.test_y, probs, gates, fb.num_classes, fb.test_latent, fb.num_latent)
     rep.update(epochs=f.moe_epochs, trained_on="test" if on_test else "train",
                train_time_s=run.train_time("moe"), **cost_row(moe, fb.test_xb[:256]))
     tr_probs, tr_gates = _seed_predict(moe, fb.train_xb)

@@ -4,8 +4,10 @@ The network (:class:`moelab.models.mlp_mixture.SparseMoEMLP`) is a residual MLP 
 ``Linear(196, dim) -> [z + FFN(LayerNorm(z))] x depth -> LayerNorm -> Linear(dim, 10)``, whose FFN is a
 :class:`moelab.MoE` layer: E ``dim-hidden-dim`` GELU experts, each example routed to k of them by the router
 ``model.router`` (``topk``, ``noisy_topk``, ``switch``, ``expert_choice``, ``soft``; ``model.k``,
-``model.capacity_factor``). The router's own auxiliary losses (its default weights times
-``train.aux_scale``) are added to the cross-entropy.
+``model.capacity_factor``; ``dense``: the per-sample soft mixture, every expert weighted by a softmax). The
+router's own auxiliary losses (its default weights times ``train.aux_scale``) are added to the cross-entropy.
+The router recipe (:mod:`moelab.experiments.router_recipe`): ``model.router_init``, ``model.router_noise``,
+``model.balance`` / ``model.bias_rate`` and ``train.routing_lr_scale``.
 
 Baselines, trained in the same run with exactly the same recipe (optimizer, schedule, epochs, batch size,
 augmentation, label smoothing; ``baselines.equal_cost = false`` skips them):
@@ -51,6 +53,7 @@ from moelab.experiments.digit_common import (
     load_data,
     model_report,
 )
+from moelab.experiments.router_recipe import check_recipe, loss_weights, recipe_options
 from moelab.models.mlp_mixture import SparseMoEMLP
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
@@ -58,10 +61,10 @@ from moelab.runtime import torch_threads
 from moelab.schema import defaults_of, rules_of
 from moelab.train.evaluation import error_pct, save_eval
 from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
-from moelab.train.optim import Optim, make_optimizer, make_schedule
+from moelab.train.optim import Optim, make_optimizer, make_schedule, param_groups
 from moelab.train.run import Run
 
-Router = Literal["topk", "noisy_topk", "switch", "expert_choice", "soft"]
+Router = Literal["topk", "noisy_topk", "switch", "expert_choice", "soft", "dense"]
 ROUTERS = get_args(Router)
 
 
@@ -86,6 +89,10 @@ class Model:
     normalize: bool = False  # topk: renormalise the k gates to sum 1 (k = 1: every gate is 1, no router gradient)
     capacity_factor: Annotated[float, Float(gt=0, also=(0.0,))] = 0.0  # 0: the router's default
     activation: Activation = "gelu"
+    router_init: Literal["default", "zeros"] = "default"  # zeros: the gate starts at 0 (Chen et al. 2022)
+    router_noise: Literal["none", "uniform"] = "none"  # topk, switch: U(0, 1) on the choosing logits in training
+    balance: Literal["aux", "bias"] = "aux"  # topk, switch: bias = aux-loss-free balancing (DeepSeek-V3), no balance loss
+    bias_rate: Annotated[float, Float(gt=0)] = 1e-3  # balance = bias: each step's bias move per expert
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class Train(Optim):
     weight_decay: Annotated[float, Float(ge=0)] = 0.05
     label_smoothing: Annotated[float, Float(ge=0, lt=1)] = 0.1
     aux_scale: Annotated[float, Float(ge=0)] = 1.0  # multiplies the router's default auxiliary-loss weights
+    routing_lr_scale: Annotated[float, Float(gt=0)] = 1.0  # the routers' lr / the other parameters' lr
     shift: Annotated[int, Int(ge=0, le=8)] = 1  # random translation of the 28x28 images (pixels) before the zoom
     rotate: Annotated[float, Float(ge=0, le=45)] = 0.0  # random rotation of the 28x28 images (degrees; 0: off)
     scale: Annotated[float, Float(ge=0, lt=0.5)] = 0.0  # random zoom by a factor in [1 - scale, 1 + scale]
@@ -126,10 +134,16 @@ RESUMABLE = ("threads", "train.log_every")
 
 
 def check_config(c: Config) -> None:
-    """Cross-key rules: k of E experts."""
+    """Cross-key rules: k of E experts; recipe keys only for routers that take them."""
     m = c.model
+    if c.data.task != "classes" and c.train.rotate >= c.data.rotate_deg / 2:
+        raise refuse("train.rotate", c.train.rotate, f"below data.rotate_deg / 2 = {c.data.rotate_deg / 2:g} with "
+                     f"data.task = {c.data.task} (larger random rotations make the two labels' angles overlap)")
     if m.router in ("topk", "noisy_topk") and m.k > m.num_experts:
         raise refuse("model.k", m.k, f"at most model.num_experts = {m.num_experts} (experts per example)")
+    if m.router == "dense" and m.capacity_factor:
+        raise refuse("model.capacity_factor", m.capacity_factor, "0 with model.router = dense (no capacity)")
+    check_recipe(m, m.router, ROUTERS)
 
 
 def build_model(m: Model, in_dim: int, num_classes: int, hidden: int | None = None, dense: bool = False,
@@ -138,15 +152,12 @@ def build_model(m: Model, in_dim: int, num_classes: int, hidden: int | None = No
     if dense:
         return SparseMoEMLP(in_dim, m.dim, hidden or m.hidden, num_classes, m.depth, 0,
                             activation=m.activation, arch=m.arch)
-    from moelab.moe.routers import resolve
-
-    defaults = resolve(m.router)[0].default_loss_weights
-    weights = {name: aux_scale * w for name, w in defaults.items()}
     router = m.router
+    opts = {"normalize": m.normalize} if router == "topk" else {}
     return SparseMoEMLP(in_dim, m.dim, m.hidden, num_classes, m.depth, m.num_experts, router,
-                        k=m.k, capacity_factor=m.capacity_factor or None, aux_loss_weights=weights,
-                        moe_layers=m.moe_layers, activation=m.activation, arch=m.arch,
-                        router_options={"normalize": m.normalize} if router == "topk" else None)
+                        k=m.k, capacity_factor=m.capacity_factor or None,
+                        aux_loss_weights=loss_weights(router, m, aux_scale), moe_layers=m.moe_layers,
+                        activation=m.activation, arch=m.arch, router_options={**opts, **recipe_options(m)} or None)
 
 
 @torch.no_grad()
@@ -175,7 +186,7 @@ def _train(run: Run, phase: str, model: SparseMoEMLP, t: Train, sp: Splits, bf16
     """Train one network with the family's recipe (:func:`moelab.train.loop.minibatch_epoch`) -> its model row."""
     steps = math.ceil(len(sp.train_y) / t.batch_size)
     model.to(run.device)
-    opt = make_optimizer(t, model.parameters(), t.lr)
+    opt = make_optimizer(t, param_groups(model, t.lr, t.routing_lr_scale), t.lr)
     sched = make_schedule(t, opt, t.epochs * steps)
 
     def loss_fn(out, yb):
@@ -198,8 +209,8 @@ def _train(run: Run, phase: str, model: SparseMoEMLP, t: Train, sp: Splits, bf16
                 log_every=t.log_every)
     train_time = run.train_time(phase)
     probs, gates = _predict(model, sp.test_x, bf16)
-    save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes)
-    rep = model_report(sp.test_y, probs, gates, probs.shape[1])
+    save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes, latent=sp.test_latent)
+    rep = model_report(sp.test_y, probs, gates, probs.shape[1], sp.test_latent, len(sp.latent_classes))
     rep.update(val_error_pct=error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y), epochs=t.epochs,
                train_time_s=train_time, **cost_row(model, sp.val_x[:512].to(run.device)))
     run.log(f"[{phase}] test err {rep['test_error_pct']:.2f}%, val err {rep['val_error_pct']:.2f}%, "

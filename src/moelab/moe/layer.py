@@ -85,7 +85,8 @@ class MoE(nn.Module):
         slots_per_expert: soft; num_gates / gate_mode: multi_gate. Only passed when given.
         aux_loss_weights: name -> weight for "balance", "z", "importance", "load", "entropy" (finite, >= 0;
             "entropy" may be negative: it then spreads the gates).
-        router_kwargs: further router options.
+        router_kwargs: further router options, validated by the router (e.g. the recipe options ``init``,
+            ``train_noise``, ``balance`` / ``bias_rate``: :mod:`moelab.moe.routers.base`).
         sparse_impl: the default ``MLPExperts``' sparse path (:func:`moelab.moe.experts.sparse_path`).
 
     A batch of no tokens gives an empty output and zero auxiliary losses.

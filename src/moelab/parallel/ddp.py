@@ -129,13 +129,19 @@ def require_single_process(what: str) -> None:
                           f"mnist-jacobs).")
 
 
+#: buffers that hold this rank's own tallies: a bias-balanced router's ``expert_load`` (its tokens per expert
+#: since the last optimiser step, summed over ranks by ``Router.update_bias``)
+RANK_LOCAL_BUFFERS = ("expert_load",)
+
+
 def wrap_model(model: nn.Module, *, ignore: list[str] | None = None, **ddp_kwargs) -> nn.Module:
     """``DistributedDataParallel(model)`` when world > 1, ``model`` itself otherwise.
 
     Parameters marked as expert shards (``param._moelab_expert_shard``, set by
     :class:`~moelab.parallel.expert_parallel.ExpertParallelMoE`) are left out of DDP's all-reduce,
     as are the names in ``ignore``; call :func:`~moelab.parallel.expert_parallel.sync_expert_grads`
-    after ``backward`` for those. On GPU, ``device_ids`` defaults to the model's device. Let the DDP
+    after ``backward`` for those. Rank-local buffers (:data:`RANK_LOCAL_BUFFERS`) are left out of DDP's
+    broadcast from rank 0 before each forward. On GPU, ``device_ids`` defaults to the model's device. Let the DDP
     model go (return from the function holding it) before the process group is destroyed.
     """
     if not current().enabled:
@@ -143,6 +149,7 @@ def wrap_model(model: nn.Module, *, ignore: list[str] | None = None, **ddp_kwarg
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     names = [n for n, p in model.named_parameters() if getattr(p, "_moelab_expert_shard", False)]
+    names += [n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in RANK_LOCAL_BUFFERS]
     names += list(ignore or [])
     if names:
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)

@@ -26,7 +26,7 @@ from moelab.io import atomic_write_bytes, atomic_write_text
 from moelab.study.grid import Cell
 
 CSV_FIELDS = ["cell", "model", "seed", "params", "flops_per_example", "rho", "train_time_s", "val_accuracy",
-              "test_accuracy", "class_expert_info", "reused_from", "run_dir"]
+              "test_accuracy", "class_expert_info", "latent_expert_info", "reused_from", "run_dir"]
 AXES = (("flops_per_example", "counted inference FLOPs / example", True),
         ("params", "parameters", True),
         ("train_time_s", "training time (s)", False))
@@ -46,17 +46,21 @@ def study_rows(out: Path, cells: list[Cell], seeds: list[int]) -> list[dict]:
             val = r.get("val_accuracy")
             if val is None and isinstance(r.get("val_error_pct"), int | float):
                 val = round(1 - r["val_error_pct"] / 100, 6)
-            matrix = r.get("class_expert_matrix") or (r.get("routing") or {}).get("class_expert_matrix")
+            routing = r.get("routing") or {}  # cifar rows keep routing in a section, digit rows at the top
+            matrix = r.get("class_expert_matrix") or routing.get("class_expert_matrix")
+            latent = r.get("latent_expert_matrix") or routing.get("latent_expert_matrix")  # a task's (data.task)
             rows.append({"cell": cell.slug, **cell.values, "model": model, "seed": seed, "params": r.get("params"),
                          "flops_per_example": r.get("flops_per_example"), "rho": r.get("rho"),
                          "train_time_s": r.get("train_time_s"), "val_accuracy": val,
                          "test_accuracy": r["test_accuracy"], "class_expert_info": class_expert_info(matrix),
+                         "latent_expert_info": class_expert_info(latent),
                          "reused_from": r.get("reused_from", ""), "run_dir": str(run_dir)})
     return rows
 
 
 def class_expert_info(matrix) -> float | None:
-    """I(class; lead expert) / H(class) from a class x expert count matrix (None without routing)."""
+    """I(class; lead expert) / H(class) from a class x expert count matrix (None without routing); of a
+    latent class x expert matrix, the ``latent_expert_info`` of a task with latent classes."""
     if not matrix:
         return None
     joint = torch.tensor(matrix, dtype=torch.float64)
@@ -80,7 +84,7 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict]:
     for key, rs in groups.items():
         a = {"n": len(rs), "row": rs[0]}
         for f in ("test_accuracy", "val_accuracy", "flops_per_example", "params", "train_time_s", "rho",
-                  "class_expert_info"):
+                  "class_expert_info", "latent_expert_info"):
             a[f], a[f + "_std"] = _mean_std([r.get(f) for r in rs])
         agg[key] = a
     return agg
@@ -164,7 +168,7 @@ def write_study_report(out: Path, cells: list[Cell], spec: dict) -> list[Path]:
     cmd = (f"moelab study {spec['experiment']} " + " ".join(f"--set {s}" for s in spec["sets"]) + " " +
            " ".join(f"--grid {k}={','.join(v)}" for k, v in spec["grid"].items()) + f" --seeds {len(spec['seeds'])}")
     head = ["cell", "model", "runs", "test acc %", "val acc %", "FLOPs / example", "params", "rho", "train s",
-            "I(class; expert) / H"]
+            "I(class; expert) / H", "I(latent; expert) / H"]
     table = []
     for c in cells:
         for (cell, model), a in sorted(agg.items(), key=lambda kv: (kv[0][1] != "moe", kv[0][1])):
@@ -174,7 +178,8 @@ def write_study_report(out: Path, cells: list[Cell], spec: dict) -> list[Path]:
                               f"{a['params']:,.0f}" if math.isfinite(a["params"]) else "n/a",
                               f"{a['rho']:.3f}" if math.isfinite(a["rho"]) else "",
                               f"{a['train_time_s']:.1f}" if math.isfinite(a["train_time_s"]) else "n/a",
-                              f"{a['class_expert_info']:.3f}" if math.isfinite(a["class_expert_info"]) else ""])
+                              *(f"{a[f]:.3f}" if math.isfinite(a[f]) else "" for f in ("class_expert_info",
+                                                                                      "latent_expert_info"))])
     vhead = ["cell", "MoE test acc %", "dense-equal-flops test acc %", "gap (pts)", "2 x spread (pts)", "verdict"]
     vrows = [[v["cell"], _fmt(v["moe"], "test_accuracy", 100), _fmt(v["dense"], "test_accuracy", 100),
               f"{v['gap_pts']:+.2f}", f"{2 * v['spread_pts']:.2f}", v["verdict"]] for v in verdicts]

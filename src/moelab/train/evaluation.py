@@ -2,7 +2,8 @@
 
 ``RUN_DIR/eval/<model>.safetensors`` holds, for the test split:
 ``labels`` (N,) int64, ``probs`` (N, C) float32 class probabilities and, for mixtures,
-``gates`` (N, E) float32 combine weights. Routing statistics (lead share, class x
+``gates`` (N, E) float32 combine weights and, for a task with latent classes (:mod:`moelab.data.tasks`),
+``latent`` (N,) int64. Routing statistics (lead share, class x
 expert matrix, ...) are derived from these by ``moelab.analysis``.
 """
 
@@ -27,12 +28,16 @@ def save_eval(
     probs: torch.Tensor,
     gates: torch.Tensor | None = None,
     class_names: list[str] | None = None,
+    latent: torch.Tensor | None = None,
 ) -> None:
+    """``eval/<model>.safetensors``: test labels, probabilities, gates and a task's latent classes (if any)."""
     if not run.is_main:
         return
     tensors = {"labels": labels.long(), "probs": probs.float()}
     if gates is not None:
         tensors["gates"] = gates.float()
+    if latent is not None:
+        tensors["latent"] = latent.long()
     save_checkpoint(eval_path(run.dir, model_name), tensors, {"model": model_name, "classes": class_names or []})
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from moelab import kernels
 from moelab.device import to_device
 from moelab.errors import MoelabError
+from moelab.moe.routers import bias_balanced, update_router_biases
 from moelab.parallel import ddp
 from moelab.train.checkpoint import (
     KILL_ENV,
@@ -74,10 +75,12 @@ def minibatch_epoch(model: nn.Module, opt, sched, batches, forward: Callable, lo
     ``loss_fn(out, y) -> (loss, aux or None)`` outside it; one optimiser + scheduler step per batch on
     ``(loss + aux) * loss_weight``. ``progress`` (:meth:`moelab.train.run.Run.progress`) counts the
     examples; ``meter`` accumulates ``images`` and ``seconds``. Returns the epoch's mean ``loss`` (and ``aux`` when there is one) over examples, summed
-    over data-parallel ranks, the last learning rate and this process's examples per second.
+    over data-parallel ranks, the last learning rate and this process's examples per second. After each step
+    the bias-balanced routers (``balance="bias"``) move their expert biases (:func:`update_router_biases`).
 
     Host syncs: none per step (the sums stay tensors); one at the end of the epoch."""
     model.train()
+    balanced = bias_balanced(model)
     device_type = device.type if device is not None else "cpu"
     tot = None  # (sum of loss * n, sum of aux * n) on the loss's device: no host sync per step
     has_aux, seen, t0 = False, 0, time.perf_counter()
@@ -90,6 +93,7 @@ def minibatch_epoch(model: nn.Module, opt, sched, batches, forward: Callable, lo
             has_aux = has_aux or aux is not None
             aux = torch.zeros((), device=loss.device) if aux is None else aux
             optimizer_step(opt, sched, (loss + aux) * w)
+            update_router_biases(balanced)
             batch_sums = torch.stack([loss.detach().double(), aux.detach().double()]) * len(yb)
             tot = batch_sums if tot is None else tot + batch_sums
             seen += len(yb)

@@ -2,11 +2,13 @@
 
 ``make_router(name, dim, num_experts, **options)`` builds one by name; ``ROUTERS`` maps names to
 classes. Names are case-insensitive and ``-`` equals ``_`` (``"two-gates-max"``).
+:func:`update_router_biases` is the training loop's hook for ``balance="bias"`` routers.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -26,7 +28,7 @@ from moelab.moe.routers.uniform import UniformRouter
 __all__ = [
     "ROUTERS", "ALIASES", "make_router", "Router", "Routing", "DenseRouter", "TopKRouter", "NoisyTopKRouter",
     "SwitchRouter", "ExpertChoiceRouter", "SoftMoERouter", "MultiGateRouter", "UniformRouter", "HashRouter",
-    "noisy_topk_load",
+    "noisy_topk_load", "bias_balanced", "update_router_biases",
 ]
 
 ROUTERS: dict[str, type[Router]] = {
@@ -81,3 +83,15 @@ def make_router(name: str | Router, dim: int | None, num_experts: int, *, gate: 
     if bad:
         raise MoelabError(f"router {cls.name!r} does not take option(s) {bad}; it takes {allowed}")
     return cls(dim, num_experts, gate=gate, **{**preset, **options})
+
+
+def bias_balanced(model: nn.Module) -> list[Router]:
+    """The routers in ``model`` with ``balance="bias"`` (auxiliary-loss-free balancing)."""
+    return [m for m in model.modules() if isinstance(m, Router) and m.balance == "bias"]
+
+
+def update_router_biases(model: nn.Module | Iterable[Router]) -> None:
+    """Call after each optimiser step: every bias-balanced router in ``model`` (or each router given) moves its
+    expert bias against the load it routed since the last call (:meth:`Router.update_bias`). No host sync."""
+    for r in bias_balanced(model) if isinstance(model, nn.Module) else model:
+        r.update_bias()

@@ -15,6 +15,19 @@ of the default ``nn.Linear(dim, E, bias=False)``. A plain ``nn.Linear`` gate (th
 (float64 for float64 inputs) with autocast off: which experts a token goes to must not depend on the
 compute precision (any other gate module runs as given). Routing has static shapes and reads nothing back
 to the host (except the optional finite check, :func:`finite_checks_on`): no bincount, one_hot or .item().
+
+Recipe options (validated by the router that takes them):
+
+    init         "default" | "zeros": the gate's output layer starts at 0, every expert scored alike
+                 (Chen et al. 2022); every router with a learned gate
+    train_noise  "none" | "uniform": U(0, noise_scale) added, in training only, to the scores that *choose*
+                 the experts (Chen et al. 2022); top-k and switch
+    balance      "aux" | "bias": "bias" is auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias
+                 buffer added to the choosing scores only, moved by ``bias_rate`` against each step's load
+                 (:meth:`Router.update_bias`, :func:`update_router_biases` after each optimiser step); no
+                 balance loss by default; top-k and switch
+
+Noise and bias change which experts a token goes to, never its combine weights (those come from the logits).
 """
 
 from __future__ import annotations
@@ -62,16 +75,22 @@ class Routing:
         return self.gates
 
 
+INITS, TRAIN_NOISES, BALANCES = ("default", "zeros"), ("none", "uniform"), ("aux", "bias")
+
+
 class Router(nn.Module):
     """Base: holds the gating network and validates logits. Subclasses implement :meth:`route`."""
 
     name: ClassVar[str] = "router"
-    #: losses this router returns in ``Routing.losses`` and the weights MoE uses by default
+    #: losses this router returns in ``Routing.losses`` and the weights MoE uses by default (an instance
+    #: attribute overrides them where an option changes them: ``balance="bias"`` drops "balance")
     loss_names: ClassVar[tuple[str, ...]] = ()
     default_loss_weights: ClassVar[dict[str, float]] = {}
+    #: the selection options' values for routers that do not take them (see :meth:`setup_selection`)
+    train_noise, balance = "none", "aux"
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
-                 num_logits: int | None = None, default_gate: bool = True):
+                 num_logits: int | None = None, default_gate: bool = True, init: str = "default"):
         super().__init__()
         check_int(self.name, "num_experts", num_experts, 1)
         self.dim, self.num_experts = dim, num_experts
@@ -81,6 +100,46 @@ class Router(nn.Module):
                 raise MoelabError(f"router {self.name!r}: give either dim (for the default linear gate) or gate=")
             gate = nn.Linear(dim, self.num_logits, bias=False)
         self.gate = gate
+        if check_choice(self.name, "init", init, INITS) == "zeros":
+            zero_gate(self.name, gate)
+
+    def setup_selection(self, train_noise: str, noise_scale: float, balance: str, bias_rate: float) -> None:
+        """Validate and keep the options that move which experts a token picks (module docstring). ``balance=
+        "bias"`` registers ``expert_bias`` (E,) (saved in the state_dict) and ``expert_load`` (E,) long, the
+        tokens each expert was picked for since the last :meth:`update_bias` (not saved: 0 after every step)."""
+        self.train_noise = check_choice(self.name, "train_noise", train_noise, TRAIN_NOISES)
+        self.noise_scale = check_float(self.name, "noise_scale", noise_scale, 0.0, strict=True)
+        self.balance = check_choice(self.name, "balance", balance, BALANCES)
+        self.bias_rate = check_float(self.name, "bias_rate", bias_rate, 0.0, strict=True)
+        if self.balance == "bias":
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts))
+            self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+            self.default_loss_weights = {n: w for n, w in type(self).default_loss_weights.items() if n != "balance"}
+
+    def selection_scores(self, logits: Tensor) -> Tensor | None:
+        """(N, E) scores the experts are chosen on (logits + expert bias + training noise), or None when they are
+        the logits themselves. Static: branches on options and ``self.training`` only."""
+        sel = logits + self.expert_bias.to(logits.dtype) if self.balance == "bias" else None
+        if self.train_noise == "uniform" and self.training:
+            sel = (logits if sel is None else sel) + torch.rand_like(logits) * self.noise_scale
+        return sel
+
+    def record_load(self, indices: Tensor) -> None:
+        """Bias balancing, in training: add the (N, k) choices' tokens per expert to ``expert_load`` (on the device)."""
+        if self.balance == "bias" and self.training:
+            self.expert_load += counts_of(indices, self.num_experts)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """b_i += bias_rate * sign(mean load - load_i) (DeepSeek-V3), the load summed since the last call and over
+        data-parallel ranks; then the load restarts at 0. Exact integer comparison (sum - E * load_i), tensor ops
+        on the device: no host sync. No load (no training forward since) leaves the bias as it is."""
+        load = self.expert_load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        delta = torch.sign(load.sum() - self.num_experts * load).to(self.expert_bias.dtype)  # (E,) in {-1, 0, 1}
+        self.expert_bias.add_(delta, alpha=self.bias_rate)
+        self.expert_load.zero_()
 
     def logits(self, x: Tensor) -> Tensor:
         """x (..., d) -> float32 (float64 for float64 x) logits (..., num_logits); non-finite logits raise MoelabError."""
@@ -159,6 +218,26 @@ def check_finite(logits: Tensor, name: str) -> None:
         bad = int((~torch.isfinite(logits)).sum())
         raise MoelabError(f"router {name!r} produced {bad} non-finite logits (NaN/inf): check the input and "
                           f"the gate's weights (learning rate too high?)")
+
+
+def zero_gate(name: str, gate: nn.Module | None) -> None:
+    """``init="zeros"``: the gate's last ``nn.Linear`` (each head's, for a list of gates) starts at 0."""
+    heads = list(gate.gates) if isinstance(getattr(gate, "gates", None), nn.ModuleList) else [gate]
+    for head in heads:
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
+        if not linears:
+            raise MoelabError(f"router {name!r}: init='zeros' zeroes the gate's last nn.Linear and the gate "
+                              f"{type(head).__name__} has none; use init='default'")
+        with torch.no_grad():
+            linears[-1].weight.zero_()
+            if linears[-1].bias is not None:
+                linears[-1].bias.zero_()
+
+
+def check_choice(name: str, option: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise MoelabError(f"router {name!r}: {option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 GATE_VALUES = ("softmax", "raw")

@@ -6,6 +6,9 @@
 
 ``gate_values="raw"``: gates = gate(x) as they are, un-normalised (the CIFAR seed's "standard" gating:
 a dense layer + ELU whose outputs weigh the experts' probabilities).
+
+This is the per-sample soft mixture (Sun et al. 2026): per image a softmax over all experts, every expert
+run, the weighted sum. (Not ``soft``: Soft MoE mixes the tokens of a group into expert slots.)
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ class DenseRouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
-                 temperature: float = 1.0, gate_values: str = "softmax"):
-        super().__init__(dim, num_experts, gate=gate)
+                 temperature: float = 1.0, gate_values: str = "softmax", init: str = "default"):
+        super().__init__(dim, num_experts, gate=gate, init=init)
         self.temperature = check_float(self.name, "temperature", temperature, 0.0, strict=True)
         self.gate_values = check_gate_values(self.name, gate_values)
 

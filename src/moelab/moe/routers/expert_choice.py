@@ -26,8 +26,8 @@ class ExpertChoiceRouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
-                 capacity_factor: float = 2.0):
-        super().__init__(dim, num_experts, gate=gate)
+                 capacity_factor: float = 2.0, init: str = "default"):
+        super().__init__(dim, num_experts, gate=gate, init=init)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor, allow_none=False)
 
     def capacity(self, n: int) -> int:

@@ -38,7 +38,7 @@ class MultiGateRouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | Sequence[nn.Module] | None = None,
-                 num_gates: int = 2, mode: str = "sum", gate_values: str = "softmax"):
+                 num_gates: int = 2, mode: str = "sum", gate_values: str = "softmax", init: str = "default"):
         if mode not in ("sum", "max"):
             raise MoelabError(f"router 'multi_gate': mode must be 'sum' or 'max', got {mode!r}")
         check_int(self.name, "num_gates", num_gates, 1)
@@ -46,7 +46,7 @@ class MultiGateRouter(Router):
             gate = list(gate)
             num_gates = len(gate)
             gate = _ConcatGates(gate)
-        super().__init__(dim, num_experts, gate=gate, num_logits=num_experts * num_gates)
+        super().__init__(dim, num_experts, gate=gate, num_logits=num_experts * num_gates, init=init)
         self.num_gates, self.mode = num_gates, mode
         self.gate_values = check_gate_values(self.name, gate_values)
 

@@ -59,8 +59,8 @@ class NoisyTopKRouter(Router):
 
     def __init__(self, dim: int | None, num_experts: int, k: int | None = None, *, gate: nn.Module | None = None,
                  noise_gate: nn.Module | None = None, noise_epsilon: float = 1e-2,
-                 capacity_factor: float | None = None):
-        super().__init__(dim, num_experts, gate=gate)
+                 capacity_factor: float | None = None, init: str = "default"):
+        super().__init__(dim, num_experts, gate=gate, init=init)
         self.k = check_k(self.name, default_k(k, num_experts), num_experts)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
         self.noise_epsilon = check_float(self.name, "noise_epsilon", noise_epsilon, 0.0)

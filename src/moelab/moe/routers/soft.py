@@ -42,12 +42,12 @@ class SoftMoERouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
-                 slots_per_expert: int = 1, normalize: bool = False):
+                 slots_per_expert: int = 1, normalize: bool = False, init: str = "default"):
         check_int(self.name, "slots_per_expert", slots_per_expert, 1)
         check_bool(self.name, "normalize", normalize)
         if gate is None and normalize and dim is not None:
             gate = NormalizedSlots(dim, num_experts * slots_per_expert)
-        super().__init__(dim, num_experts, gate=gate, num_logits=num_experts * slots_per_expert)
+        super().__init__(dim, num_experts, gate=gate, num_logits=num_experts * slots_per_expert, init=init)
         self.slots_per_expert = slots_per_expert
 
     def route(self, x: Tensor) -> Routing:

@@ -16,6 +16,10 @@ the full softmax probability) is what you want (or ``normalize=False``, which is
 Optional ``capacity_factor``: expert capacity C = ceil(cf * N * k / E); assignments beyond it
 are dropped (mask), first choices before second choices.
 Losses: Switch balance (f from the top-k assignments), z-loss, importance CV^2, gate entropy.
+
+Recipe options (:mod:`moelab.moe.routers.base`): ``init``, ``train_noise`` / ``noise_scale`` and ``balance`` /
+``bias_rate`` choose the experts on ``logits + expert_bias + U(0, noise_scale)``; the weights stay those of the
+chosen experts' logits.
 """
 
 from __future__ import annotations
@@ -91,8 +95,11 @@ class TopKRouter(Router):
     default_loss_weights = {"balance": 0.01}
 
     def __init__(self, dim: int | None, num_experts: int, k: int | None = None, *, gate: nn.Module | None = None,
-                 capacity_factor: float | None = None, normalize: bool = True, gate_values: str = "softmax"):
-        super().__init__(dim, num_experts, gate=gate)
+                 capacity_factor: float | None = None, normalize: bool = True, gate_values: str = "softmax",
+                 init: str = "default", train_noise: str = "none", noise_scale: float = 1.0, balance: str = "aux",
+                 bias_rate: float = 1e-3):
+        super().__init__(dim, num_experts, gate=gate, init=init)
+        self.setup_selection(train_noise, noise_scale, balance, bias_rate)
         self.gate_values = check_gate_values(self.name, gate_values)
         self.k = check_k(self.name, default_k(k, num_experts), num_experts)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
@@ -102,10 +109,14 @@ class TopKRouter(Router):
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)
-        if self.gate_values == "softmax" and kernels.enabled(logits):
+        sel = self.selection_scores(logits)  # (N, E) or None: choose on the logits
+        if sel is None and self.gate_values == "softmax" and kernels.enabled(logits):
             return fused_sparse_routing(logits, self.k, self.normalize, self.capacity_factor)
         probs = torch.softmax(logits, dim=-1)  # (N, E)
-        top, indices = topk(logits, self.k)  # (N, k)
+        top, indices = topk(logits if sel is None else sel, self.k)  # (N, k)
+        if sel is not None:
+            top = logits.gather(1, indices)
+            self.record_load(indices)
         if self.gate_values == "raw":
             weights = torch.relu(top)
         else:

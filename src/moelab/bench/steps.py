@@ -1,0 +1,190 @@
+"""``moelab bench steps``: each experiment's own MoE against its dense-equal-flops network, one training step.
+
+For every size (an experiment's built-in config, with ``--set``-style changes), the mixture the experiment
+trains and the dense network whose counted inference FLOPs per example match it
+(:func:`moelab.cost.match_width`) are built from the family's own builder, and one training step of each
+(forward, cross-entropy + auxiliary losses, backward, the optimizer step) is timed on one random batch of
+the experiment's batch size, interleaved. ``moe/dense`` is the dense network's step time over the
+mixture's: 1.0 is the best a sparse network of equal FLOPs can do.
+
+Where the mixture's step goes comes from a :mod:`torch.profiler` trace of a few steps: the self CPU time of
+every op, grouped by what it does (expert GEMMs, other GEMMs, routing, permute / combine, activations and
+norms, allocation and copies, the optimizer, the rest), an op inside a backward node or the optimizer step
+counted where that node or step belongs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.bench.common import amp_context, format_table, time_interleaved
+from moelab.cost import flop_split, flops_per_example, match_width
+from moelab.errors import MoelabError
+
+#: name -> (experiment, --set overrides): the sizes the experiments train
+SIZES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mnist-sparse": ("mnist-sparse", ()),
+    "cifar10-moe-blocks": ("cifar10-moe", ("model.width=64",)),
+    "cifar10-moe-tokens": ("cifar10-moe", ("model.width=64", "model.moe=tokens", "model.num_experts=8",
+                                           "model.k=2", "model.expert_hidden=512")),
+}
+
+#: op-name fragments -> where the time goes (first match wins; matched against the lower-cased name of the
+#: op, else of the nearest enclosing autograd node or range: ``GeluBackward0`` is an activation's backward)
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("expert GEMMs", ("bmm", "_grouped_mm", "moelab::expert")),
+    ("other GEMMs", ("aten::mm", "aten::addmm", "aten::linear", "convolution", "conv2d", "mkldnn", "mmbackward",
+                     "addmmbackward")),
+    ("routing", ("topk", "sort", "softmax", "cumsum", "bincount", "histc", "one_hot", "logsumexp", "plan")),
+    ("permute / combine", ("permute", "split", "index", "gather", "scatter", "take", "repeat_interleave", "combine",
+                           "moelab::")),
+    ("activations / norms", ("gelu", "relu", "silu", "sigmoid", "tanh", "norm")),
+    ("allocation / copies", ("copy_", "empty", "zeros", "full", "clone", "contiguous", "_to_copy", "cat", "stack",
+                             "fill_", "resize_")),
+)
+
+
+def category(op: str) -> str:
+    name = op.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "other"
+
+
+def _where_event(ev) -> str:
+    """An event's category: the optimizer for anything under ``Optimizer.step``, else its own name's, else
+    (``other``) that of the nearest enclosing event that has one."""
+    node, cat = ev, "other"
+    while node is not None:
+        if node.name.startswith(("Optimizer.step", "Optimizer.zero_grad")):
+            return "optimizer"
+        if cat == "other":
+            cat = category(node.name)
+        node = node.cpu_parent
+    return cat
+
+
+def breakdown(step: Callable[[], object], steps: int = 5) -> dict[str, float]:
+    """Share of ``step``'s self CPU time per category (a :mod:`torch.profiler` trace of ``steps`` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        per[_where_event(ev)] += ev.self_cpu_time_total
+    total = sum(per.values()) or 1.0
+    return {k: v / total for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
+def build_pair(size: str, sets: Sequence[str] = ()) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, dict]:
+    """(mixture, dense-equal-flops network, a batch x, labels y, the typed config) of an experiment size."""
+    from moelab.experiments import get_family, resolve_config
+    from moelab.schema import typed
+
+    if size not in SIZES:
+        raise MoelabError(f"bench steps: unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    exp, base = SIZES[size]
+    _, raw = resolve_config(exp, [*base, *sets])
+    fam = get_family(raw["family"])
+    c = typed(fam.schema, {k: v for k, v in raw.items() if k not in ("family", "description")})
+    torch.manual_seed(0)
+    if raw["family"] == "sparse_mlp":
+        from moelab.experiments.sparse_mlp import build_model
+
+        side = 14 if c.data.resize == "seed_half" else 28
+        x, y = torch.randn(c.train.batch_size, side * side), torch.randint(0, 10, (c.train.batch_size,))
+        moe = build_model(c.model, side * side, 10)
+        probe = x[:256]
+        w = match_width(lambda h: flops_per_example(build_model(c.model, side * side, 10, h, dense=True), probe),
+                        flops_per_example(moe, probe), hi=64 * c.model.hidden)
+        dense = build_model(c.model, side * side, 10, w, dense=True)
+    else:
+        from moelab.experiments.cifar_moe import build_model
+
+        x, y = torch.randn(c.train.batch, 3, 32, 32), torch.randint(0, 10, (c.train.batch,))
+        moe, probe = build_model(c.model), x[:4]
+        w = match_width(lambda w: flops_per_example(build_model(c.model, w, dense=True), probe),
+                        flops_per_example(moe, probe), hi=8 * c.model.width)
+        dense = build_model(c.model, w, dense=True)
+    return moe, dense, x, y, {"batch": len(y), "dense_width": w}
+
+
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp, lr: float = 1e-3) -> Callable[[], None]:
+    """One AdamW step of ``net`` on ``(x, y)``: forward, cross-entropy + the auxiliary losses, backward."""
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr)
+    net.train()
+
+    def step():
+        with amp():
+            logits, aux, _ = net.forward_with_aux(x)
+        loss = F.cross_entropy(logits.float(), y) + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_steps(sizes: Sequence[str] = tuple(SIZES), dtype: str = "fp32", repeats: int = 10, warmup: int = 3,
+                profile_steps: int = 5, cpu_time: bool = False) -> list[dict]:
+    amp = amp_context(dtype)
+    rows = []
+    for size in sizes:
+        moe, dense, x, y, info = build_pair(size)
+        probe = x[:256]
+        flops, rho = flop_split(moe, probe)
+        steps = {"moe": train_step(moe, x, y, amp), "dense": train_step(dense, x, y, amp)}
+        t = time_interleaved(steps, warmup=warmup, repeats=repeats, cpu_time=cpu_time)
+        rows.append({"size": size, "dtype": dtype, "batch": info["batch"], "moe_ms": 1e3 * t["moe"],
+                     "dense_ms": 1e3 * t["dense"], "ratio": t["dense"] / t["moe"], "dense_width": info["dense_width"],
+                     "flops": flops, "dense_flops": flops_per_example(dense, probe), "rho": rho,
+                     "moe_where": breakdown(steps["moe"], profile_steps) if profile_steps else {},
+                     "dense_where": breakdown(steps["dense"], profile_steps) if profile_steps else {}})
+    return rows
+
+
+COLUMNS = [("size", "size", "s"), ("dtype", "dtype", "s"), ("batch", "batch", "d"), ("moe_ms", "moe ms/step", ".2f"),
+           ("dense_ms", "dense-eq-flops ms/step", ".2f"), ("ratio", "moe/dense", ".2f"),
+           ("flops", "moe FLOPs/ex", ",.0f"), ("dense_flops", "dense FLOPs/ex", ",.0f"), ("rho", "rho", ".3f")]
+
+
+def _where(share: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0%}" for k, v in share.items() if v >= 0.01)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moelab bench steps", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps profiled for the breakdown (0: none)")
+    p.add_argument("--cpu-time", action="store_true", help="time with process CPU time (shared machines, --threads 1)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = bench_steps([s for s in a.sizes.split(",") if s], a.dtype, a.repeats, a.warmup, a.profile_steps,
+                       a.cpu_time)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"training step (AdamW), {a.dtype}, {torch.get_num_threads()} threads, "
+          f"{'CPU' if a.cpu_time else 'wall'} time, median of {a.repeats}")
+    print(format_table(rows, COLUMNS))
+    for r in rows:
+        if r["moe_where"]:
+            print(f"\n{r['size']}: where the mixture's step goes: {_where(r['moe_where'])}")
+            print(f"{' ' * len(r['size'])}  and the dense network's: {_where(r['dense_where'])}")
+    return 0
