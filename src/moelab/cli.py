@@ -53,7 +53,7 @@ def _cmd_study(a: argparse.Namespace) -> int:
     from moelab.study import run_study
 
     run_study(a.experiment, a.grid, sets=a.set, out=a.out, seeds=a.seeds, seed=a.seed, data_dir=a.data_dir,
-              device=a.device, quiet=a.quiet)
+              device=a.device, quiet=a.quiet, jobs=a.jobs)
     return 0
 
 
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", help="study folder (default runs/NAME-study-TIMESTAMP); run again to continue it")
     st.add_argument("--data-dir", help="where data sets live (default: $MOELAB_DATA_DIR, then the user cache)")
     st.add_argument("--device", default="auto", metavar="DEVICE", help="cpu, cuda, cuda:N or auto")
+    st.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="cells run at once, each in its own process (default 1; a CPU with N free cores)")
     st.add_argument("--quiet", action="store_true", help="print nothing but errors")
     st.set_defaults(func=_cmd_study)
 

@@ -145,3 +145,22 @@ def test_study_html_renders_in_chromium(study, tmp_path):
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", (study / "study.html").resolve().as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert len(re.findall(r'<img id="accuracy-vs-', dom)) == 3 and "dense-equal-flops" in dom
+
+
+def test_parallel_cells_give_the_sequential_table_and_share_rows_once(study, tmp_path):
+    """``--jobs 2``: the cells run in two processes; every row equals the sequential study's (the runs are
+    seeded, not scheduled), and a dense row two cells share is still trained once per seed (the claim lock)."""
+    out = tmp_path / "p"
+    assert main(["study", "mnist-sparse", "--grid", GRID[0], *[a for s in BASE for a in ("--set", s)], "--seeds", "2",
+                 "--out", str(out), "--device", "cpu", "--jobs", "2", "--quiet"]) == 0
+
+    def table(folder):
+        return {(r["cell"], r["model"], r["seed"]): (r["params"], r["test_accuracy"], r["val_accuracy"])
+                for r in csv.DictReader((folder / "study.csv").open())}
+    assert table(out) == table(study)
+    rows = list(csv.DictReader((out / "study.csv").open()))
+    for seed in ("0", "1"):
+        flops = [r for r in rows if r["model"] == "dense-equal-flops" and r["seed"] == seed]
+        assert sorted(bool(r["reused_from"]) for r in flops) == [False, True]  # one trained, one reused
+    assert len(list((out / "shared-rows").glob("*.json"))) == 2 * 3
+    assert main(["study", "mnist-sparse", "--grid", GRID[0], "--jobs", "0", "--out", str(tmp_path / "q")]) == 2

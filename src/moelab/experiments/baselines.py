@@ -11,6 +11,7 @@ the parameters row with ``same_model_as``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -69,6 +70,24 @@ class SharedRows:
         if run.is_main:
             atomic_write_json(self.dir / f"{key}.json", {"run_dir": str(run.dir), "row": row})
 
+    @contextlib.contextmanager
+    def claim(self, key: str):
+        """Hold ``key`` while its row is looked up and, if missing, trained: a study running cells in parallel
+        (``--jobs``) trains each shared row once; the others wait for it and reuse it (an advisory
+        ``flock`` on ``<key>.lock``; where there is none, no lock)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            yield
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / f"{key}.lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
 
 def equal_cost_rows(run: Run, widths: dict[str, int], train_dense: Callable[[str, int], dict],
                     extra: dict | None = None, names: tuple[str, ...] = EQUAL_COST,
@@ -92,14 +111,20 @@ def equal_cost_rows(run: Run, widths: dict[str, int], train_dense: Callable[[str
                     f"trained once, its row repeated")
             continue
         skey = shared.key(run, name, make_dense(w)) if shared is not None else None
-        reused = shared.get(run, skey, name) if shared is not None else None
-        if reused is not None:
-            run.log(f"[{name}] width {w}: the same network, recipe and seed as in {reused['reused_from']}; "
-                    f"its row is reused (trained once in this study)")
-            rows[name] = {**reused, **ext}
-            continue
-        run.log(f"[{name}] one dense network of width {w}, matched to the mixture's {key}")
-        rows[name] = {**train_dense(name, w), **ext}
-        if shared is not None:
-            shared.put(run, skey, {k: v for k, v in rows[name].items() if k not in ext})
+        with shared.claim(skey) if shared is not None else contextlib.nullcontext():
+            rows[name] = _shared_or_trained(run, name, w, key, ext, shared, skey, train_dense)
     return rows
+
+
+def _shared_or_trained(run: Run, name: str, w: int, key: str, ext: dict, shared: SharedRows | None,
+                       skey: str | None, train_dense: Callable[[str, int], dict]) -> dict:
+    reused = shared.get(run, skey, name) if shared is not None else None
+    if reused is not None:
+        run.log(f"[{name}] width {w}: the same network, recipe and seed as in {reused['reused_from']}; "
+                f"its row is reused (trained once in this study)")
+        return {**reused, **ext}
+    run.log(f"[{name}] one dense network of width {w}, matched to the mixture's {key}")
+    row = {**train_dense(name, w), **ext}
+    if shared is not None:
+        shared.put(run, skey, {k: v for k, v in row.items() if k not in ext})
+    return row

@@ -31,15 +31,19 @@ def default_study_dir(name: str) -> Path:
 
 def run_study(experiment: str | None, grid_options: list[str], *, sets: list[str] | None = None,
               out: str | Path | None = None, seeds: int = 3, seed: int = 0, data_dir: str | None = None,
-              device: str = "auto", quiet: bool = False) -> Path:
+              device: str = "auto", quiet: bool = False, jobs: int = 1) -> Path:
     """Run every cell x seed (skipping finished runs, resuming a cut one), then write the table and plots.
-    Every cell's config is checked before the first run starts. Returns the study folder."""
+    Every cell's config is checked before the first run starts. ``jobs`` > 1 runs that many cells at once,
+    each in its own process (a CPU with spare cores: each run uses its config's ``threads``); a dense row two
+    cells share is still trained once (:meth:`SharedRows.claim`). Returns the study folder."""
     from moelab.study.report import write_study_report
 
     if experiment is None:
         raise MoelabError("moelab study: name a built-in experiment or a .toml config (see `moelab list`).")
     if seeds < 1:
         raise MoelabError(f"--seeds N expects N >= 1 (seeds per cell), got {seeds}.")
+    if jobs < 1:
+        raise MoelabError(f"--jobs N expects N >= 1 (cells run at once), got {jobs}.")
     if not grid_options:
         raise MoelabError("moelab study: give at least one --grid KEY=V1,V2,... (e.g. --grid model.num_experts=4,8).")
     sets = list(sets or [])
@@ -49,27 +53,66 @@ def run_study(experiment: str | None, grid_options: list[str], *, sets: list[str
     spec = {"experiment": experiment, "sets": sets, "grid": grid, "seeds": list(range(seed, seed + seeds))}
     _claim(out, spec)
     shared = SharedRows(out / "shared-rows")
-    jobs = [(cell, s) for cell in cells for s in spec["seeds"]]
-    started, done_s = time.perf_counter(), []
-    for i, (cell, s) in enumerate(jobs, 1):
+    todo, started, done_s = [(cell, s) for cell in cells for s in spec["seeds"]], time.perf_counter(), []
+    pending = []
+    for i, (cell, s) in enumerate(todo, 1):
         run_dir = out / cell.slug / f"seed-{s}"
-        head = f"[study {i}/{len(jobs)}] {', '.join(cell.sets)} seed {s}"
+        head = f"[study {i}/{len(todo)}] {', '.join(cell.sets)} seed {s}"
         if (run_dir / "summary.json").is_file():
             _say(quiet, f"{head}: finished earlier ({run_dir})")
             continue
-        t0 = time.perf_counter()
         resume = run_dir if (run_dir / "config.toml").is_file() else None
-        _say(quiet, f"{head}: {'resuming' if resume else 'running'} -> {run_dir}")
-        run_experiment(experiment, [*sets, *cell.sets] if resume is None else [], out=run_dir,
-                       data_dir=data_dir, seed=s, resume=resume, quiet=True, device=device, shared_rows=shared)
-        done_s.append(time.perf_counter() - t0)
-        left = len(jobs) - i
-        eta = left * sum(done_s) / len(done_s)
-        _say(quiet, f"{head}: done in {done_s[-1]:.0f} s; {left} left, ETA {_hms(eta)} "
+        pending.append((head, resume, dict(experiment=experiment, sets=[*sets, *cell.sets] if resume is None else [],
+                                           out=run_dir, data_dir=data_dir, seed=s, resume=resume, device=device,
+                                           shared=shared.dir)))
+
+    def finished(head: str, seconds: float) -> None:
+        done_s.append(seconds)
+        left = len(pending) - len(done_s)
+        eta = left * sum(done_s) / len(done_s) / min(jobs, max(left, 1))
+        _say(quiet, f"{head}: done in {seconds:.0f} s; {left} left, ETA {_hms(eta)} "
                     f"(elapsed {_hms(time.perf_counter() - started)})")
+
+    if jobs == 1 or len(pending) <= 1:
+        for head, resume, job in pending:
+            _say(quiet, f"{head}: {'resuming' if resume else 'running'} -> {job['out']}")
+            finished(head, _run_cell(job))
+    else:
+        _run_parallel(pending, jobs, quiet, finished)
     paths = write_study_report(out, cells, spec)
     _say(quiet, "wrote " + ", ".join(str(p) for p in paths))
     return out
+
+
+def _run_cell(job: dict) -> float:
+    """One cell x seed (in this process or a worker's) -> its seconds."""
+    t0 = time.perf_counter()
+    run_experiment(job["experiment"], job["sets"], out=job["out"], data_dir=job["data_dir"], seed=job["seed"],
+                   resume=job["resume"], quiet=True, device=job["device"], shared_rows=SharedRows(job["shared"]))
+    return time.perf_counter() - t0
+
+
+def _run_parallel(pending: list, jobs: int, quiet: bool, finished) -> None:
+    """``pending`` cells on ``jobs`` worker processes (spawned: no state shared but the files); the first
+    error stops the rest (the finished and the cut runs stay, to be resumed by running the study again)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for head, resume, job in pending:
+            futures[pool.submit(_run_cell, job)] = head
+            _say(quiet, f"{head}: {'resuming' if resume else 'queued'} -> {job['out']}")
+        left = set(futures)
+        try:
+            while left:
+                done, left = wait(left, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    finished(futures[f], f.result())  # re-raises a worker's error here
+        except BaseException:
+            for f in left:
+                f.cancel()
+            raise
 
 
 def cell_runs(out: Path, cells: list[Cell], seeds: list[int]) -> list[tuple[Cell, int, Path, dict | None]]:
