@@ -52,13 +52,14 @@ SPARSE_IMPLS = ["bucketed", "padded", "grouped", "static"]
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("router,kw", [("topk", {"k": 2}), ("noisy_topk", {"k": 2}), ("hash", {"k": 2}),
-                                       ("switch", {"capacity_factor": 1.0}), ("topk", {"k": 2, "capacity_factor": 0.7})])
+                                       ("switch", {"router_options": {"capacity_factor": 1.0}}),
+                                       ("topk", {"k": 2, "router_options": {"capacity_factor": 0.7}})])
 def test_flops_are_the_mathematics_on_every_path_and_dtype(router, kw, bias):
     """The same layer counts the same FLOPs on the bucketed, padded, grouped and static paths, in fp32 and
     under bf16 autocast: 2 * (kept assignments) * (d*h + h*d) + the router's projection(s), nothing more."""
     torch.manual_seed(0)
     d, h, e, n = 32, 64, 8, 200
-    layer = MoE(dim=d, num_experts=e, hidden_dim=h, router=router, bias=bias, **kw).eval()
+    layer = MoE(dim=d, num_experts=e, router=router, experts=MLPExperts(e, d, h, bias=bias), **kw).eval()
     x = torch.randn(n, d)
     with torch.no_grad():
         _, aux = layer(x)
@@ -132,7 +133,7 @@ def test_grouped_mm_is_counted_on_the_rows_each_expert_owns():
     x, w = torch.randn(40, 16), torch.randn(4, 16, 8)
     offs = torch.tensor([5, 5, 25, 40], dtype=torch.int32)  # expert 1 owns no rows
     assert count_flops(lambda: torch._grouped_mm(x, w, offs=offs)) == 2 * 40 * 16 * 8
-    layer = MoE(16, 4, 32, router="topk", k=2, bias=False, sparse_impl="grouped").eval()
+    layer = MoE(16, 4, router="topk", k=2, experts=MLPExperts(4, 16, 32, bias=False, sparse_impl="grouped")).eval()
     assert count_flops(layer, torch.randn(10, 16)) == 2 * 10 * 16 * 4 + 2 * (10 * 2) * (16 * 32 + 32 * 16)
 
 

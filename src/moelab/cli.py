@@ -57,6 +57,12 @@ def _cmd_study(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_map(a: argparse.Namespace) -> int:
+    from moelab.study.map import main
+
+    return main(a.studies, a.label, a.out)
+
+
 def _cmd_list(a: argparse.Namespace) -> int:
     from moelab.experiments import describe_builtins
 
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quiet", action="store_true", help="print nothing but errors")
     st.set_defaults(func=_cmd_study)
 
+    mp = sub.add_parser("map", help="where the mixture pays: MoE - dense-equal-flops along each study's swept key")
+    mp.add_argument("studies", nargs="+", help="study folders (moelab study --out), one swept key each")
+    mp.add_argument("--label", action="append", default=[], help="a name per study, in order (default: folder names)")
+    mp.add_argument("--out", help="write the figure (PNG) here; the table is printed")
+    mp.set_defaults(func=_cmd_map)
+
     sub.add_parser("list", help="list the built-in experiments").set_defaults(func=_cmd_list)
 
     d = sub.add_parser("data", help="data set utilities")
@@ -219,6 +231,8 @@ def _written_path(a: argparse.Namespace | None) -> str | None:
         return a.out
     if cmd == "compare":
         return a.csv
+    if cmd == "map":
+        return a.out
     if cmd == "report":
         return ", ".join(a.run_dirs)
     return None

@@ -13,7 +13,7 @@ from moelab.errors import ConfigError
 from moelab.experiments import resolve_config
 from moelab.experiments.runner import run_experiment
 from moelab.models.cifar_cnn import Seed1CNN
-from moelab.models.gating import GATE_KINDS
+from moelab.reproductions.gating import GATE_KINDS
 from moelab.train.checkpoint import load_checkpoint
 from moelab.train.evaluation import load_eval
 

@@ -95,7 +95,8 @@ def _check_layer(ex, gate, router, train, cin=4, **opts):
 @pytest.mark.filterwarnings("ignore:router .* with k=1:UserWarning")  # top-1 softmax on purpose
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("router,opts", [("topk", dict(k=1)), ("topk", dict(k=2)),
-                                         ("switch", dict(capacity_factor=1.0))], ids=["top1", "top2", "switch"])
+                                         ("switch", dict(router_options={"capacity_factor": 1.0}))],
+                         ids=["top1", "top2", "switch"])
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
 def test_moe_matches_naive_loop_over_experts(router, opts, train, impl):
     aux = _check_layer(_experts(train=train, impl=impl), _gate(4), router, train, **opts)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from moelab import MoE
-from moelab.models.conv_experts import ConvExperts
 from moelab.moe import CondConv2d, ConvBlockExperts, MLPExperts, TokenMoE2d
 from moelab.moe.routers.hash import HashRouter
+from moelab.reproductions.conv_experts import ConvExperts
+from moelab.reproductions.routers import RawTopKRouter
 from tests.moe.moe_helpers import assert_close, seeded  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
@@ -30,12 +31,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 # design (it is compared in eval mode below, where it routes on the clean logits).
 ROUTERS = ["dense", "topk", "switch", "expert_choice", "soft", "two-gates", "two-gates-max"]
 
-# every router of moelab.MoE (and the seed's raw-gate variant), for the bf16 comparison
+# every router of moelab.MoE (and the CIFAR seed's raw-gate top-k, a Router subclass given as the router), for
+# the bf16 comparison: router -> MoE options
 BF16_ROUTERS = {
-    "dense": {}, "topk": {"k": 2}, "noisy_topk": {"k": 2}, "switch": {"capacity_factor": 1.25},
+    "dense": {}, "topk": {"k": 2}, "noisy_topk": {"k": 2}, "switch": {"router_options": {"capacity_factor": 1.25}},
     "expert_choice": {}, "soft": {}, "two_gates": {}, "two_gates_max": {}, "uniform": {}, "hash": {},
-    "seed_sparse": {},
+    "seed_sparse": {"k": 2},
 }
+ROUTER_CLASSES = {"seed_sparse": RawTopKRouter}
 BF16_OUT, BF16_GRAD = 3e-2, 6e-2  # relative to the largest value compared (bf16 keeps 8 significant bits)
 
 
@@ -198,7 +201,7 @@ def _compare(cpu: nn.Module, gpu: nn.Module, x: torch.Tensor, what: str, bf16: b
 def test_every_router_on_cuda_matches_the_cpu(router, bf16):
     """Forward + backward of every router of MoE on CUDA (bf16 autocast, and fp32) against the CPU in fp32."""
     torch.manual_seed(0)
-    cpu = MoE(dim=32, num_experts=8, hidden_dim=64, router=router, **BF16_ROUTERS[router])
+    cpu = MoE(dim=32, num_experts=8, hidden_dim=64, router=ROUTER_CLASSES.get(router, router), **BF16_ROUTERS[router])
     if router == "noisy_topk":
         cpu.eval()  # eval: the clean logits (training noise comes from each device's generator)
     lead = _exact_router(cpu.router)

@@ -54,8 +54,9 @@ def accelerator_like(monkeypatch):
 
 
 def _layer(router, **kw):
-    kw = {"capacity_factor": 1.0, **kw} if router == "topk_capacity" else kw
-    return MoE(32, 8, 64, router=router.removesuffix("_capacity"), sparse_impl="grouped", **kw)
+    kw = {"router_options": {"capacity_factor": 1.0}, **kw} if router == "topk_capacity" else kw
+    return MoE(32, 8, router=router.removesuffix("_capacity"), experts=MLPExperts(8, 32, 64, sparse_impl="grouped"),
+               **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -103,7 +104,7 @@ def test_sparse_routers_have_no_host_sync(router, accelerator_like):
 @pytest.mark.parametrize("router", ["topk", "switch"])
 def test_static_path_has_no_host_sync(router, accelerator_like):
     """The path fp32 takes off the CPU: a fixed-capacity bmm (switch) or every expert (topk), no read-back."""
-    layer = MoE(32, 8, 64, router=router, sparse_impl="static")
+    layer = MoE(32, 8, router=router, experts=MLPExperts(8, 32, 64, sparse_impl="static"))
     x = torch.randn(64, 32, requires_grad=True)
     with SyncOps() as fwd:
         y, aux = layer(x)
@@ -196,7 +197,7 @@ def test_sparse_routers_do_not_sync_on_cuda(router, dtype):
     """On a GPU: CUDA's own sync detector raises on any device->host copy or stream sync during forward and
     backward (bf16 takes the grouped path, fp32 the static one)."""
     layer = MoE(32, 8, 64, router=router.removesuffix("_capacity"),
-                **({"capacity_factor": 1.0} if router == "topk_capacity" else {})).cuda().to(dtype)
+                **({"router_options": {"capacity_factor": 1.0}} if router == "topk_capacity" else {})).cuda().to(dtype)
     x = torch.randn(256, 32, device="cuda", dtype=dtype, requires_grad=True)
     assert layer.experts._impl(dtype, "cuda") == ("grouped" if dtype == torch.bfloat16 else "static")
     layer(x)  # warm-up: lazy CUDA initialisation may sync once
@@ -208,3 +209,22 @@ def test_sparse_routers_do_not_sync_on_cuda(router, dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(x.grad.float()).all()
+
+
+def test_auto_takes_grouped_for_small_fp32_calls_on_the_cpu():
+    """A rule of the call's routed multiply-adds (the same shapes take the same path in every run): grouped
+    under SMALL_CALL_MACS in fp32 on the CPU, bucketed above it and in bf16; the paths agree on the output."""
+    from moelab.moe.experts import SMALL_CALL_MACS
+
+    ex = MLPExperts(16, 32, 64)  # mnist-sparse's experts: 512 tokens x top-2 = 1024 assignments, 4M MACs
+    assert ex._impl(torch.float32, "cpu", 1024) == "grouped"
+    assert ex._impl(torch.float32, "cpu", SMALL_CALL_MACS // (2 * 32 * 64)) == "bucketed"  # exactly at the rule
+    assert ex._impl(torch.bfloat16, "cpu", 1024) == "bucketed"
+    assert ex._impl(torch.float32, "cpu") == "bucketed"  # size unknown
+    assert MLPExperts(16, 30, 64)._impl(torch.float32, "cpu", 1024) == "bucketed"  # unaligned: no grouped_mm
+    torch.manual_seed(0)
+    x, idx = torch.randn(64, 32), torch.randint(0, 16, (64, 2))
+    w = torch.rand(64, 2)
+    y_auto = ex.forward_sparse(x, idx, w)
+    ex.sparse_impl = "bucketed"
+    torch.testing.assert_close(y_auto, ex.forward_sparse(x, idx, w), rtol=1e-5, atol=1e-6)

@@ -161,7 +161,8 @@ def test_permute_cast_forward_and_backward():
                                               for amp in (False, True)] + [("topk", 3, None, False)])
 def test_layer_with_kernels_equals_pytorch_path(router, k, cf, amp):
     torch.manual_seed(3)
-    m = MoE(dim=16, num_experts=6, hidden_dim=32, router=router, k=k, capacity_factor=cf,
+    m = MoE(dim=16, num_experts=6, hidden_dim=32, router=router, k=k,
+            router_options=None if cf is None else {"capacity_factor": cf},
             aux_loss_weights={"balance": 0.1, "z": 0.01, "importance": 0.1, "entropy": 0.05})
     x = torch.randn(70, 16)
     g = torch.randn(70, 16)

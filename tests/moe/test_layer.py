@@ -1,12 +1,15 @@
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
 import moelab
-from moelab import MoE, MoEAux
+from moelab import MLPExperts, MoE, MoEAux
 from moelab.errors import MoelabError
 from moelab.moe import losses as L
+from moelab.moe.routers import ROUTERS, TopKRouter, router_options
 from tests.moe.moe_helpers import assert_close, seeded  # noqa: F401
 
 D, E, H = 8, 4, 16
@@ -50,8 +53,10 @@ def test_every_router_matches_naive_reference(router):
     _assert_equivalent(ours, ref, torch.randn(3, 5, D))
 
 
-@pytest.mark.parametrize("router,kw", [("topk", {"k": E}), ("topk", {"k": 1}), ("switch", {"capacity_factor": 0.5}),
-                                       ("topk", {"k": 2, "capacity_factor": 0.6}), ("noisy_topk", {"k": 3})])
+@pytest.mark.parametrize("router,kw", [("topk", {"k": E}), ("topk", {"k": 1}),
+                                       ("switch", {"router_options": {"capacity_factor": 0.5}}),
+                                       ("topk", {"k": 2, "router_options": {"capacity_factor": 0.6}}),
+                                       ("noisy_topk", {"k": 3})])
 @pytest.mark.filterwarnings("ignore:router .* with k=1:UserWarning")  # top-1 softmax on purpose
 def test_router_options_match_naive(router, kw):
     ours, ref = _pair(router, **kw)
@@ -104,7 +109,7 @@ def test_bad_inputs():
     with pytest.raises(MoelabError, match=r"router 'topk': k must be an int in \[1, num_experts=4\], got 5"):
         MoE(dim=D, num_experts=E, k=5)
     with pytest.raises(MoelabError, match="capacity_factor must be > 0"):
-        MoE(dim=D, num_experts=E, router="switch", capacity_factor=0)
+        MoE(dim=D, num_experts=E, router="switch", router_options={"capacity_factor": 0})
     with pytest.raises(MoelabError, match=r"unknown router 'topq'; valid routers: .*expert_choice.*topk"):
         MoE(dim=D, num_experts=E, router="topq")
     x = torch.randn(4, D)
@@ -117,8 +122,8 @@ def test_bad_inputs():
 
 def test_custom_gate_experts_and_activations():
     gate = nn.Sequential(nn.Linear(D, 12), nn.Tanh(), nn.Linear(12, E))
-    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="topk", k=2, gate=gate, activation="relu",
-                output_activation="sigmoid")
+    layer = MoE(dim=D, num_experts=E, router="topk", k=2, gate=gate,
+                experts=MLPExperts(E, D, H, activation="relu", output_activation="sigmoid"))
     y, aux = layer(torch.randn(5, D))
     assert layer.router.gate is gate and ((y > 0) & (y < 1)).all()
     mods = [nn.Linear(D, 3) for _ in range(E)]
@@ -132,8 +137,8 @@ def test_custom_gate_experts_and_activations():
 
 
 def test_jacobs_style_dense_outputs_for_losses():
-    layer = MoE(dim=196, num_experts=4, hidden_dim=25, out_dim=10, router="dense", activation="sigmoid",
-                output_activation="sigmoid")
+    layer = MoE(dim=196, num_experts=4, router="dense",
+                experts=MLPExperts(4, 196, 25, 10, activation="sigmoid", output_activation="sigmoid"))
     x, t = torch.randn(6, 196), torch.rand(6, 10)
     y, aux = layer(x)
     assert aux.expert_outputs.shape == (4, 6, 10)
@@ -155,7 +160,7 @@ def test_two_gates_max_is_elementwise_max_of_mixtures():
 
 
 def test_soft_moe_groups_tokens_per_example():
-    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="soft", slots_per_expert=2)
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="soft", router_options={"slots_per_expert": 2})
     x = torch.randn(3, 6, D)
     y, _ = layer(x)
     y_first, _ = layer(x[:1])
@@ -166,7 +171,7 @@ def test_soft_moe_groups_tokens_per_example():
 
 
 def test_switch_drops_reported_in_aux():
-    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="switch", capacity_factor=0.5)
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router="switch", router_options={"capacity_factor": 0.5})
     x = torch.randn(40, D)
     y, aux = layer(x)
     cap = 5  # ceil(0.5 * 40 / 4)
@@ -190,7 +195,8 @@ def test_autocast_bf16(router):
 
 def test_public_exports():
     assert moelab.__version__ == "0.1.0"
-    assert {"MoE", "MoEAux", "MLPExperts", "ModuleExperts", "ConvExperts", "make_router", "losses"} <= set(moelab.__all__)
+    assert {"MoE", "MoEAux", "MLPExperts", "ModuleExperts", "make_router", "losses"} <= set(moelab.__all__)
+    assert "ConvExperts" not in moelab.__all__  # the CIFAR seed's CNN stack: moelab.reproductions.conv_experts
     from moelab.moe import MLPExperts, ModuleExperts, losses, routers  # noqa: F401
     from moelab.moe.routers import ROUTERS, TopKRouter, make_router  # noqa: F401
 
@@ -240,7 +246,7 @@ ALL_ROUTERS = ["dense", "topk", "noisy_topk", "switch", "expert_choice", "soft",
 @pytest.mark.parametrize("router", ALL_ROUTERS)
 def test_empty_batch(router, impl, shape):
     """No tokens: an empty output of the right shape, every auxiliary loss 0 (not NaN), and a backward pass."""
-    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router=router, sparse_impl=impl)
+    layer = MoE(dim=D, num_experts=E, router=router, experts=MLPExperts(E, D, H, sparse_impl=impl))
     x = torch.randn(*shape, requires_grad=True)
     y, aux = layer(x)
     assert y.shape == shape and aux.loss.shape == () and aux.loss.item() == 0.0
@@ -256,7 +262,7 @@ def test_empty_batch(router, impl, shape):
 
 @pytest.mark.parametrize("router", ["switch", "topk"])
 def test_empty_then_full_batch_with_capacity(router):
-    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router=router, capacity_factor=1.0)
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router=router, router_options={"capacity_factor": 1.0})
     y, aux = layer(torch.randn(0, D))
     assert y.shape == (0, D) and aux.loss.item() == 0.0
     y, aux = layer(torch.randn(9, D))
@@ -301,10 +307,9 @@ def test_top1_softmax_warns_once(router):
 
 
 @pytest.mark.parametrize("router,kw", [("switch", {}), ("topk", {"k": 2}), ("hash", {"k": 1}),
-                                       ("topk", {"k": 1, "router_kwargs": {"normalize": False}}),
-                                       ("seed_sparse", {"k": 1})])
+                                       ("topk", {"k": 1, "router_options": {"normalize": False}})])
 def test_top1_weights_that_learn_do_not_warn(router, kw, recwarn):
-    """switch weighs by the full softmax probability, normalize=False too, raw gates through ReLU: no warning."""
+    """switch weighs by the full softmax probability, normalize=False too: no warning."""
     MoE(dim=D, num_experts=E, router=router, **kw)
     assert not [w for w in recwarn if issubclass(w.category, UserWarning) and "k=1" in str(w.message)]
 
@@ -322,14 +327,55 @@ def test_top1_weights_that_learn_do_not_warn(router, kw, recwarn):
     ("soft", {"slots_per_expert": 1.5}, "slots_per_expert must be >= 1"),
     ("soft", {"slots_per_expert": 0}, "slots_per_expert must be >= 1"),
     ("multi_gate", {"num_gates": True}, "num_gates must be >= 1"),
-    ("switch", {"router_kwargs": {"jitter": 1.0}}, r"jitter must be >= 0 and < 1"),
-    ("switch", {"router_kwargs": {"jitter": float("nan")}}, r"jitter must be >= 0 and < 1"),
-    ("dense", {"router_kwargs": {"temperature": 0.0}}, "temperature must be > 0"),
-    ("dense", {"router_kwargs": {"temperature": float("inf")}}, "temperature must be > 0"),
-    ("topk", {"router_kwargs": {"normalize": 1}}, "normalize must be True or False"),
-    ("hash", {"router_kwargs": {"seed": -1}}, "seed must be >= 0"),
+    ("switch", {"jitter": 1.0}, r"jitter must be >= 0 and < 1"),
+    ("switch", {"jitter": float("nan")}, r"jitter must be >= 0 and < 1"),
+    ("dense", {"temperature": 0.0}, "temperature must be > 0"),
+    ("dense", {"temperature": float("inf")}, "temperature must be > 0"),
+    ("topk", {"normalize": 1}, "normalize must be True or False"),
+    ("hash", {"seed": -1}, "seed must be >= 0"),
 ])
 def test_numeric_router_options_are_checked_by_their_router(router, opts, match):
-    name = {"topk": "topk"}.get(router, router)
-    with pytest.raises(MoelabError, match=rf"router '{name}': {match}.*got"):
-        MoE(dim=D, num_experts=E, router=router, **opts)
+    with pytest.raises(MoelabError, match=rf"router '{router}': {match}.*got"):
+        MoE(dim=D, num_experts=E, router=router, router_options=opts)
+
+
+def test_moe_takes_at_most_ten_parameters():
+    """#35: the layer takes dims, a router spec, experts and loss weights; the router owns its options."""
+    params = [p for p in inspect.signature(MoE.__init__).parameters if p != "self"]
+    assert len(params) <= 10, params
+    for option in ("capacity_factor", "noise_epsilon", "slots_per_expert", "num_gates", "gate_mode", "sparse_impl"):
+        assert option not in params
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_every_router_refuses_an_option_it_does_not_take(router):
+    """An unknown option through MoE: one MoelabError naming the router, the option and the ones it takes."""
+    with pytest.raises(MoelabError, match=rf"router '{router}' does not take option\(s\) \['bogus'\]; it takes \["):
+        MoE(dim=D, num_experts=E, router=router, router_options={"bogus": 1})
+    if not ROUTERS[router].takes_k:
+        with pytest.raises(MoelabError, match=rf"router '{router}' does not take option\(s\) \['k'\]"):
+            MoE(dim=D, num_experts=E, router=router, k=2)
+
+
+def test_takes_k_and_extra_gates_match_the_router_signatures():
+    for cls in ROUTERS.values():
+        opts = router_options(cls)
+        assert cls.takes_k == ("k" in opts), cls.name
+        assert all(g in opts for g in cls.extra_gates), cls.name
+    assert ROUTERS["noisy_topk"].extra_gates == ("noise_gate",)
+
+
+def test_router_spec_errors_name_what_to_do():
+    with pytest.raises(MoelabError, match=r"MoE: k given twice \(k= and router_options\['k'\]\)"):
+        MoE(dim=D, num_experts=E, router="topk", k=2, router_options={"k": 2})
+    with pytest.raises(MoelabError, match="MoE: router_options must be a mapping"):
+        MoE(dim=D, num_experts=E, router="topk", router_options=[("k", 2)])
+    built = TopKRouter(D, E, k=2)
+    with pytest.raises(MoelabError, match=r"router is a built TopKRouter \(router 'topk'\); give capacity_factor, k"):
+        MoE(dim=D, num_experts=E, router=built, k=2, router_options={"capacity_factor": 1.0})
+    with pytest.raises(MoelabError, match=r"num_experts=3 but router 'topk' routes to 4 experts"):
+        MoE(dim=D, num_experts=3, router=built)
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router=built)  # a built router, as it is
+    assert layer.router is built and layer(torch.randn(5, D))[0].shape == (5, D)
+    layer = MoE(dim=D, num_experts=E, hidden_dim=H, router=TopKRouter, k=1, router_options={"normalize": False})
+    assert isinstance(layer.router, TopKRouter) and layer.router.k == 1  # a Router subclass, built with the options

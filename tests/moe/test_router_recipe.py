@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moelab import MoE, kernels
+from moelab import MLPExperts, MoE, kernels
 from moelab.errors import MoelabError
 from moelab.models.mlp_mixture import SparseMoEMLP
 from moelab.moe import update_router_biases
@@ -151,12 +151,12 @@ def test_bias_chooses_but_does_not_weigh(router):
 
 
 def test_bias_is_saved_and_loaded(tmp_path):
-    layer = MoE(D, E, 8, router="topk", router_kwargs={"balance": "bias"})
+    layer = MoE(D, E, 8, router="topk", router_options={"balance": "bias"})
     layer.router.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
     sd = layer.state_dict()
     assert "router.expert_bias" in sd and "router.expert_load" not in sd
     torch.save(sd, tmp_path / "m.pt")
-    fresh = MoE(D, E, 8, router="topk", router_kwargs={"balance": "bias"})
+    fresh = MoE(D, E, 8, router="topk", router_options={"balance": "bias"})
     fresh.load_state_dict(torch.load(tmp_path / "m.pt"))
     assert torch.equal(fresh.router.expert_bias, layer.router.expert_bias)
     assert "router.expert_bias" not in MoE(D, E, 8, router="topk").state_dict()  # default layout unchanged
@@ -164,10 +164,10 @@ def test_bias_is_saved_and_loaded(tmp_path):
 
 @pytest.mark.parametrize("router", ["topk", "switch"])
 def test_bias_balancing_has_no_balance_loss(router):
-    layer = MoE(D, E, 8, router=router, router_kwargs={"balance": "bias"})
+    layer = MoE(D, E, 8, router=router, router_options={"balance": "bias"})
     assert layer.aux_loss_weights == {} and float(layer(torch.randn(10, D))[1].loss) == 0
     assert MoE(D, E, 8, router=router).aux_loss_weights == {"balance": 0.01}
-    both = MoE(D, E, 8, router=router, aux_loss_weights={"balance": 0.01}, router_kwargs={"balance": "bias"})
+    both = MoE(D, E, 8, router=router, aux_loss_weights={"balance": 0.01}, router_options={"balance": "bias"})
     assert both.aux_loss_weights == {"balance": 0.01}  # asked for explicitly: kept
 
 
@@ -186,7 +186,7 @@ def _toy_train(balance: str, steps: int = 50) -> list[int]:
     with torch.no_grad():
         gate.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))
     layer = MoE(D, E, 8, router="topk", k=1, gate=gate, aux_loss_weights={"balance": 0},
-                router_kwargs={"normalize": False, "balance": balance, "bias_rate": 0.05})
+                router_options={"normalize": False, "balance": balance, "bias_rate": 0.05})
     w = torch.randn(D, D)
     batches = [(x, x @ w, 1.0) for x in torch.randn(steps, 64, D)]
     opt = torch.optim.SGD(layer.parameters(), lr=0.05)
@@ -203,8 +203,8 @@ def test_bias_balancing_evens_the_load_in_training():
 
 def test_bias_balancing_reads_nothing_back(accelerator_like):  # noqa: F811
     """Forward, backward and the bias update on the grouped bf16 path: no host sync."""
-    layer = MoE(32, 8, 64, router="topk", sparse_impl="grouped",
-                router_kwargs={"balance": "bias", "train_noise": "uniform"}).to(torch.bfloat16)
+    layer = MoE(32, 8, router="topk", experts=MLPExperts(8, 32, 64, sparse_impl="grouped"),
+                router_options={"balance": "bias", "train_noise": "uniform"}).to(torch.bfloat16)
     x = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
     with SyncOps() as ops:
         y, aux = layer(x)
@@ -215,10 +215,10 @@ def test_bias_balancing_reads_nothing_back(accelerator_like):  # noqa: F811
 
 def test_bias_and_noise_compile_as_one_graph():
     torch._dynamo.reset()
-    layer = MoE(32, 8, 64, router="topk", sparse_impl="grouped",
-                router_kwargs={"balance": "bias", "train_noise": "uniform"}).to(torch.bfloat16)
-    ref = MoE(32, 8, 64, router="topk", sparse_impl="grouped",
-              router_kwargs={"balance": "bias", "train_noise": "uniform"}).to(torch.bfloat16)
+    layer = MoE(32, 8, router="topk", experts=MLPExperts(8, 32, 64, sparse_impl="grouped"),
+                router_options={"balance": "bias", "train_noise": "uniform"}).to(torch.bfloat16)
+    ref = MoE(32, 8, router="topk", experts=MLPExperts(8, 32, 64, sparse_impl="grouped"),
+              router_options={"balance": "bias", "train_noise": "uniform"}).to(torch.bfloat16)
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(4, 16, 32, dtype=torch.bfloat16)
     try:
@@ -242,7 +242,7 @@ def test_bias_update_sums_the_load_over_ranks(monkeypatch):
         r.train()(torch.eye(E)[[0, 0, 1, 2]])
         r.update_bias()
         assert r.expert_bias.tolist() == pytest.approx([-1e-3, 0.0, 0.0, 1e-3])
-        model = nn.Sequential(MoE(D, E, 8, router="switch", router_kwargs={"balance": "bias"}))
+        model = nn.Sequential(MoE(D, E, 8, router="switch", router_options={"balance": "bias"}))
         monkeypatch.setattr(ddp, "current", lambda: ddp.DistContext(0, 2))
         wrapped = ddp.wrap_model(model)
         assert model._ddp_params_and_buffers_to_ignore == ["0.router.expert_load"]

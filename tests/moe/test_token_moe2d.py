@@ -6,7 +6,7 @@ from torch.func import functional_call
 
 from moelab.cost import count_flops
 from moelab.errors import MoelabError
-from moelab.moe import TokenMoE2d
+from moelab.moe import MLPExperts, TokenMoE2d
 from tests.moe.moe_helpers import assert_close, seeded  # noqa: F401
 
 N, C, H, W = 3, 8, 5, 4
@@ -77,8 +77,10 @@ def test_one_expert_dense_is_a_pointwise_ffn_of_the_same_active_flops():
     assert_close(twin(x)[0], ref, 1e-12, "twin")
     # counted FLOPs: without expert biases the top-2 layer on its grouped path costs exactly its twin's
     # expert FLOPs (with biases, the grouped path's ones-columns add a few %: conservative for the mixture)
-    sparse = TokenMoE2d(C, 8, 16, router="topk", k=2, norm=nn.Identity(), bias=False).eval()
-    twin = TokenMoE2d(C, 1, 2 * 16, router="dense", norm=nn.Identity(), bias=False).eval()
+    sparse = TokenMoE2d(C, 8, 16, router="topk", k=2, norm=nn.Identity(),
+                        experts=MLPExperts(8, C, 16, bias=False)).eval()
+    twin = TokenMoE2d(C, 1, 2 * 16, router="dense", norm=nn.Identity(),
+                      experts=MLPExperts(1, C, 2 * 16, bias=False)).eval()
     sparse.moe.experts.sparse_impl = "grouped"  # counted on exactly the routed rows
     x = x.float()
 

@@ -38,8 +38,8 @@ TOL = dict(rtol=1e-9, atol=1e-10)
 LAYERS = {
     "topk_dropless": (dict(router="topk", k=2), {}, 12, 7),
     "topk_padded_auto_capacity": (dict(router="topk", k=2), dict(exchange="padded"), 12, 7),
-    "topk_capacity_dropless": (dict(router="topk", k=2, capacity_factor=0.75), {}, 12, 12),
-    "switch_padded": (dict(router="switch", capacity_factor=1.0), dict(exchange="padded"), 12, 9),
+    "topk_capacity_dropless": (dict(router="topk", k=2, router_options={"capacity_factor": 0.75}), {}, 12, 12),
+    "switch_padded": (dict(router="switch", router_options={"capacity_factor": 1.0}), dict(exchange="padded"), 12, 9),
     "dense_dropless": (dict(router="dense"), {}, 6, 5),
     "expert_choice_padded_unequal_batches": (dict(router="expert_choice"), dict(exchange="padded"), 12, 7),
     "expert_choice_dropless": (dict(router="expert_choice"), {}, 12, 7),

@@ -164,3 +164,29 @@ def test_parallel_cells_give_the_sequential_table_and_share_rows_once(study, tmp
         assert sorted(bool(r["reused_from"]) for r in flops) == [False, True]  # one trained, one reused
     assert len(list((out / "shared-rows").glob("*.json"))) == 2 * 3
     assert main(["study", "mnist-sparse", "--grid", GRID[0], "--jobs", "0", "--out", str(tmp_path / "q")]) == 2
+
+
+def test_map_draws_the_gap_along_the_swept_key(study, tmp_path, capsys):
+    """``moelab map``: per cell the mixture minus dense-equal-flops (points) from study.csv, the verdict at twice
+    the larger seed spread, a PNG; a folder that is not a study is one line naming it."""
+    from moelab.study.map import study_gaps
+
+    rows = list(csv.DictReader((study / "study.csv").open()))
+    key, cells = study_gaps(study)
+    assert key == "model.num_experts" and [c["value"] for c in cells] == ["2", "4"]
+    for c in cells:
+        moe = [100 * float(r["test_accuracy"]) for r in rows if r["model.num_experts"] == c["value"] and r["model"] == "moe"]
+        dense = [100 * float(r["test_accuracy"]) for r in rows
+                 if r["model.num_experts"] == c["value"] and r["model"] == "dense-equal-flops"]
+        assert c["gap"] == pytest.approx(sum(moe) / len(moe) - sum(dense) / len(dense))
+        assert c["n"] == 2 and c["verdict"] == ("tie" if abs(c["gap"]) <= c["bar"] else
+                                                "MoE wins" if c["gap"] > 0 else "dense wins")
+    out = tmp_path / "map.png"
+    assert main(["map", str(study), "--label", "digits", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| digits | model.num_experts = 2 |" in printed and imread(out).shape[2] in (3, 4)
+    assert main(["map", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'{tmp_path}' is not a finished study" in err and "\n" not in err
+    assert main(["map", str(study), "--label", "a", "--label", "b"]) == 2
+    assert "2 --label for 1 studies" in capsys.readouterr().err

@@ -27,8 +27,8 @@ from torch import nn
 
 from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import Seed1CNN
-from moelab.models.conv_experts import ConvExperts
 from moelab.precision import cpu_bf16_isa
+from moelab.reproductions.conv_experts import ConvExperts
 from moelab.runtime import allocator_state, tune_allocator
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

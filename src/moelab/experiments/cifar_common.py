@@ -22,8 +22,8 @@ from moelab.data.transforms import random_translate, train_val_split, translate,
 from moelab.device import to_host
 from moelab.experiments.cifar_experts_config import Config
 from moelab.models.cifar_cnn import conv_l2_penalty
-from moelab.moe.hierarchical import pair_cover
 from moelab.precision import resolve_bf16
+from moelab.reproductions.hierarchical import pair_cover
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import accuracy
 from moelab.train.loop import minibatch_epoch, train_phase

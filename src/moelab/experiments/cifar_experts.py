@@ -25,7 +25,7 @@ Pipeline (one ``moelab run cifar10-experts``):
    by at most 3 pixels; it regularises the gate without running the experts).
    ``gate.kind = "hierarchical"`` (``cifar10-hierarchical``) trains no gate: the generalist's class
    probabilities weigh the experts by their pairs' mass and each expert decides within its pair
-   (:func:`moelab.moe.hierarchical.combine_hierarchical`), so only the val/test outputs are computed.
+   (:func:`moelab.reproductions.hierarchical.combine_hierarchical`), so only the val/test outputs are computed.
 5. Optional joint fine-tuning of experts + gate (``gate.finetune_epochs``).
 6. Baselines (``baselines = true``): the uniform average of the experts (always reported: it is
    free), the gate trunk alone as a 10-way classifier (gate recipe), one CNN of the expert
@@ -79,9 +79,9 @@ from moelab.experiments.cifar_pretrain import (
     train_generalist,
 )
 from moelab.models.cifar_cnn import Seed1CNN
-from moelab.models.gating import HIERARCHICAL, SEED_LR, GateNet
 from moelab.parallel import ddp
 from moelab.precision import cpu_bf16_isa
+from moelab.reproductions.gating import HIERARCHICAL, SEED_LR, GateNet
 from moelab.train.evaluation import accuracy, routing_stats, save_eval
 from moelab.train.run import Run
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal, get_args
 
 from moelab.config import Check, Choice, Float, Int, Switch, refuse
-from moelab.models.conv_experts import IMPLS
-from moelab.models.gating import GATE_KINDS, HIERARCHICAL
+from moelab.reproductions.conv_experts import IMPLS
+from moelab.reproductions.gating import GATE_KINDS, HIERARCHICAL
 from moelab.schema import defaults_of, rules_of
 
 # The seed's pairs: experts 0-4 as coded, experts 5-9 as intended (the seed's code gave them all class

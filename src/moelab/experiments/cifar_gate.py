@@ -26,10 +26,10 @@ from moelab.experiments.cifar_common import (
 from moelab.experiments.cifar_experts_config import Config
 from moelab.experiments.cifar_pretrain import expert_fn
 from moelab.models.cifar_cnn import Seed1CNN, conv_l2_penalty
-from moelab.models.conv_experts import ConvExperts
-from moelab.models.gating import HIERARCHICAL, SEED_LR, GateNet, SeedCombine, num_heads, seed_moe
-from moelab.moe.hierarchical import combine_hierarchical, hierarchical_weights
 from moelab.moe.losses import oracle_routing_loss
+from moelab.reproductions.conv_experts import ConvExperts
+from moelab.reproductions.gating import HIERARCHICAL, SEED_LR, GateNet, SeedCombine, num_heads, seed_moe
+from moelab.reproductions.hierarchical import combine_hierarchical, hierarchical_weights
 from moelab.train.evaluation import accuracy
 from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
@@ -63,9 +63,9 @@ class MixtureForward(nn.Module):
 
     Every expert runs (as in :func:`expert_outputs`): the gate kinds all weigh the ten outputs, and
     ``sparse`` zeroes all but ``top_k`` gate values only *after* every expert has run, so it is charged
-    for all of them. The seed's gate kinds are a :class:`moelab.MoE` (:func:`moelab.models.gating.seed_moe`);
+    for all of them. The seed's gate kinds are a :class:`moelab.MoE` (:func:`moelab.reproductions.gating.seed_moe`);
     ``expert-aware``: the gate also reads the experts' log-probabilities and pooled features (combined by
-    :class:`~moelab.models.gating.SeedCombine`, the same routers); ``hierarchical``: the generalist instead
+    :class:`~moelab.reproductions.gating.SeedCombine`, the same routers); ``hierarchical``: the generalist instead
     of a gate; ``gate=None``: the uniform average. Parameters are the modules'; shared ones are counted once."""
 
     def __init__(self, experts: nn.ModuleList, kind: str, gate: GateNet | None = None,

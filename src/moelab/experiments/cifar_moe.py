@@ -45,7 +45,7 @@ from moelab.experiments.cifar_moe_config import (  # noqa: F401 (re-exported)
 from moelab.experiments.router_recipe import loss_weights, recipe_options
 from moelab.models.fast_cnn import BlockThen, ConvBlock, FastCNN, batch_norm
 from moelab.moe import CondConv2d, ConvBlockExperts, MoE, TokenMoE2d
-from moelab.moe.routers import resolve, router_options
+from moelab.moe.routers import resolve
 from moelab.moe.routers.base import zero_gate
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
@@ -81,21 +81,21 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
             return cc
 
         return FastCNN(widths, num_classes, conv_factory=conv)
-    router_cls, recipe = resolve(m.router)[0], recipe_options(m)
+    router_cls, options = resolve(m.router)[0], recipe_options(m)  # the router's options besides k
     weights = loss_weights(m.router, m, aux_scale)  # the router's defaults x aux_scale (no balance loss with bias)
-    opts = {"k": m.k} if "k" in router_options(router_cls) else {}
+    k = m.k if router_cls.takes_k else None
     if m.capacity_factor:
-        opts["capacity_factor"] = m.capacity_factor
+        options["capacity_factor"] = m.capacity_factor
     if m.moe == "tokens":
-        k_active = opts.get("k", 1 if m.router == "switch" else e if m.router == "dense" else m.k)  # per token
+        k_active = k if k is not None else 1 if m.router == "switch" else e if m.router == "dense" else m.k  # per token
 
         def token_block(b: int, c_in: int, c_out: int) -> nn.Module | None:
             if b not in blocks:
                 return None
             hidden = m.expert_hidden or 2 * c_out
             moe = TokenMoE2d(c_out, 1, k_active * hidden, router="dense", norm=batch_norm(c_out)) if twin else \
-                TokenMoE2d(c_out, e, hidden, router=m.router, norm=batch_norm(c_out), aux_loss_weights=weights,
-                           router_kwargs=recipe or None, **opts)
+                TokenMoE2d(c_out, e, hidden, router=m.router, k=k, norm=batch_norm(c_out), aux_loss_weights=weights,
+                           router_options=options or None)
             return BlockThen(ConvBlock(c_in, c_out), moe)
 
         return FastCNN(widths, num_classes, block_factory=token_block)
@@ -106,17 +106,17 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
     def block(b: int, c_in: int, c_out: int) -> nn.Module | None:
         if b not in blocks:
             return None
-        gate, router_kwargs = pooled_linear(c_in), dict(recipe)
-        if m.router == "noisy_topk":  # its noise std comes from the same pooled features, zero-initialised
-            noise_gate = pooled_linear(c_in)
-            nn.init.zeros_(noise_gate[-1].weight)
-            router_kwargs["noise_gate"] = noise_gate
+        gate, block_options = pooled_linear(c_in), dict(options)
+        for name in router_cls.extra_gates:  # noisy_topk's noise std: from the same pooled features, zero-initialised
+            extra = pooled_linear(c_in)
+            nn.init.zeros_(extra[-1].weight)
+            block_options[name] = extra
         if m.expert_block == "resnet":
             experts = ConvBlockExperts(c_in, c_out, e, stride=2)
         else:  # E copies of the dense block it replaces (each run on exactly its images)
             experts = [ConvBlock(c_in, c_out) for _ in range(e)]
-        return MoE(None, e, router=m.router, experts=experts, gate=gate, aux_loss_weights=weights,
-                   router_kwargs=router_kwargs, **opts)
+        return MoE(None, e, router=m.router, k=k, router_options=block_options, gate=gate, experts=experts,
+                   aux_loss_weights=weights)
 
     return FastCNN(widths, num_classes, block_factory=block)
 

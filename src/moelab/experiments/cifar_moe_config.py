@@ -7,6 +7,7 @@ from typing import Annotated, Literal, get_args
 
 from moelab.config import Check, Float, Int, Switch, refuse
 from moelab.experiments.router_recipe import check_recipe
+from moelab.moe.routers import resolve
 from moelab.schema import defaults_of, rules_of
 
 MoEKind = Literal["none", "condconv", "blocks", "tokens"]
@@ -129,7 +130,7 @@ def check_config(c: Config) -> None:
             if getattr(m, key) != default:
                 raise refuse(f"model.{key}", getattr(m, key), f"{default!r} with model.moe = condconv (a top-k "
                              f"router's option: model.moe = blocks or tokens)")
-    if m.moe not in ("blocks", "tokens") or m.router not in ("topk", "noisy_topk"):  # the routers that take k
+    if m.moe not in ("blocks", "tokens") or not resolve(m.router)[0].takes_k:  # the routers that take k
         return
     if m.k == 1:
         raise refuse("model.k", 1, f"at least 2 with model.router = {m.router}: its weights are a softmax over the k "

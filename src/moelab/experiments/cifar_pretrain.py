@@ -22,8 +22,8 @@ from moelab.experiments.cifar_common import (
 )
 from moelab.experiments.cifar_experts_config import Config
 from moelab.models.cifar_cnn import Seed1CNN
-from moelab.models.conv_experts import ConvExperts
-from moelab.models.gating import HIERARCHICAL
+from moelab.reproductions.conv_experts import ConvExperts
+from moelab.reproductions.gating import HIERARCHICAL
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import accuracy
 from moelab.train.run import Run

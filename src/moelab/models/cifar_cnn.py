@@ -114,7 +114,7 @@ def conv_l2_penalty(module: nn.Module, coef: float = L2_COEF) -> torch.Tensor:
     """``coef * sum(w**2)`` over the conv kernels (weights, not biases) in ``module``.
 
     Kernels are the weights of every ``nn.Conv2d`` plus whatever a submodule yields from a
-    ``conv_kernels()`` method (e.g. the stacked kernels of :class:`moelab.models.conv_experts.ConvExperts`).
+    ``conv_kernels()`` method (e.g. the stacked kernels of :class:`moelab.reproductions.conv_experts.ConvExperts`).
     """
     kernels = []
     for m in module.modules():

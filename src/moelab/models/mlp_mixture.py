@@ -340,7 +340,7 @@ def mlp_mixture(num_experts: int = 10, in_dim: int = 196, hidden_dim: int = SEED
     return MoE(in_dim, num_experts, router="dense",
                experts=MLPExperts(num_experts, in_dim, hidden_dim, num_classes, activation=activation),
                gate=mlp(in_dim, gate_hidden_dim, num_experts, activation),
-               router_kwargs={"temperature": gate_temperature})
+               router_options={"temperature": gate_temperature})
 
 
 def mixture_log_gates(moe: MoE, gate_logits: Tensor) -> Tensor:
@@ -389,25 +389,26 @@ class SparseMoEMLP(nn.Module):
         if arch not in ("residual", "experts"):
             raise MoelabError(f"arch must be 'residual' or 'experts', got {arch!r}")
         self.num_experts, self.arch = num_experts, arch
-        opts = {"k": k} if k is not None and router in ("topk", "noisy_topk") else {}
+        options = dict(router_options or {})
         if capacity_factor is not None and router != "soft":
-            opts["capacity_factor"] = capacity_factor
-        if router_options:
-            opts["router_kwargs"] = dict(router_options)
+            options["capacity_factor"] = capacity_factor
+
+        def moe(d_in: int, d_out: int) -> MoE:  # E GELU (or ``activation``) MLPs d_in -> hidden_dim -> d_out
+            return MoE(d_in, num_experts, router=router, k=k if router in ("topk", "noisy_topk") else None,
+                       router_options=options or None, aux_loss_weights=aux_loss_weights,
+                       experts=MLPExperts(num_experts, d_in, hidden_dim, d_out, activation=activation))
+
         if arch == "experts":
             self.embed, self.norms, self.head = nn.Identity(), nn.ModuleList([nn.Identity()]), nn.Identity()
-            self.blocks = nn.ModuleList([
-                MoE(in_dim, num_experts, hidden_dim, router=router, out_dim=num_classes, activation=activation,
-                    aux_loss_weights=aux_loss_weights, **opts) if num_experts > 0
-                else mlp(in_dim, hidden_dim, num_classes, activation)])
+            self.blocks = nn.ModuleList([moe(in_dim, num_classes) if num_experts > 0
+                                         else mlp(in_dim, hidden_dim, num_classes, activation)])
             return
         self.embed = nn.Linear(in_dim, dim)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
         blocks = []
         for i in range(depth):
             if num_experts > 0 and (moe_layers == "all" or i == depth - 1):
-                blocks.append(MoE(dim, num_experts, hidden_dim, router=router, activation=activation,
-                                  aux_loss_weights=aux_loss_weights, **opts))
+                blocks.append(moe(dim, dim))
             else:
                 blocks.append(mlp(dim, hidden_dim, dim, activation))
         self.blocks = nn.ModuleList(blocks)

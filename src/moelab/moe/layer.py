@@ -2,6 +2,8 @@
 
     layer = MoE(dim=256, num_experts=8, hidden_dim=1024, router="topk", k=2)
     y, aux = layer(x)        # x (..., dim) -> y (..., out_dim); aux: MoEAux
+    MoE(dim=256, num_experts=8, router="switch", router_options={"capacity_factor": 1.25})  # the router's options
+    MoE(dim=256, num_experts=8, experts=MLPExperts(8, 256, 1024, activation="relu"))      # the experts' options
 
 Execution by routing kind (N tokens = prod of x's leading dims, E experts):
     dense / multi    experts.forward_dense(x) (E, N, out) mixed by gates (N, E) (or G gate sets)
@@ -17,8 +19,9 @@ Execution by routing kind (N tokens = prod of x's leading dims, E experts):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +30,7 @@ from moelab.errors import MoelabError
 from moelab.moe.experts import CallableExperts, Experts, MLPExperts, ModuleExperts
 from moelab.moe.routers import Router, Routing, make_router
 
-__all__ = ["MoE", "MoEAux", "LOSS_NAMES", "mix"]
+__all__ = ["MoE", "MoEAux", "LOSS_NAMES", "mix", "build_router"]
 
 LOSS_NAMES = ("balance", "z", "importance", "load", "entropy")
 
@@ -67,39 +70,62 @@ def mix(r: Routing, expert_outputs: Tensor) -> Tensor:
                       f"sparse and multi routings mix outputs computed for every token")
 
 
+def build_router(router: str | Router, dim: int | None, num_experts: int, k: int | None = None,
+                 options: Mapping[str, Any] | None = None, gate: nn.Module | None = None) -> Router:
+    """:class:`MoE`'s router: ``router`` by name with ``options`` (``k`` and ``gate`` among them when given), each
+    validated by the router; or a built ``Router`` as it is (it then takes no options here)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise MoelabError(f"MoE: router_options must be a mapping of option name -> value, got {options!r}")
+    opts = dict(options or {})
+    for key, val in (("k", k), ("gate", gate)):
+        if val is not None:
+            if key in opts:
+                raise MoelabError(f"MoE: {key} given twice ({key}= and router_options[{key!r}]); give it once")
+            opts[key] = val
+    if isinstance(router, Router):
+        if opts:
+            raise MoelabError(f"MoE: router is a built {type(router).__name__} (router {router.name!r}); give "
+                              f"{', '.join(sorted(opts))} to it when you build it, not to MoE")
+        if router.num_experts != num_experts:
+            raise MoelabError(f"MoE: num_experts={num_experts} but router {router.name!r} routes to "
+                              f"{router.num_experts} experts")
+        return router
+    return make_router(router, dim, num_experts, **opts)
+
+
 class MoE(nn.Module):
     """Mixture-of-experts layer.
 
     Args:
-        dim: input width (``x`` is ``(..., dim)``). May be None with custom ``experts`` and ``gate``;
+        dim: input width (``x`` is ``(..., dim)``). May be None with custom ``experts`` and a ``gate``;
             then ``x`` is ``(N, *features)`` and routing is per sample.
         num_experts: E.
-        hidden_dim: expert MLP hidden width (default 4 * dim); ignored with ``experts=``.
-        router: a name from ``moelab.moe.routers.ROUTERS`` (or alias) or a ``Router`` instance.
-        k: experts per token for top-k style routers (router default when None).
-        out_dim: output width (default dim).
-        experts: an ``Experts`` stack or a list of modules (wrapped in ``ModuleExperts``).
-        gate: custom gating network x -> logits (N, E) replacing the default linear projection.
-        activation / output_activation / bias: for the default ``MLPExperts``.
-        capacity_factor: switch / expert_choice / top-k capacity; noise_epsilon: noisy_topk;
-        slots_per_expert: soft; num_gates / gate_mode: multi_gate. Only passed when given.
+        hidden_dim: the default experts' hidden width (default 4 * dim).
+        router: a name from ``moelab.moe.routers.ROUTERS`` (or an alias), or a built ``Router`` (it then carries
+            its own options: no ``k``, ``router_options`` or ``gate`` here).
+        k: experts per token, for the routers that take it (``Router.takes_k``: topk, noisy_topk, hash); the
+            router's default when None. A shortcut for ``router_options={"k": k}``.
+        router_options: the router's further options, validated by the router (its keyword arguments:
+            ``capacity_factor`` (topk, noisy_topk, switch, expert_choice), ``noise_epsilon`` (noisy_topk),
+            ``slots_per_expert`` (soft), ``num_gates`` / ``mode`` (multi_gate), ``temperature`` (dense), the
+            recipe options ``init``, ``train_noise``, ``balance`` / ``bias_rate`` (:mod:`moelab.moe.routers.base`), ...).
+        gate: custom gating network x -> logits (N, E) replacing the router's default linear projection.
+        experts: an ``Experts`` stack (e.g. ``MLPExperts(E, dim, hidden, activation="relu", bias=False)`` for
+            other MLP options than the default GELU MLPs with bias), a list of modules (wrapped in
+            ``ModuleExperts``), or a module with ``num_experts`` whose ``forward(x)`` is ``(E, N, ...)``.
+            Default: ``MLPExperts(num_experts, dim, hidden_dim, out_dim)``.
+        out_dim: the default experts' output width (default dim).
         aux_loss_weights: name -> weight for "balance", "z", "importance", "load", "entropy" (finite, >= 0;
-            "entropy" may be negative: it then spreads the gates).
-        router_kwargs: further router options, validated by the router (e.g. the recipe options ``init``,
-            ``train_noise``, ``balance`` / ``bias_rate``: :mod:`moelab.moe.routers.base`).
-        sparse_impl: the default ``MLPExperts``' sparse path (:func:`moelab.moe.experts.sparse_path`).
+            "entropy" may be negative: it then spreads the gates); overrides the router's defaults.
 
     A batch of no tokens gives an empty output and zero auxiliary losses.
     """
 
     def __init__(self, dim: int | None = None, num_experts: int = 8, hidden_dim: int | None = None,
-                 router: str | Router = "topk", k: int | None = None, *, out_dim: int | None = None,
-                 experts: Experts | Sequence[nn.Module] | None = None, gate: nn.Module | None = None,
-                 activation: str | Callable | None = "gelu", output_activation: str | Callable | None = None,
-                 bias: bool = True, capacity_factor: float | None = None, noise_epsilon: float | None = None,
-                 slots_per_expert: int | None = None, num_gates: int | None = None, gate_mode: str | None = None,
-                 aux_loss_weights: Mapping[str, float] | None = None, router_kwargs: Mapping | None = None,
-                 sparse_impl: str = "auto"):
+                 router: str | Router = "topk", k: int | None = None, *,
+                 router_options: Mapping[str, Any] | None = None, gate: nn.Module | None = None,
+                 experts: Experts | Sequence[nn.Module] | nn.Module | None = None, out_dim: int | None = None,
+                 aux_loss_weights: Mapping[str, float] | None = None):
         super().__init__()
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise MoelabError(f"MoE: dim must be a positive int, got {dim!r}")
@@ -109,27 +135,20 @@ class MoE(nn.Module):
         if experts is None:
             if dim is None:
                 raise MoelabError("MoE: dim is required unless you pass experts= (and gate=)")
-            experts = MLPExperts(num_experts, dim, 4 * dim if hidden_dim is None else hidden_dim, out_dim,
-                                 activation=activation, output_activation=output_activation, bias=bias,
-                                 sparse_impl=sparse_impl)
+            experts = MLPExperts(num_experts, dim, 4 * dim if hidden_dim is None else hidden_dim, out_dim)
         elif not isinstance(experts, nn.Module) or isinstance(experts, nn.ModuleList):
             experts = ModuleExperts(list(experts))
         elif not isinstance(experts, Experts) and hasattr(experts, "num_experts"):
-            experts = CallableExperts(experts)  # forward(x) -> (E, N, ...), e.g. ConvExperts
+            experts = CallableExperts(experts)  # forward(x) -> (E, N, ...), e.g. the CIFAR seed's ConvExperts
         if not hasattr(experts, "forward_dense"):
-            raise MoelabError(f"MoE: experts must be an Experts stack (MLPExperts, ModuleExperts, ConvExperts) or a "
-                              f"list of modules, got {type(experts).__name__}")
+            raise MoelabError(f"MoE: experts must be an Experts stack (MLPExperts, ModuleExperts, ...), a module "
+                              f"with num_experts whose forward gives (E, N, ...), or a list of modules, got "
+                              f"{type(experts).__name__}")
         if getattr(experts, "num_experts", num_experts) != num_experts:
             raise MoelabError(f"MoE: num_experts={num_experts} but the experts stack has {experts.num_experts}")
         self.experts = experts
         self.out_dim = getattr(experts, "out_dim", out_dim)
-
-        opts = dict(router_kwargs or {})
-        for key, val in (("k", k), ("capacity_factor", capacity_factor), ("noise_epsilon", noise_epsilon),
-                         ("slots_per_expert", slots_per_expert), ("num_gates", num_gates), ("mode", gate_mode)):
-            if val is not None:
-                opts[key] = val
-        self.router = make_router(router, dim, num_experts, gate=gate, **opts)
+        self.router = build_router(router, dim, num_experts, k, router_options, gate)
 
         weights = dict(self.router.default_loss_weights)
         for name, w in (aux_loss_weights or {}).items():

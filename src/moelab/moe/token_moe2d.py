@@ -39,7 +39,8 @@ class TokenMoE2d(nn.Module):
         num_experts, hidden_dim, router, k: as :class:`moelab.MoE` (experts are GELU MLPs C -> hidden -> C).
         norm: module applied to the MoE output before the residual sum (default ``nn.BatchNorm2d(C)``;
             ``nn.Identity()`` for none).
-        **moe_kwargs: further :class:`moelab.MoE` options (``aux_loss_weights``, ``capacity_factor``, ...).
+        **moe_kwargs: further :class:`moelab.MoE` options (``router_options``, ``aux_loss_weights``, ``experts``
+            for other experts than GELU MLPs with bias, ...).
     """
 
     def __init__(self, channels: int, num_experts: int, hidden_dim: int, router: str = "topk", k: int | None = None,

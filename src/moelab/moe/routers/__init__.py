@@ -1,7 +1,8 @@
 """Routers: one per module, all on :class:`~moelab.moe.routers.base.Router`.
 
 ``make_router(name, dim, num_experts, **options)`` builds one by name; ``ROUTERS`` maps names to
-classes. Names are case-insensitive and ``-`` equals ``_`` (``"two-gates-max"``).
+classes. A router validates its own options; ``Router.takes_k`` says whether it takes ``k`` and
+``Router.extra_gates`` which gating modules it takes besides ``gate``. Names are case-insensitive and ``-`` equals ``_`` (``"two-gates-max"``).
 :func:`update_router_biases` is the training loop's hook for ``balance="bias"`` routers.
 """
 
@@ -44,11 +45,6 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("hash", {"mode": "random"}),
     "two_gates": ("multi_gate", {"num_gates": 2, "mode": "sum"}),
     "two_gates_max": ("multi_gate", {"num_gates": 2, "mode": "max"}),
-    # the CIFAR seed's combine rules: its gates (dense + ELU) weigh the experts un-normalised
-    "seed_standard": ("dense", {"gate_values": "raw"}),
-    "seed_sparse": ("topk", {"k": 2, "gate_values": "raw"}),
-    "seed_two_gates": ("multi_gate", {"num_gates": 2, "mode": "sum", "gate_values": "raw"}),
-    "seed_two_gates_max": ("multi_gate", {"num_gates": 2, "mode": "max", "gate_values": "raw"}),
 }
 
 
@@ -72,12 +68,14 @@ def router_options(cls: type[Router]) -> list[str]:
     return [p for p in params if p not in ("self", "dim", "num_experts")]
 
 
-def make_router(name: str | Router, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
-                **options: Any) -> Router:
-    """Build a router by name. ``options`` the router does not take raise a MoelabError naming them."""
+def make_router(name: str | type[Router] | Router, dim: int | None, num_experts: int, *,
+                gate: nn.Module | None = None, **options: Any) -> Router:
+    """Build a router by name (or from a ``Router`` subclass, e.g. one defined outside this package); a built
+    ``Router`` is returned as it is. ``options`` the router does not take raise a MoelabError naming the router
+    and them; the router validates the values of those it takes."""
     if isinstance(name, Router):
         return name
-    cls, preset = resolve(name)
+    cls, preset = (name, {}) if isinstance(name, type) and issubclass(name, Router) else resolve(name)
     allowed = router_options(cls)
     bad = sorted(set(options) - set(allowed))
     if bad:

@@ -86,6 +86,11 @@ class Router(nn.Module):
     #: attribute overrides them where an option changes them: ``balance="bias"`` drops "balance")
     loss_names: ClassVar[tuple[str, ...]] = ()
     default_loss_weights: ClassVar[dict[str, float]] = {}
+    #: whether the router takes ``k`` (experts per token), the option :class:`~moelab.moe.MoE` has a shortcut for
+    takes_k: ClassVar[bool] = False
+    #: gating modules the router takes besides ``gate`` (option names, each x -> (N, E)), e.g. noisy top-k's
+    #: ``noise_gate``; a model with a custom ``gate`` passes one of each, zero-initialised
+    extra_gates: ClassVar[tuple[str, ...]] = ()
     #: the selection options' values for routers that do not take them (see :meth:`setup_selection`)
     train_noise, balance = "none", "aux"
 
@@ -238,18 +243,6 @@ def check_choice(name: str, option: str, value, choices: tuple[str, ...]) -> str
     if not isinstance(value, str) or value not in choices:
         raise MoelabError(f"router {name!r}: {option} must be one of {', '.join(choices)}, got {value!r}")
     return value
-
-
-GATE_VALUES = ("softmax", "raw")
-
-
-def check_gate_values(name: str, gate_values: str) -> str:
-    """``"softmax"``: combine weights are the softmax of the gate's logits (the usual router).
-    ``"raw"``: the gate's outputs *are* the combine weights, un-normalised (the CIFAR seed's dense + ELU
-    gates); top-k routers keep the k largest and pass them through ReLU (the seed's sparse gating)."""
-    if gate_values not in GATE_VALUES:
-        raise MoelabError(f"router {name!r}: gate_values must be one of {', '.join(GATE_VALUES)}, got {gate_values!r}")
-    return gate_values
 
 
 def check_int(name: str, option: str, value, minimum: int) -> int:

@@ -4,8 +4,8 @@
     x (N, d) -> logits (N, E) = gate(x) / temperature -> gates (N, E) = softmax(logits)
     y = sum_i gates[:, i] * expert_i(x)
 
-``gate_values="raw"``: gates = gate(x) as they are, un-normalised (the CIFAR seed's "standard" gating:
-a dense layer + ELU whose outputs weigh the experts' probabilities).
+A subclass changes how logits become gates by overriding :meth:`DenseRouter.gates_from` (the CIFAR seed's
+un-normalised gates: :mod:`moelab.reproductions.routers`).
 
 This is the per-sample soft mixture (Sun et al. 2026): per image a softmax over all experts, every expert
 run, the weighted sum. (Not ``soft``: Soft MoE mixes the tokens of a group into expert slots.)
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe import losses as L
-from moelab.moe.routers.base import Router, Routing, check_float, check_gate_values, zero_long
+from moelab.moe.routers.base import Router, Routing, check_float, zero_long
 
 
 class DenseRouter(Router):
@@ -26,14 +26,17 @@ class DenseRouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | None = None,
-                 temperature: float = 1.0, gate_values: str = "softmax", init: str = "default"):
+                 temperature: float = 1.0, init: str = "default"):
         super().__init__(dim, num_experts, gate=gate, init=init)
         self.temperature = check_float(self.name, "temperature", temperature, 0.0, strict=True)
-        self.gate_values = check_gate_values(self.name, gate_values)
+
+    def gates_from(self, logits: Tensor) -> Tensor:
+        """(N, E) logits -> (N, E) combine weights: softmax(logits / temperature)."""
+        return torch.softmax(logits / self.temperature, dim=-1)
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)
-        gates = torch.softmax(logits / self.temperature, dim=-1) if self.gate_values == "softmax" else logits  # (N, E)
+        gates = self.gates_from(logits)  # (N, E)
         n = x.shape[0]
         return Routing(
             "dense", gates=gates, logits=logits,

@@ -34,6 +34,7 @@ class HashRouter(Router):
     name = "hash"
     loss_names: tuple[str, ...] = ()
     default_loss_weights: dict[str, float] = {}
+    takes_k = True
 
     def __init__(self, dim: int | None, num_experts: int, k: int = 1, *, gate: nn.Module | None = None,
                  mode: str = "hash", seed: int = 0):

@@ -6,7 +6,8 @@
     mode "max": y = max_g mixture_g  element-wise (seed "two-gates-max")
 
 ``gate`` may be one module mapping x -> (N, G*E) or a list of G modules each mapping x -> (N, E).
-``gate_values="raw"``: gates_g = logits_g as they are, un-normalised (the seed's dense + ELU gate heads).
+A subclass changes how logits become gates by overriding :meth:`MultiGateRouter.gates_from` (the CIFAR seed's
+un-normalised gate heads: :mod:`moelab.reproductions.routers`).
 Reported gates (N, E): the summed weights (mode "sum") or their mean (mode "max").
 Losses: importance CV^2 of the reported gates, z-loss and entropy averaged over heads.
 """
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.moe import losses as L
-from moelab.moe.routers.base import Router, Routing, check_gate_values, check_int, zero_long
+from moelab.moe.routers.base import Router, Routing, check_int, zero_long
 
 
 class _ConcatGates(nn.Module):
@@ -38,7 +39,7 @@ class MultiGateRouter(Router):
     default_loss_weights: dict[str, float] = {}
 
     def __init__(self, dim: int | None, num_experts: int, *, gate: nn.Module | Sequence[nn.Module] | None = None,
-                 num_gates: int = 2, mode: str = "sum", gate_values: str = "softmax", init: str = "default"):
+                 num_gates: int = 2, mode: str = "sum", init: str = "default"):
         if mode not in ("sum", "max"):
             raise MoelabError(f"router 'multi_gate': mode must be 'sum' or 'max', got {mode!r}")
         check_int(self.name, "num_gates", num_gates, 1)
@@ -48,12 +49,15 @@ class MultiGateRouter(Router):
             gate = _ConcatGates(gate)
         super().__init__(dim, num_experts, gate=gate, num_logits=num_experts * num_gates, init=init)
         self.num_gates, self.mode = num_gates, mode
-        self.gate_values = check_gate_values(self.name, gate_values)
+
+    def gates_from(self, logits: Tensor) -> Tensor:
+        """(G, N, E) logits -> (G, N, E) combine weights: a softmax per head."""
+        return torch.softmax(logits, dim=-1)
 
     def route(self, x: Tensor) -> Routing:
         n, e, g = x.shape[0], self.num_experts, self.num_gates
         logits = self.logits(x).view(n, g, e).transpose(0, 1)  # (G, N, E)
-        gates = torch.softmax(logits, dim=-1) if self.gate_values == "softmax" else logits  # (G, N, E)
+        gates = self.gates_from(logits)  # (G, N, E)
         view = gates.sum(0) if self.mode == "sum" else gates.mean(0)  # (N, E)
         return Routing(
             "multi", gates=view, logits=logits.transpose(0, 1).reshape(n, g * e), multi_gates=gates,

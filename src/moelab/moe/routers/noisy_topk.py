@@ -56,6 +56,8 @@ class NoisyTopKRouter(Router):
     name = "noisy_topk"
     loss_names = ("importance", "load", "balance", "z", "entropy")
     default_loss_weights = {"importance": 0.1, "load": 0.1}
+    takes_k = True
+    extra_gates = ("noise_gate",)
 
     def __init__(self, dim: int | None, num_experts: int, k: int | None = None, *, gate: nn.Module | None = None,
                  noise_gate: nn.Module | None = None, noise_epsilon: float = 1e-2,

@@ -5,8 +5,9 @@ noise): keep the k largest logits, softmax over them.
     weights (N, k) = softmax(logits[indices])   (sums to 1 over the selected experts)
     y = sum_j weights[:, j] * expert_{indices[:, j]}(x)
 
-``gate_values="raw"``: the k largest gate outputs, through ReLU, are the weights, un-normalised (the CIFAR
-seed's ``sparseGating``: the others masked with -inf, then ReLU, so masked and negative values weigh 0).
+A subclass changes the weights of the chosen experts by overriding :meth:`TopKRouter.weights_from` and
+setting ``softmax_weights = False`` (the CIFAR seed's ReLU of the k largest gate outputs:
+:mod:`moelab.reproductions.routers`).
 
 k defaults to 2 (at most the number of experts). k = 1 with the default softmax weights (``normalize``)
 is a trap: the softmax over one chosen logit is always 1, so the task loss gives the gate no gradient and
@@ -36,7 +37,6 @@ from moelab.moe.routers.base import (
     capacity_mask,
     check_bool,
     check_capacity_factor,
-    check_gate_values,
     check_k,
     counts_of,
     default_k,
@@ -93,32 +93,36 @@ class TopKRouter(Router):
     name = "topk"
     loss_names = ("balance", "z", "importance", "entropy")
     default_loss_weights = {"balance": 0.01}
+    takes_k = True
+    #: whether :meth:`weights_from` is the softmax this class computes (then the fused CPU kernel may compute it,
+    #: and k = 1 with ``normalize`` warns); a subclass with other weights sets it False
+    softmax_weights = True
 
     def __init__(self, dim: int | None, num_experts: int, k: int | None = None, *, gate: nn.Module | None = None,
-                 capacity_factor: float | None = None, normalize: bool = True, gate_values: str = "softmax",
-                 init: str = "default", train_noise: str = "none", noise_scale: float = 1.0, balance: str = "aux",
-                 bias_rate: float = 1e-3):
+                 capacity_factor: float | None = None, normalize: bool = True, init: str = "default",
+                 train_noise: str = "none", noise_scale: float = 1.0, balance: str = "aux", bias_rate: float = 1e-3):
         super().__init__(dim, num_experts, gate=gate, init=init)
         self.setup_selection(train_noise, noise_scale, balance, bias_rate)
-        self.gate_values = check_gate_values(self.name, gate_values)
         self.k = check_k(self.name, default_k(k, num_experts), num_experts)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
         self.normalize = check_bool(self.name, "normalize", normalize)
-        if gate_values == "softmax" and normalize:
+        if self.softmax_weights and normalize:
             warn_top1_softmax(self.name, self.k, num_experts)
+
+    def weights_from(self, top: Tensor, probs: Tensor, indices: Tensor) -> Tensor:
+        """(N, k) combine weights of the chosen experts from their logits ``top`` (N, k), the full softmax
+        ``probs`` (N, E) and the choices ``indices`` (N, k): the softmax over the chosen logits (``normalize``),
+        else their full softmax probability."""
+        return torch.softmax(top, dim=-1) if self.normalize else probs.gather(1, indices)
 
     def route(self, x: Tensor) -> Routing:
         logits = self.logits(x)  # (N, E)
         sel = self.selection_scores(logits)  # (N, E) or None: choose on the logits
-        if sel is None and self.gate_values == "softmax" and kernels.enabled(logits):
+        if sel is None and self.softmax_weights and kernels.enabled(logits):
             return fused_sparse_routing(logits, self.k, self.normalize, self.capacity_factor)
         probs = torch.softmax(logits, dim=-1)  # (N, E)
         top, indices = topk(logits if sel is None else sel, self.k)  # (N, k)
         if sel is not None:
             top = logits.gather(1, indices)
             self.record_load(indices)
-        if self.gate_values == "raw":
-            weights = torch.relu(top)
-        else:
-            weights = torch.softmax(top, dim=-1) if self.normalize else probs.gather(1, indices)
-        return sparse_routing(logits, probs, indices, weights, self.capacity_factor)
+        return sparse_routing(logits, probs, indices, self.weights_from(top, probs, indices), self.capacity_factor)

@@ -1,4 +1,5 @@
-"""E seed-1 CNN experts computed together: ``ConvExperts(E)(x) -> (E, N, num_classes)`` logits.
+"""E seed-1 CNN experts computed together: ``ConvExperts(E)(x) -> (E, N, num_classes)`` logits (the CIFAR
+seed's ten class-pair experts; a :class:`moelab.MoE` takes it as ``experts=``, it has ``num_experts``).
 
 Storage is the same for every implementation: each tensor of :class:`~moelab.models.cifar_cnn.Seed1CNN`
 is stacked along a new leading expert dimension under the same name (``trunk.conv1_1.weight`` is

@@ -6,7 +6,7 @@ Notation: ``probs`` are the experts' softmax outputs, shape ``(E, N, K)``; a gat
 *logits* ``(N, K)``: the seed applies a softmax on top, so training uses ``cross_entropy(logits, y)``
 and the mixture's class probabilities are ``softmax(logits)``.
 
-The rules are moelab routers with ``gate_values="raw"`` (the gate's outputs weigh the experts as they are),
+The rules are moelab routers whose gate outputs weigh the experts as they are (:mod:`moelab.reproductions.routers`),
 mixed by :func:`moelab.moe.layer.mix` (``GATE_ROUTERS``, :class:`SeedCombine`):
 
 * ``standard``: ``sum_e g[:, e] * probs[e]`` (the seed's ``gating_multiplier``): router ``seed_standard``.
@@ -19,7 +19,7 @@ mixed by :func:`moelab.moe.layer.mix` (``GATE_ROUTERS``, :class:`SeedCombine`):
 * ``expert-aware`` (not in the seed): the standard sum, but the gate head also sees the frozen
   experts' outputs (log-probabilities) and pooled trunk features, so choosing experts no longer
   rests on the gate's own trunk alone.
-* ``hierarchical`` (not in the seed; :func:`moelab.moe.hierarchical.combine_hierarchical`): a two-level
+* ``hierarchical`` (not in the seed; :func:`moelab.reproductions.hierarchical.combine_hierarchical`): a two-level
   hierarchical mixture (Jordan & Jacobs 1994) whose top-level gate is a 10-way CNN classifier (the
   generalist). No gate is trained.
 """
@@ -34,13 +34,14 @@ from torch import nn
 from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import IMAGE_SIZE, seed1_trunk
 from moelab.moe.layer import MoE, mix
-from moelab.moe.routers import Router, make_router
+from moelab.moe.routers import Router
+from moelab.reproductions.routers import make_seed_router
 
 GATE_KINDS = ("standard", "sparse", "two-gates", "two-gates-max", "expert-aware")
-HIERARCHICAL = "hierarchical"  # no trained gate network: see moelab.moe.hierarchical
+HIERARCHICAL = "hierarchical"  # no trained gate network: see moelab.reproductions.hierarchical
 # The seed's Adam learning rates per gating variant (expert-aware: like standard).
 SEED_LR = {"standard": 1e-3, "sparse": 1e-4, "two-gates": 5e-4, "two-gates-max": 5e-4, "expert-aware": 1e-3}
-#: gate kind -> the moelab router (an alias in moelab.moe.routers.ALIASES) that combines like the seed
+#: gate kind -> the router (moelab.reproductions.routers.SEED_ROUTERS) that combines like the seed
 GATE_ROUTERS = {"standard": "seed_standard", "expert-aware": "seed_standard", "sparse": "seed_sparse",
                 "two-gates": "seed_two_gates", "two-gates-max": "seed_two_gates_max"}
 
@@ -58,7 +59,7 @@ def num_heads(kind: str) -> int:
 def gate_router(kind: str, num_experts: int, top_k: int = 2, gate: nn.Module | None = None) -> Router:
     """The router of gate kind ``kind``; without ``gate`` it routes gate outputs it is given, ``(N, heads * E)``."""
     opts = {"k": min(top_k, num_experts)} if check_kind(kind) == "sparse" else {}
-    return make_router(GATE_ROUTERS[kind], None, num_experts, gate=gate or nn.Identity(), **opts)
+    return make_seed_router(GATE_ROUTERS[kind], num_experts, gate=gate or nn.Identity(), **opts)
 
 
 class SeedCombine:
@@ -95,13 +96,12 @@ class ConcatHeads(nn.Module):
 def seed_moe(experts: nn.Module, gate: GateNet, kind: str, top_k: int = 2) -> MoE:
     """The seed-1 mixture as a :class:`moelab.MoE`: ``experts`` maps images (N, 3, H, W) to every expert's class
     probabilities (E, N, K) (and has ``num_experts``), ``gate`` is the seed's gate CNN, the router is the kind's
-    (``GATE_ROUTERS``). ``moe(x) -> (logits (N, K), MoEAux)``. Not for ``expert-aware`` (its gate reads the
-    experts' outputs, which a router's gate does not see)."""
+    (``GATE_ROUTERS``), given to the layer built. ``moe(x) -> (logits (N, K), MoEAux)``. Not for ``expert-aware``
+    (its gate reads the experts' outputs, which a router's gate does not see)."""
     if check_kind(kind) == "expert-aware":
         raise MoelabError("seed_moe: the expert-aware gate reads the experts' outputs; combine it with SeedCombine")
     e = int(experts.num_experts)
-    return MoE(None, e, experts=experts, gate=ConcatHeads(gate), router=GATE_ROUTERS[kind],
-               k=min(top_k, e) if kind == "sparse" else None)
+    return MoE(None, e, experts=experts, router=gate_router(kind, e, top_k, gate=ConcatHeads(gate)))
 
 
 def combine(kind: str, gates: Sequence[torch.Tensor], probs: torch.Tensor, top_k: int = 2) -> torch.Tensor:

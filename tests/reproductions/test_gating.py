@@ -1,4 +1,4 @@
-"""Combine rules of the seed-1 gating variants (moelab routers with raw gate values, ``moe.layer.mix``),
+"""Combine rules of the seed-1 gating variants (the raw-gate routers of moelab.reproductions, ``moe.layer.mix``),
 against hand-computed examples; the seed mixture as a ``moelab.MoE``."""
 
 import math
@@ -7,9 +7,19 @@ import pytest
 import torch
 
 from moelab.errors import MoelabError
-from moelab.models.gating import GATE_KINDS, GateNet, SeedCombine, combine, gate_router, num_heads, seed_moe
-from moelab.moe.hierarchical import combine_hierarchical, hierarchical_weights, pair_cover
 from moelab.moe.losses import oracle_routing_loss
+from moelab.moe.routers import DenseRouter, MultiGateRouter, TopKRouter
+from moelab.reproductions.gating import (
+    GATE_KINDS,
+    GateNet,
+    SeedCombine,
+    combine,
+    gate_router,
+    num_heads,
+    seed_moe,
+)
+from moelab.reproductions.hierarchical import combine_hierarchical, hierarchical_weights, pair_cover
+from moelab.reproductions.routers import RawDenseRouter, RawMultiGateRouter, RawTopKRouter
 
 # 3 experts, 1 example, 2 classes: expert e's softmax output
 PROBS = torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]], [[0.5, 0.5]]])  # (E=3, N=1, K=2)
@@ -81,12 +91,14 @@ def test_effective_weights_and_heads():
         combine("standard", [G1[:, :2]], PROBS)
 
 
-def test_kinds_are_library_routers_with_raw_gate_values():
-    assert gate_router("standard", 3).name == "dense" and gate_router("sparse", 3).k == 2
-    assert gate_router("two-gates-max", 3).mode == "max"
-    assert {gate_router(k, 3).gate_values for k in GATE_KINDS} == {"raw"}
-    with pytest.raises(MoelabError, match="gate_values must be one of softmax, raw, got 'elu'"):
-        gate_router("standard", 3).__class__(None, 3, gate=torch.nn.Identity(), gate_values="elu")
+def test_kinds_are_raw_gate_subclasses_of_library_routers():
+    assert isinstance(gate_router("standard", 3), RawDenseRouter) and isinstance(gate_router("standard", 3), DenseRouter)
+    assert isinstance(gate_router("sparse", 3), RawTopKRouter) and isinstance(gate_router("sparse", 3), TopKRouter)
+    assert gate_router("sparse", 3).k == 2 and gate_router("sparse", 2, top_k=3).k == 2
+    assert isinstance(gate_router("two-gates-max", 3), RawMultiGateRouter)
+    assert isinstance(gate_router("two-gates-max", 3), MultiGateRouter) and gate_router("two-gates-max", 3).mode == "max"
+    assert gate_router("two-gates", 3).mode == "sum" and gate_router("two-gates", 3).num_gates == 2
+    assert isinstance(gate_router("expert-aware", 3), RawDenseRouter)
 
 
 @pytest.mark.parametrize("kind", ["standard", "sparse", "two-gates", "two-gates-max"])

@@ -5,7 +5,7 @@ import torch
 
 from moelab.errors import MoelabError
 from moelab.models.cifar_cnn import Seed1CNN
-from moelab.models.conv_experts import AUTO_TABLE, ConvExperts
+from moelab.reproductions.conv_experts import AUTO_TABLE, ConvExperts
 
 E, N = 2, 4
 IMPLS = ["separate", "grouped", "vmap"]
