@@ -53,6 +53,8 @@ def test_study_writes_a_row_per_cell_model_seed_and_three_plots(study):
         assert png.shape[0] > 200 and png.std() > 0.05
     md = (study / "study.md").read_text()
     assert "moelab study mnist-sparse" in md and "| model.num_experts=4 |" in md and "verdict" in md
+    assert "`moelab study mnist-sparse --set data.dataset=digits" in md and "  " not in md.split("`")[1]
+    assert "I(class; expert) / H" in md and "I(latent; expert)" not in md  # no latent labels: no empty column
     html = (study / "study.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<script" not in html
 
@@ -147,12 +149,14 @@ def test_study_html_renders_in_chromium(study, tmp_path):
     assert len(re.findall(r'<img id="accuracy-vs-', dom)) == 3 and "dense-equal-flops" in dom
 
 
-def test_parallel_cells_give_the_sequential_table_and_share_rows_once(study, tmp_path):
+def test_parallel_cells_give_the_sequential_table_and_share_rows_once(study, tmp_path, capsys):
     """``--jobs 2``: the cells run in two processes; every row equals the sequential study's (the runs are
-    seeded, not scheduled), and a dense row two cells share is still trained once per seed (the claim lock)."""
+    seeded, not scheduled), and a dense row two cells share is still trained once per seed (the claim lock);
+    every cell x seed says when it is done, with the ETA."""
     out = tmp_path / "p"
     assert main(["study", "mnist-sparse", "--grid", GRID[0], *[a for s in BASE for a in ("--set", s)], "--seeds", "2",
-                 "--out", str(out), "--device", "cpu", "--jobs", "2", "--quiet"]) == 0
+                 "--out", str(out), "--device", "cpu", "--jobs", "2"]) == 0
+    assert len(re.findall(r": done in \d+ s; \d+ left, ETA ", capsys.readouterr().out)) == 2 * 2
 
     def table(folder):
         return {(r["cell"], r["model"], r["seed"]): (r["params"], r["test_accuracy"], r["val_accuracy"])

@@ -165,8 +165,8 @@ def write_study_report(out: Path, cells: list[Cell], spec: dict) -> list[Path]:
         atomic_write_bytes(out / "study_files" / f"accuracy-vs-{x}.png", png)
     verdicts = map_table(cells, agg)
     title = f"moelab study: {spec['experiment']} over {', '.join(grid_keys)} ({len(spec['seeds'])} seeds)"
-    cmd = (f"moelab study {spec['experiment']} " + " ".join(f"--set {s}" for s in spec["sets"]) + " " +
-           " ".join(f"--grid {k}={','.join(v)}" for k, v in spec["grid"].items()) + f" --seeds {len(spec['seeds'])}")
+    cmd = " ".join(["moelab study", spec["experiment"], *(f"--set {s}" for s in spec["sets"]),
+                    *(f"--grid {k}={','.join(v)}" for k, v in spec["grid"].items()), f"--seeds {len(spec['seeds'])}"])
     head = ["cell", "model", "runs", "test acc %", "val acc %", "FLOPs / example", "params", "rho", "train s",
             "I(class; expert) / H", "I(latent; expert) / H"]
     table = []
@@ -180,6 +180,8 @@ def write_study_report(out: Path, cells: list[Cell], spec: dict) -> list[Path]:
                               f"{a['train_time_s']:.1f}" if math.isfinite(a["train_time_s"]) else "n/a",
                               *(f"{a[f]:.3f}" if math.isfinite(a[f]) else "" for f in ("class_expert_info",
                                                                                       "latent_expert_info"))])
+    keep = [i for i, h in enumerate(head) if i < len(head) - 2 or any(r[i] for r in table)]  # no empty info column
+    head, table = [head[i] for i in keep], [[r[i] for i in keep] for r in table]
     vhead = ["cell", "MoE test acc %", "dense-equal-flops test acc %", "gap (pts)", "2 x spread (pts)", "verdict"]
     vrows = [[v["cell"], _fmt(v["moe"], "test_accuracy", 100), _fmt(v["dense"], "test_accuracy", 100),
               f"{v['gap_pts']:+.2f}", f"{2 * v['spread_pts']:.2f}", v["verdict"]] for v in verdicts]

@@ -96,7 +96,7 @@ def _run_parallel(pending: list, jobs: int, quiet: bool, finished) -> None:
     """``pending`` cells on ``jobs`` worker processes (spawned: no state shared but the files); the first
     error stops the rest (the finished and the cut runs stay, to be resumed by running the study again)."""
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {}
@@ -106,7 +106,7 @@ def _run_parallel(pending: list, jobs: int, quiet: bool, finished) -> None:
         left = set(futures)
         try:
             while left:
-                done, left = wait(left, return_when=FIRST_EXCEPTION)
+                done, left = wait(left, return_when=FIRST_COMPLETED)  # a line per cell as it ends
                 for f in done:
                     finished(futures[f], f.result())  # re-raises a worker's error here
         except BaseException:
