@@ -16,9 +16,9 @@ from moelab import experiments
 from moelab.cli import main
 from moelab.config import Check, Choice, Float, Int, Text, check_rules, flatten, needs_rule
 from moelab.errors import ConfigError
-from moelab.experiments import FAMILY_MODULES, get_family, keys_without_rules
+from moelab.experiments import family_names, get_family, keys_without_rules
 
-FAMILIES = sorted(FAMILY_MODULES)
+FAMILIES = family_names()
 BUILTIN = {"jacobs": "digits-jacobs", "sparse_mlp": "mnist-sparse", "cifar_experts": "cifar10-experts",
            "cifar_moe": "cifar10-moe"}
 

@@ -160,11 +160,11 @@ CASES = {
                      "model.dim=16", "model.hidden=64", "model.num_experts=8"],
     "mnist-jacobs-faithful": ["data.train_limit=600", "data.test_limit=300", "faithful.moe_epochs=20",
                               "faithful.single_epochs=20", "baselines.equal_cost=false"],
-    "cifar10-moe": ["data.train_per_class=60", "data.test_per_class=10", "data.val_size=100", "train.batch=100",
-                    "train.epochs=2", "model.width=16", "eval.tta=2", "eval.batch=64"],
+    "cifar10-moe": ["data.train_per_class=60", "data.test_per_class=10", "data.val_size=100", "train.batch_size=100",
+                    "train.epochs=2", "model.width=16", "eval.tta=2", "eval.batch_size=64"],
     "cifar10-experts": ["data.pairs=[[0, 8], [1, 9]]", "data.train_per_class=250", "data.test_per_class=50",
                         "data.val_size=200", "experts.epochs=1", "gate.epochs=1", "baseline.epochs=1",
-                        "compute.eval_batch=200", "experts.cache=false"],
+                        "eval.batch_size=200", "experts.cache=false"],
 }
 
 

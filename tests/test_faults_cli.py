@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from moelab.cli import main
 from moelab.train.checkpoint import load_checkpoint
 
-QUICK = ["--set", "train.epochs=2", "--set", "data.train_limit=384", "--set", "threads=1", "--quiet"]
+QUICK = ["--set", "train.epochs=2", "--set", "data.train_limit=384", "--set", "compute.threads=1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_data_error_leaves_no_run_folder_and_a_corrected_run_goes_on(real_data_d
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "moelab", "run", "mnist-jacobs", "--out", str(out), "--quiet",
            "--set", "train.epochs=1", "--set", "data.train_limit=1000", "--set", "data.test_limit=500",
-           "--set", "threads=1"]
+           "--set", "compute.threads=1"]
     p = subprocess.run([*cmd, "--data-dir", str(tmp_path / "empty")], capture_output=True, text=True, timeout=300,
                        env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -100,6 +101,71 @@ def merge(defaults: dict, update: Mapping[str, Any], where: str, prefix: str = "
     return out
 
 
+# ---------------------------------------------------------------- renamed keys
+# Old dotted key -> its new name (issue #35: one spelling per concept in every family: ``batch_size``,
+# ``compute.threads``, ``compute.bf16``, ``eval.batch_size``, ``data.dataset``). The old names are read for one
+# release, with a one-line warning on stderr, wherever a config is read: ``--set`` (and ``moelab study --grid``), config files
+# (``family = ...`` or ``base = ...``) and the config.toml of a run directory being resumed. An old key is
+# renamed only where its family has the new one; elsewhere it stays an unknown key.
+RENAMED_KEYS: dict[str, str] = {
+    "threads": "compute.threads",  # jacobs, sparse_mlp, cifar_moe
+    "train.bf16": "compute.bf16",  # jacobs, sparse_mlp
+    "train.batch": "train.batch_size",  # cifar_moe
+    "eval.batch": "eval.batch_size",  # cifar_moe
+    "compute.eval_batch": "eval.batch_size",  # cifar_experts
+    "experts.batch": "experts.batch_size",  # cifar_experts
+    "generalist.batch": "generalist.batch_size",
+    "gate.batch": "gate.batch_size",
+    "baseline.batch": "baseline.batch_size",
+    "data.name": "data.dataset",  # cifar_experts, cifar_moe (the digit families' spelling)
+}
+_warned: set[str] = set()
+
+
+def _deprecated(old: str, new: str, where: str) -> None:
+    """Warn (once per old key in a process: a study resolves each cell's config several times) that ``old``
+    is read as ``new``."""
+    if old not in _warned:
+        _warned.add(old)
+        print(f"moelab: {old} is deprecated, use {new} ({where}; the old name is read until the next release)",
+              file=sys.stderr, flush=True)
+
+
+def renamed_key(key: str, known: Mapping[str, Any] | set[str], where: str) -> str:
+    """``key`` (dotted) under its new name if it is an old one whose new name is in ``known`` (warning)."""
+    new = RENAMED_KEYS.get(key)
+    if new is None or new not in known:
+        return key
+    _deprecated(key, new, where)
+    return new
+
+
+def upgrade_keys(update: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> dict:
+    """A copy of the nested table ``update`` (a config file's body) with every old key of
+    :data:`RENAMED_KEYS` moved to its new name, where ``defaults`` (the schema) has the new one (warning);
+    an old and a new key given together are refused."""
+    out, known = copy.deepcopy(dict(update)), flatten(defaults)
+    for old, new in RENAMED_KEYS.items():
+        *path, leaf = old.split(".")
+        node: Any = out
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node or new not in known:
+            continue
+        *new_path, new_leaf = new.split(".")
+        target: Any = out
+        for p in new_path:
+            target = target.setdefault(p, {}) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            continue  # the new key's table is not a table here: merge names the error
+        if new_leaf in target:
+            raise ConfigError(f"{where}: both '{old}' and '{new}' are given; '{old}' is the old name of '{new}': "
+                              f"keep '{new}' only.")
+        target[new_leaf] = node.pop(leaf)
+        _deprecated(old, new, where)
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key.sub=value``; the value is a TOML literal, or a bare string."""
     if "=" not in text:
@@ -119,6 +185,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """Apply ``--set`` overrides (type-checked against ``cfg``)."""
     for text in overrides:
         key, value = parse_override(text)
+        key = renamed_key(key, flatten(cfg), f"--set {text.strip()}")
         nested: dict[str, Any] = {}
         node = nested
         parts = key.split(".")

@@ -52,12 +52,18 @@ def _default(f: dataclasses.Field) -> Any:
     raise TypeError(f"config field '{f.name}' has no default (every key of a config has one)")
 
 
-def defaults_of(cls: type) -> dict:
-    """The nested dict of ``cls``'s defaults (sections as tables)."""
+def defaults_of(cls: type, instance: Any = None) -> dict:
+    """The nested dict of ``cls``'s defaults (sections as tables). A section field whose default is an
+    instance (``compute: Compute = field(default_factory=lambda: Compute(threads=1))``) gives that
+    instance's values: a shared section (:mod:`moelab.experiments.sections`) with a family's own defaults."""
     hints, out = _hints(cls), {}
     for f in dataclasses.fields(cls):
         sub = _section(hints[f.name])
-        out[f.name] = defaults_of(sub) if sub is not None else _default(f)
+        value = _default(f) if instance is None else getattr(instance, f.name)
+        if sub is not None:
+            out[f.name] = defaults_of(sub, value if isinstance(value, sub) else None)
+        else:
+            out[f.name] = value
     return out
 
 

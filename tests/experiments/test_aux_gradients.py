@@ -90,7 +90,7 @@ def assert_router_grad_is_task_plus_balance(with_aux: dict, without: dict, ref: 
 
 # ----------------------------------------------------------------------------- jacobs (modern)
 JACOBS = ["train.epochs=1", "data.train_limit=160", "data.test_limit=40", "train.batch_size=160",
-          "baselines.equal_cost=false", "train.label_smoothing=0", "threads=1"]
+          "baselines.equal_cost=false", "train.label_smoothing=0", "compute.threads=1"]
 
 
 def _jacobs_step(monkeypatch, tmp_path, name: str, sets: list[str]) -> dict:
@@ -162,7 +162,7 @@ def _cifar_step(tmp_path, name: str, m, aux_scale: float) -> None:
 
     rng = np.random.default_rng(0)
     train = Images(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.arange(8) % 10, True, "cpu")
-    t = dataclasses.replace(cm.Train(), batch=8, epochs=1.0)
+    t = dataclasses.replace(cm.Train(), batch_size=8, epochs=1.0)
     torch.manual_seed(0)
     model = cm.build_model(m, aux_scale=aux_scale).to(memory_format=torch.channels_last)
     model.init_whitening(train.batch(torch.arange(8)))

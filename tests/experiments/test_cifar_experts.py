@@ -25,13 +25,13 @@ SLICE = [
     "data.test_per_class=250",
     "data.val_size=200",
     "experts.epochs=1",
-    "experts.batch=32",
+    "experts.batch_size=32",
     "gate.epochs=1",
-    "gate.batch=32",
-    "generalist.batch=32",
+    "gate.batch_size=32",
+    "generalist.batch_size=32",
     "baseline.epochs=1",
-    "baseline.batch=32",
-    "compute.eval_batch=500",
+    "baseline.batch_size=32",
+    "eval.batch_size=500",
 ]
 # Chance on the test images of the 4 classes is 0.25; every model (mixtures, baselines, the generalist, the
 # oracle routing) measured 0.36-0.48 on seeds 0-1 (one standard error on 1000 images: 0.015). An expert's own

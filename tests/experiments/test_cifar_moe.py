@@ -195,8 +195,8 @@ def test_routers_get_their_own_lr_not_the_bn_bias_lr(moe):
 # images, 8 epochs of 8 steps of 50. airbench's lr is per 1024 summed examples; at batches of 50 its 11.5 barely
 # moves the network in 64 steps, so the slice trains at lr 100. Measured test accuracy of every model (moe and
 # each baseline) on seeds 0-2: 0.25-0.40 (chance: 0.10; one standard error on 500 images is 0.02).
-SLICE = ["data.train_per_class=50", "data.test_per_class=50", "data.val_size=100", "train.batch=50", "train.epochs=8",
-         "train.lr=100", "model.width=16", "eval.batch=500", "train.log_every=4"]
+SLICE = ["data.train_per_class=50", "data.test_per_class=50", "data.val_size=100", "train.batch_size=50", "train.epochs=8",
+         "train.lr=100", "model.width=16", "eval.batch_size=500", "train.log_every=4"]
 MIN_ACCURACY = 0.18
 
 

@@ -121,7 +121,7 @@ def test_bad_options_are_config_errors(tmp_path):
 def test_mnist_modern_learns(tmp_path):
     data_dir = _mnist_dir()
     out = tmp_path / "run"
-    s = run_experiment("mnist-jacobs", ["data.train_limit=3000", "data.test_limit=1000", "train.epochs=8", "threads=1"],
+    s = run_experiment("mnist-jacobs", ["data.train_limit=3000", "data.test_limit=1000", "train.epochs=8", "compute.threads=1"],
                        out=out, data_dir=data_dir, quiet=True)
     _check_summary(s, out, 10, lambda h: mlp(196, h, 10), torch.zeros(4, 196))
     assert s["models"]["moe"]["test_accuracy"] > 0.8
@@ -141,7 +141,7 @@ def test_mnist_faithful_learns(tmp_path):
     data_dir = _mnist_dir()
     out = tmp_path / "run"
     s = run_experiment("mnist-jacobs-faithful",
-                       ["data.train_limit=2000", "data.test_limit=500", "faithful.moe_epochs=120", "threads=1",
+                       ["data.train_limit=2000", "data.test_limit=500", "faithful.moe_epochs=120", "compute.threads=1",
                         "faithful.single_epochs=120", "faithful.log_every=40", "faithful.checkpoint_every=60"],
                        out=out, data_dir=data_dir, quiet=True)
     _check_summary(s, out, 10, lambda h: SeedMLP(196, h, 10), torch.ones(4, 197))  # bias column
@@ -157,7 +157,7 @@ def test_mnist_faithful_learns(tmp_path):
 def test_mnist_faithful_train_on_test(tmp_path):
     data_dir = _mnist_dir()
     s = run_experiment("mnist-jacobs-faithful",
-                       ["data.train_limit=1000", "data.test_limit=500", "faithful.moe_epochs=40", "threads=1",
+                       ["data.train_limit=1000", "data.test_limit=500", "faithful.moe_epochs=40", "compute.threads=1",
                         "faithful.single_epochs=10", "faithful.log_every=20", "faithful.dtype=float64",
                         "seed_protocol.train_on_test=true"],
                        out=tmp_path / "run", data_dir=data_dir, quiet=True)

@@ -147,7 +147,7 @@ def test_cifar_moe_rotate_runs_at_the_crop_size(monkeypatch, tmp_path):
     fake = ImageDataset("cifar10", [f"c{i}" for i in range(10)], x, y, x[:100].copy(), y[:100].copy())
     monkeypatch.setattr(moelab.data, "load_dataset", lambda name, data_dir=None: fake)
     s = run_experiment("cifar10-moe", ["data.task=rotate", "data.grayscale=true", "data.val_size=100",
-                                       "train.batch=50", "train.epochs=1", "model.width=8", "eval.tta=2",
+                                       "train.batch_size=50", "train.epochs=1", "model.width=8", "eval.tta=2",
                                        "baselines.equal_cost=false", "baselines.reference=false"],
                        out=tmp_path / "r", data_dir=str(tmp_path), quiet=True)
     moe = s["models"]["moe"]
@@ -158,7 +158,7 @@ def test_cifar_moe_rotate_runs_at_the_crop_size(monkeypatch, tmp_path):
     assert tensors["probs"].shape == (100, 2) and meta["classes"] == ["upright", "rotated 30"]
     with pytest.raises(ConfigError, match=r"data.rotate_crop = 8 is out of range: expected a side in \[9, 32\]"):
         run_experiment("cifar10-moe", ["data.task=rotate", "data.rotate_crop=8", "data.val_size=100",
-                                       "train.batch=50"], out=tmp_path / "bad", data_dir=str(tmp_path), quiet=True)
+                                       "train.batch_size=50"], out=tmp_path / "bad", data_dir=str(tmp_path), quiet=True)
 
 
 @pytest.mark.parametrize("experiment, sets, said", [

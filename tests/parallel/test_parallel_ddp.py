@@ -45,8 +45,8 @@ def test_failing_rank_stops_the_job(tmp_path):
 
 # The balance loss is a batch statistic, computed per rank under DDP (as in every DDP code base): off here,
 # so that the sharded run must equal the single-process one.
-DIGITS = ["digits-jacobs", "--set", "train.epochs=2", "--set", "train.bf16=false", "--set", "train.balance_weight=0",
-          "--set", "threads=1", "--quiet", "--device", "cpu"]  # gloo/CPU, also on a GPU machine
+DIGITS = ["digits-jacobs", "--set", "train.epochs=2", "--set", "compute.bf16=false", "--set", "train.balance_weight=0",
+          "--set", "compute.threads=1", "--quiet", "--device", "cpu"]  # gloo/CPU, also on a GPU machine
 
 
 def test_builtin_modern_jacobs_runs_data_parallel(tmp_path):

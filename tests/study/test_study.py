@@ -15,7 +15,7 @@ from moelab.study import run_study
 from moelab.study.grid import parse_grid, split_values
 
 # mnist-sparse on the embedded 8x8 digits: no download, about a second per run
-BASE = ["data.dataset=digits", "data.resize=none", "data.val_size=200", "train.epochs=2", "threads=1"]
+BASE = ["data.dataset=digits", "data.resize=none", "data.val_size=200", "train.epochs=2", "compute.threads=1"]
 GRID = ["model.num_experts=2,4"]
 
 

@@ -26,7 +26,7 @@ from moelab.cli import main
 from moelab.train.checkpoint import load_checkpoint, read_meta
 from moelab.train.loop import check_finite, train_phase
 
-EXPERIMENT = ["digits-jacobs", "--set", "train.epochs=3", "--set", "data.train_limit=384", "--set", "threads=1", "--quiet"]
+EXPERIMENT = ["digits-jacobs", "--set", "train.epochs=3", "--set", "data.train_limit=384", "--set", "compute.threads=1", "--quiet"]
 KILLS = {
     "mid-epoch": "moe:2:mid_epoch",
     "checkpoint-write": "moe:3:checkpoint_write",  # the phase's final ("done") checkpoint
@@ -175,7 +175,7 @@ def test_resume_with_another_config_is_refused(kill_runs, capsys):
     err = capsys.readouterr().err
     assert err == (f"moelab: error: cannot resume '{ref}': train.epochs cannot change on resume (train.epochs: "
                    f"run has 3, asked 4); the run continues with its own config.toml. Keys a resumed run may "
-                   f"change: threads, train.log_every, faithful.log_every, faithful.checkpoint_every. To train "
+                   f"change: compute.threads, train.log_every, faithful.log_every, faithful.checkpoint_every. To train "
                    f"with other values, start a new run.\n")
     assert main(["run", "mnist-jacobs", "--resume", str(ref)]) == 2
     assert capsys.readouterr().err == (f"moelab: error: cannot resume '{ref}': it is a run of 'digits-jacobs', "

@@ -20,7 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MOELAB_KER
 # mnist-sparse on the embedded 8x8 digits (no download), noisy top-2: its noise comes from torch's global RNG
 SPARSE = ["mnist-sparse", "--set", "data.dataset=digits", "--set", "data.resize=none", "--set", "data.val_size=200",
           "--set", "model.router=noisy_topk", "--set", "train.epochs=3", "--set", "train.log_every=1",
-          "--set", "baselines.equal_cost=false", "--set", "threads=1", "--quiet"]
+          "--set", "baselines.equal_cost=false", "--set", "compute.threads=1", "--quiet"]
 
 
 def moelab(*args, env=None, check=True):
@@ -141,10 +141,10 @@ class FakeClock:
         return self.t
 
 
-CIFAR = ["--set", "model.width=16", "--set", "train.epochs=1", "--set", "train.batch=256",
+CIFAR = ["--set", "model.width=16", "--set", "train.epochs=1", "--set", "train.batch_size=256",
          "--set", "data.train_per_class=60", "--set", "data.test_per_class=20", "--set", "data.val_size=100",
          "--set", "model.moe=blocks", "--set", "model.num_experts=2", "--set", "eval.tta=0",
-         "--set", "baselines.equal_params=false", "--set", "baselines.reference=false", "--set", "threads=1"]
+         "--set", "baselines.equal_params=false", "--set", "baselines.reference=false", "--set", "compute.threads=1"]
 
 
 def test_interrupt_at_a_phase_boundary_resumes_to_the_same_rows(real_data_dir, tmp_path, monkeypatch):

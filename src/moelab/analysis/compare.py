@@ -22,7 +22,7 @@ from pathlib import Path
 
 from moelab.analysis.routing import routing_analysis
 from moelab.analysis.rundir import RunDir, find_runs, open_run
-from moelab.config import flatten
+from moelab.config import RENAMED_KEYS, flatten
 from moelab.errors import MoelabError
 from moelab.io import atomic_write_text
 
@@ -41,7 +41,7 @@ class Group:
 
 
 def config_key(run: RunDir) -> tuple:
-    flat = flatten(run.config)
+    flat = {RENAMED_KEYS.get(k, k): v for k, v in flatten(run.config).items()}  # runs written before a rename too
     flat.pop("run.seed", None)
     return tuple(sorted((k, repr(v)) for k, v in flat.items()))
 

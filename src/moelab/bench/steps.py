@@ -115,7 +115,7 @@ def build_pair(size: str, sets: Sequence[str] = ()) -> tuple[nn.Module, nn.Modul
     else:
         from moelab.experiments.cifar_moe import build_model
 
-        x, y = torch.randn(c.train.batch, 3, 32, 32), torch.randint(0, 10, (c.train.batch,))
+        x, y = torch.randn(c.train.batch_size, 3, 32, 32), torch.randint(0, 10, (c.train.batch_size,))
         moe, probe = build_model(c.model), x[:4]
         w = match_width(lambda w: flops_per_example(build_model(c.model, w, dense=True), probe),
                         flops_per_example(moe, probe), hi=8 * c.model.width)

@@ -8,30 +8,36 @@ evaluates and returns the summary dict (``test_accuracy`` and, when it trains se
 ``models: {name: {"test_accuracy": ...}}``). :func:`resolve_config` returns only configs
 that pass every rule, so a bad value is refused before a run directory exists.
 
-Family modules are imported lazily, so ``moelab list`` stays fast.
+A family is registered in one place: the module of this package named after it (``moelab.experiments.jacobs``
+registers ``@family("jacobs", ...)``). Modules are imported lazily, the first time their family is asked for
+(:func:`get_family`), so ``import moelab.experiments`` and ``moelab list`` stay fast; :func:`family_names`
+imports the package's modules to list them all (error messages, tests).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moelab.config import Rule, apply_overrides, check_rules, flatten, merge, needs_rule, read_toml
+from moelab.config import (
+    Rule,
+    apply_overrides,
+    check_rules,
+    flatten,
+    merge,
+    needs_rule,
+    read_toml,
+    upgrade_keys,
+)
 from moelab.errors import ConfigError
 from moelab.schema import defaults_of, rules_of, typed
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-# family name -> module that defines it
-FAMILY_MODULES: dict[str, str] = {
-    "jacobs": "moelab.experiments.jacobs",
-    "cifar_experts": "moelab.experiments.cifar_experts",
-    "sparse_mlp": "moelab.experiments.sparse_mlp",
-    "cifar_moe": "moelab.experiments.cifar_moe",
-}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Family:
     check: Callable[[dict], None] | None = None
     resumable: tuple[str, ...] = ()
     schema: type | None = None  # the typed config (moelab.schema) its run and check receive
+    module: str = ""  # the module that registered it
 
     def validate(self, cfg: dict, where: str = "config") -> dict:
         """``cfg`` if every key's rule and the cross-key check accept it, else ConfigError."""
@@ -75,6 +82,10 @@ def family(name: str, defaults: dict | None = None, rules: dict[str, Rule] | Non
         raise ValueError(f"family {name}: rules name keys that are not in its defaults: {', '.join(unknown)}")
 
     def deco(fn: Callable) -> Callable:
+        module = getattr(fn, "__module__", "") or ""
+        if module.startswith(__name__ + ".") and module != f"{__name__}.{name}":
+            raise ValueError(f"family {name}: register it in the module {__name__}.{name} (get_family imports it "
+                             f"from there), not in {module}")
         run, chk = fn, check
         if schema is not None:
             def run(cfg: dict, ctx: Any) -> dict:
@@ -83,7 +94,7 @@ def family(name: str, defaults: dict | None = None, rules: dict[str, Rule] | Non
             if check is not None:
                 def chk(cfg: dict) -> None:
                     check(typed(schema, cfg))
-        _FAMILIES[name] = Family(name, defaults, run, dict(rules), chk, tuple(resumable), schema)
+        _FAMILIES[name] = Family(name, defaults, run, dict(rules), chk, tuple(resumable), schema, module)
         return fn
 
     return deco
@@ -95,11 +106,21 @@ def keys_without_rules(fam: Family) -> list[str]:
 
 
 def get_family(name: str) -> Family:
+    """The family ``name``, importing its module (``moelab.experiments.<name>``) the first time."""
+    if name not in _FAMILIES and isinstance(name, str) and name.isidentifier() and \
+            importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        importlib.import_module(f"{__name__}.{name}")
     if name not in _FAMILIES:
-        if name not in FAMILY_MODULES:
-            raise ConfigError(f"unknown experiment family '{name}'. Known families: {', '.join(sorted(FAMILY_MODULES))}.")
-        importlib.import_module(FAMILY_MODULES[name])
+        raise ConfigError(f"unknown experiment family '{name}'. Known families: {', '.join(family_names())}.")
     return _FAMILIES[name]
+
+
+def family_names() -> list[str]:
+    """Every family of this package (importing its modules; families registered elsewhere, as tests do, are
+    not listed)."""
+    for m in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{m.name}")
+    return sorted(n for n, f in _FAMILIES.items() if f.module.startswith(__name__ + "."))
 
 
 def builtin_configs() -> dict[str, Path]:
@@ -137,25 +158,28 @@ def resolve_file(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
     else:
         raise ConfigError(
             f"{where}: a config must name its experiment family (family = \"...\", one of "
-            f"{', '.join(sorted(FAMILY_MODULES))}) or a built-in it extends (base = \"...\")."
+            f"{', '.join(family_names())}) or a built-in it extends (base = \"...\")."
         )
-    cfg = merge(defaults, body, where)
+    cfg = merge(defaults, upgrade_keys(body, defaults, where), where)
     return {"family": fam, "description": str(raw.get("description", "")), **cfg}
+
+
+def experiment_file(name_or_path: str) -> tuple[str, Path]:
+    """Experiment name (built-in) or path to a TOML file -> (run name, its TOML file)."""
+    builtins = builtin_configs()
+    if name_or_path in builtins:
+        return name_or_path, builtins[name_or_path]
+    if name_or_path.endswith(".toml") or Path(name_or_path).is_file():
+        return Path(name_or_path).stem, Path(name_or_path)
+    raise ConfigError(
+        f"unknown experiment '{name_or_path}'. Built-in experiments: {', '.join(builtins)}; "
+        f"or give the path to a .toml config file."
+    )
 
 
 def resolve_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[str, dict]:
     """Experiment name (built-in) or path to a TOML file -> (run name, resolved config)."""
-    builtins = builtin_configs()
-    if name_or_path in builtins:
-        name, path = name_or_path, builtins[name_or_path]
-    elif name_or_path.endswith(".toml") or Path(name_or_path).is_file():
-        path = Path(name_or_path)
-        name = path.stem
-    else:
-        raise ConfigError(
-            f"unknown experiment '{name_or_path}'. Built-in experiments: {', '.join(builtins)}; "
-            f"or give the path to a .toml config file."
-        )
+    name, path = experiment_file(name_or_path)
     cfg = apply_overrides(resolve_file(read_toml(path), str(path)), overrides or [])
     return name, validate_config(cfg, f"experiment '{name}'")
 

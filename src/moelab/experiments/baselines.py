@@ -50,7 +50,7 @@ class SharedRows:
 
     def key(self, run: Run, name: str, net: nn.Module) -> str:
         cfg = {k: v for k, v in flatten(run.cfg).items()
-               if not k.startswith(("model.", "baselines.")) and k not in ("description", "threads")}
+               if not k.startswith(("model.", "baselines.")) and k not in ("description", "compute.threads")}
         blob = json.dumps({"seed": run.seed, "phase": name, "net": repr(net), "cfg": cfg}, sort_keys=True,
                           default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -39,9 +39,19 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_as_dict).encode()).hexdigest()[:24]
 
 
+def section_dict(section) -> dict:
+    """A config section as the dict its cache keys hash: keys under their names before the renames of
+    :data:`moelab.config.RENAMED_KEYS` (``batch``, ``name``), so experts cached before them stay valid."""
+    d = dataclasses.asdict(section)
+    for new, old in (("batch_size", "batch"), ("dataset", "name")):
+        if new in d:
+            d[old] = d.pop(new)
+    return d
+
+
 def _as_dict(obj):
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
+        return section_dict(obj)
     raise TypeError(f"config_hash: cannot hash a {type(obj).__name__}")
 
 
@@ -148,7 +158,7 @@ def check_sizes(cfg: Config, train_per_class: dict[int, int], test_per_class: di
     if d.val_size >= n_train:
         raise refuse("data.val_size", d.val_size, f"fewer than the {n_train} training images")
     n_fit = n_train - d.val_size
-    for key in ("experts.batch", "generalist.batch", "gate.batch", "baseline.batch"):
+    for key in ("experts.batch_size", "generalist.batch_size", "gate.batch_size", "baseline.batch_size"):
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
         if value > n_fit:
@@ -161,7 +171,7 @@ class Data:
     def __init__(self, cfg: Config, run: Run):
         from moelab.data import load_dataset
 
-        ds = load_dataset(cfg.data.name, data_dir=run.data_dir)
+        ds = load_dataset(cfg.data.dataset, data_dir=run.data_dir)
         self.classes = list(ds.classes)
         self.checksum = ds.checksum
         self.pairs = [list(p) for p in cfg.data.pairs]
@@ -208,7 +218,7 @@ def image_batches(images: Images, batch: int, gen: torch.Generator, hflip: bool,
 def predict_batches(model_fn, images: Images, cfg: Config, flip: bool = False) -> list[torch.Tensor]:
     """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches (on ``images.device``);
     concatenated float outputs, on the host."""
-    bs = cfg.compute.eval_batch
+    bs = cfg.eval.batch_size
     outs: list[list[torch.Tensor]] = []
     for i in range(0, len(images), bs):
         idx = torch.arange(i, min(i + bs, len(images)))

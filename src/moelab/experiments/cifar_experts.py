@@ -120,12 +120,12 @@ class Pipeline:
         self.kind = cfg.gate.kind
         self.data = data = Data(cfg, run)
         self.y = data.test.y
-        run.log(f"data: {cfg.data.name} (checksum {data.checksum[:12]}), train {len(data.train)}, "
+        run.log(f"data: {cfg.data.dataset} (checksum {data.checksum[:12]}), train {len(data.train)}, "
                 f"val {len(data.val)}, test {len(data.test)}; {len(data.pairs)} experts; torch threads "
                 f"{torch.get_num_threads()}; device {data.device}, bf16 {use_bf16(cfg, data.device)} (compute.bf16 = "
                 f"{cfg.compute.bf16}, CPU bf16: {cpu_bf16_isa()}), channels_last {cfg.compute.channels_last}")
         self.summary: dict = {
-            "dataset": "CIFAR-10 (JPEG-75 copy)" if cfg.data.name == "cifar10" else cfg.data.name,
+            "dataset": "CIFAR-10 (JPEG-75 copy)" if cfg.data.dataset == "cifar10" else cfg.data.dataset,
             "pairs": [[data.classes[a], data.classes[b]] for a, b in data.pairs]}
 
     def experts_and_outputs(self) -> None:
@@ -247,7 +247,7 @@ class Pipeline:
         m = Seed1CNN(len(data.classes), width=width)
         shift = (cfg.augment.max_shift if cfg.gate.shift else 0) if is_trunk else cfg.augment.max_shift
         info = train_classifier(self.run, name, m, full_classes(data), data.val, cfg, epochs=epochs,
-                                batch=cfg.gate.batch if is_trunk else bc.batch, lr=lr, schedule=schedule,
+                                batch=cfg.gate.batch_size if is_trunk else bc.batch_size, lr=lr, schedule=schedule,
                                 l2=cfg.experts.l2, shift=shift, keep_best=schedule == "plateau",
                                 early_stop=cfg.experts.early_stop_patience if schedule == "plateau" else 0)
         logits = predict_batches(m, data.test, cfg)[0]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, get_args
 
-from moelab.config import Check, Choice, Float, Int, Switch, refuse
+from moelab.config import Check, Choice, Float, Int, refuse
+from moelab.experiments.sections import ConvCompute, Eval
 from moelab.reproductions.conv_experts import IMPLS
 from moelab.reproductions.gating import GATE_KINDS, HIERARCHICAL
 from moelab.schema import defaults_of, rules_of
@@ -26,7 +27,7 @@ def _valid_pairs(pairs) -> bool:
 
 @dataclass(frozen=True)
 class DataConfig:  # (Data is the loaded data set, cifar_common.Data)
-    name: Literal["cifar10"] = "cifar10"
+    dataset: Literal["cifar10"] = "cifar10"
     val_size: Annotated[int, Int(ge=1)] = 5000  # validation images carved (stratified) from the training set
     train_per_class: Annotated[int, Int(ge=0)] = 0  # >0: keep only this many training images per class (test slices)
     test_per_class: Annotated[int, Int(ge=0)] = 0  # >0: likewise for the test set
@@ -42,18 +43,14 @@ class Augment:
 
 
 @dataclass(frozen=True)
-class Compute:
-    bf16: Switch = Switch("auto")
-    channels_last: bool = True
-    threads: Annotated[int, Int(ge=0)] = 0  # torch.set_num_threads; 0 keeps torch's default
-    eval_batch: Annotated[int, Int(ge=1)] = 500
+class Compute(ConvCompute):  # threads 0, bf16 "auto", channels_last
     impl: Annotated[str, Choice(*IMPLS)] = "auto"  # how ConvExperts runs the ten CNNs
 
 
 @dataclass(frozen=True)
 class Experts:
     epochs: Annotated[int, Int(ge=1)] = 12
-    batch: Annotated[int, Int(ge=1)] = 128
+    batch_size: Annotated[int, Int(ge=1)] = 128
     lr: Annotated[float, Float(gt=0)] = 1e-3
     l2: Annotated[float, Float(ge=0)] = 1e-4  # Keras kernel_regularizer on the conv kernels
     plateau_patience: Annotated[int, Int(ge=1)] = 2
@@ -71,7 +68,7 @@ class Generalist:
     is "generalist"): the specialists and the gate trunk start from it. Cached by content like the experts."""
 
     epochs: Annotated[int, Int(ge=1)] = 20
-    batch: Annotated[int, Int(ge=1)] = 128
+    batch_size: Annotated[int, Int(ge=1)] = 128
     lr: Annotated[float, Float(gt=0)] = 2e-3
     schedule: Schedule = "onecycle"
 
@@ -80,7 +77,7 @@ class Generalist:
 class Gate:
     kind: Annotated[str, Choice(*GATE_KINDS, HIERARCHICAL, "none")] = "standard"
     epochs: Annotated[int, Int(ge=1)] = 10
-    batch: Annotated[int, Int(ge=1)] = 128
+    batch_size: Annotated[int, Int(ge=1)] = 128
     lr: Annotated[float, Float(ge=0)] = 0.0  # 0: the seed's lr for this kind (standard 1e-3, sparse 1e-4, two gates 5e-4)
     schedule: Schedule = "onecycle"
     shift: bool = True  # gate-side random shift (the experts' cached outputs are of the unshifted image)
@@ -108,7 +105,7 @@ class Baseline:
     (0: the single CNN's)."""
 
     epochs: Annotated[int, Int(ge=0)] = 30
-    batch: Annotated[int, Int(ge=1)] = 128
+    batch_size: Annotated[int, Int(ge=1)] = 128
     lr: Annotated[float, Float(gt=0)] = 2e-3
     schedule: Schedule = "onecycle"
     trunk_epochs: Annotated[int, Int(ge=0, also=(-1,))] = 0
@@ -124,6 +121,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: Augment = field(default_factory=Augment)
     compute: Compute = field(default_factory=Compute)
+    eval: Eval = field(default_factory=lambda: Eval(batch_size=500))
     experts: Experts = field(default_factory=Experts)
     generalist: Generalist = field(default_factory=Generalist)
     gate: Gate = field(default_factory=Gate)

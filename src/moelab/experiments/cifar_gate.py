@@ -161,7 +161,7 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
         gate.trunk.load_state_dict(generalist.trunk.state_dict())
     lr = gc.lr if gc.lr > 0 else SEED_LR[kind]
     opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc.weight_decay)
-    steps = math.ceil(len(data.train) / gc.batch)
+    steps = math.ceil(len(data.train) / gc.batch_size)
     sched = onecycle_or_plateau(gc.schedule, opt, lr, gc.epochs, steps, patience=4)
     cover, mixer = data.cover, SeedCombine(kind, E, gc.top_k)
     shift = cfg.augment.max_shift if gc.shift else 0
@@ -187,7 +187,7 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
             return forward(data.train.batch(idx, flip, shift, gen) if use_trunk else None, "train", idx, flip)
 
         batches = ((b, to_device(labels[b[0].to(labels.device)], dev), 1.0)
-                   for b in index_batches(len(data.train), gc.batch, gen, cfg.augment.hflip))
+                   for b in index_batches(len(data.train), gc.batch_size, gen, cfg.augment.hflip))
         return minibatch_epoch(gate, opt, sched if gc.schedule == "onecycle" else None, batches, batch_forward,
                                loss_fn, progress=run.progress(f"[gate] epoch {epoch + 1}", len(data.train)),
                                meter=state)
@@ -210,7 +210,7 @@ def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, exper
     """Mixture logits and effective gate weights on ``images`` (cached expert outputs of ``split``,
     or ``experts_fn(x) -> probs`` when the experts were fine-tuned)."""
     gate.eval()
-    bs, dev = cfg.compute.eval_batch, images.device
+    bs, dev = cfg.eval.batch_size, images.device
     mixer = SeedCombine(kind, gate.num_experts, cfg.gate.top_k)
     cache = cache_on({k: v for k, v in cache.items() if k.startswith(f"{split}.")}, dev)
     logits, weights = [], []
@@ -256,7 +256,7 @@ def finetune(cfg: Config, run: Run, data: Data, experts: ConvExperts, gate: Gate
     gate, experts = gate.to(dev), experts.to(dev)
     params = list(gate.parameters()) + list(experts.parameters())
     opt = torch.optim.Adam(params, lr=gc.finetune_lr)
-    steps = math.ceil(len(data.train) / gc.batch)
+    steps = math.ceil(len(data.train) / gc.batch_size)
     sched = onecycle_or_plateau("onecycle", opt, gc.finetune_lr, gc.finetune_epochs, steps)
     both = nn.ModuleDict({"gate": gate, "experts": experts})
     mixer = SeedCombine(kind, len(data.pairs), gc.top_k)
@@ -273,7 +273,7 @@ def finetune(cfg: Config, run: Run, data: Data, experts: ConvExperts, gate: Gate
 
     def train_epoch(epoch: int) -> dict:
         gen = run.generator("finetune", epoch)
-        batches = image_batches(data.train, gc.batch, gen, True, cfg.augment.max_shift)
+        batches = image_batches(data.train, gc.batch_size, gen, True, cfg.augment.max_shift)
         return minibatch_epoch(both, opt, sched, batches, forward, loss_fn, device=dev, meter=state,
                                progress=run.progress(f"[finetune] epoch {epoch + 1}", len(data.train)))
 

@@ -176,16 +176,16 @@ class Recipe:
     def __init__(self, model: FastCNN, t: Train, train: Images, total_steps: int, bf16: bool, run: Run, phase: str):
         self.model, self.t, self.train, self.total, self.bf16 = model, t, train, total_steps, bf16
         self.run, self.phase = run, phase
-        self.opt = make_optimizer(model, t, t.batch)
-        self.steps_per_epoch = math.ceil(len(train) / t.batch)
+        self.opt = make_optimizer(model, t, t.batch_size)
+        self.steps_per_epoch = math.ceil(len(train) / t.batch_size)
         self.sched = make_schedule(self.opt, t, total_steps, self.steps_per_epoch)
 
     def epoch(self, epoch: int) -> dict:
         t = self.t
         steps = max(0, min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch))
         g = self.run.generator(self.phase, epoch)
-        batches = image_batches(self.train, t.batch, g, t.flip, t.translate, max_steps=steps, summed=True)
-        bar = self.run.progress(f"[{self.phase}] epoch {epoch + 1}", min(len(self.train), steps * t.batch))
+        batches = image_batches(self.train, t.batch_size, g, t.flip, t.translate, max_steps=steps, summed=True)
+        bar = self.run.progress(f"[{self.phase}] epoch {epoch + 1}", min(len(self.train), steps * t.batch_size))
         return minibatch_epoch(self.model, self.opt, self.sched, batches, self.model.forward_with_aux, self._loss,
                                bf16=self.bf16, device=self.run.device, progress=bar)
 
@@ -242,7 +242,7 @@ def load_images(cfg: Config, run: Run) -> dict:
     from moelab.train.run import seeded_generator
 
     d, cl = cfg.data, cfg.compute.channels_last
-    ds = load_dataset(d.name, data_dir=run.data_dir)
+    ds = load_dataset(d.dataset, data_dir=run.data_dir)
     classes = list(range(len(ds.classes)))
     tr_keep = limit_per_class(ds.train_y, classes, d.train_per_class)
     te_keep = limit_per_class(ds.test_y, classes, d.test_per_class)
@@ -253,8 +253,8 @@ def load_images(cfg: Config, run: Run) -> dict:
     x, y, latent = ds.train_x, ds.train_y, getattr(ds, "train_latent", None)
     if d.val_size >= len(y):
         raise refuse("data.val_size", d.val_size, f"fewer than the {len(y)} training images")
-    if cfg.train.batch > len(y) - d.val_size:
-        raise refuse("train.batch", cfg.train.batch,
+    if cfg.train.batch_size > len(y) - d.val_size:
+        raise refuse("train.batch_size", cfg.train.batch_size,
                      f"at most the {len(y) - d.val_size} training images left after data.val_size")
     strata = y if latent is None else latent * len(ds.classes) + y  # a task: by (latent class, label)
     tr, va = train_val_split(strata, d.val_size, seed=run.seed, stratified=True)
@@ -270,14 +270,14 @@ class Fitter:
 
     def __init__(self, cfg: Config, run: Run, data: dict, bf16: bool):
         self.cfg, self.run, self.data, self.bf16 = cfg, run, data, bf16
-        self.steps_per_epoch = math.ceil(len(data["train"]) / cfg.train.batch)
+        self.steps_per_epoch = math.ceil(len(data["train"]) / cfg.train.batch_size)
         self.whiten_sample = data["train"].batch(torch.arange(min(len(data["train"]), 5000)))
         self.probe = data["val"].batch(torch.arange(min(len(data["val"]), 8)))
 
     def evaluate(self, model: FastCNN) -> dict:
         """Validation error, and how routing evolves: each expert's share of the largest gate."""
         val = self.data["val"]
-        probs, routes = predict(model, val, 0, self.bf16, self.cfg.eval.batch)
+        probs, routes = predict(model, val, 0, self.bf16, self.cfg.eval.batch_size)
         row = {"val_err": error_pct(probs, val.y, 3)}
         if routes:
             lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
@@ -296,8 +296,8 @@ class Fitter:
                     sched=recipe.sched, evaluate=lambda epoch: self.evaluate(model), log_every=t.log_every)
         train_time = run.train_time(phase)
         val, test = self.data["val"], self.data["test"]
-        val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch)
-        probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch)
+        val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch_size)
+        probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch_size)
         gates = routes[-1] if routes else None
         save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"], latent=self.data["test_latent"])
         err = error_pct(probs, test.y, 3)
@@ -314,7 +314,7 @@ class Fitter:
 
 @family("cifar_moe", check=check_config, resumable=RESUMABLE, schema=Config)
 def run(cfg: Config, run_ctx: Run) -> dict:
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.compute.threads):
         return _run(cfg, run_ctx)
 
 

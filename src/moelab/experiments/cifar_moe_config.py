@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, get_args
 
-from moelab.config import Check, Float, Int, Switch, refuse
+from moelab.config import Check, Float, Int, refuse
+from moelab.experiments import sections
 from moelab.experiments.router_recipe import check_recipe
+from moelab.experiments.sections import ConvCompute
 from moelab.moe.routers import resolve
 from moelab.schema import defaults_of, rules_of
 
@@ -22,7 +24,7 @@ def _blocks_ok(v) -> bool:
 
 @dataclass(frozen=True)
 class Data:
-    name: Literal["cifar10"] = "cifar10"
+    dataset: Literal["cifar10"] = "cifar10"
     val_size: Annotated[int, Int(ge=1)] = 5000
     train_per_class: Annotated[int, Int(ge=0)] = 0  # 0: all
     test_per_class: Annotated[int, Int(ge=0)] = 0
@@ -59,7 +61,7 @@ class Model:
 @dataclass(frozen=True)
 class Train:
     epochs: Annotated[float, Float(gt=0)] = 10.0  # may be fractional: the schedule is in steps
-    batch: Annotated[int, Int(ge=1)] = 1024
+    batch_size: Annotated[int, Int(ge=1)] = 1024
     lr: Annotated[float, Float(gt=0)] = 11.5  # airbench's units: per 1024 summed examples, / (1 + 1 / (1 - momentum))
     momentum: Annotated[float, Float(ge=0, lt=1)] = 0.85
     weight_decay: Annotated[float, Float(ge=0)] = 0.0153
@@ -75,15 +77,8 @@ class Train:
 
 
 @dataclass(frozen=True)
-class Eval:
+class Eval(sections.Eval):  # batch_size = 1000
     tta: Annotated[int, Int(ge=0, le=2)] = 2  # 0 none, 1 flip, 2 flip + 1-pixel translations
-    batch: Annotated[int, Int(ge=1)] = 1000
-
-
-@dataclass(frozen=True)
-class Compute:
-    bf16: Switch = Switch("auto")
-    channels_last: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,17 +94,16 @@ class Baselines:
 class Config:
     """The ``cifar_moe`` family's config (``cifar10-moe``)."""
 
-    threads: Annotated[int, Int(ge=0)] = 0  # torch.set_num_threads; 0 keeps torch's default
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
-    compute: Compute = field(default_factory=Compute)
+    compute: ConvCompute = field(default_factory=ConvCompute)  # threads 0, bf16 "auto", channels_last
     baselines: Baselines = field(default_factory=Baselines)
 
 
 DEFAULTS, RULES = defaults_of(Config), rules_of(Config)
-RESUMABLE = ("threads", "train.log_every", "eval.batch")
+RESUMABLE = ("compute.threads", "train.log_every", "eval.batch_size")
 
 
 def check_config(c: Config) -> None:

@@ -3,7 +3,6 @@ cache, and their outputs on every split, computed once."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -16,6 +15,7 @@ from moelab.experiments.cifar_common import (
     full_classes,
     images_of,
     predict_batches,
+    section_dict,
     to_memory_format,
     train_classifier,
     use_bf16,
@@ -36,7 +36,7 @@ def generalist_key(cfg: Config, data: Data, seed: int) -> str:
 
 
 def expert_key(cfg: Config, data: Data, seed: int) -> str:
-    spec = {k: v for k, v in dataclasses.asdict(cfg.experts).items() if k not in ("cache", "cache_flipped")}
+    spec = {k: v for k, v in section_dict(cfg.experts).items() if k not in ("cache", "cache_flipped")}
     if spec.get("init", "scratch") == "scratch":
         spec.pop("init", None)  # keys of experts trained before the option existed stay valid
     else:
@@ -63,7 +63,7 @@ def train_generalist(cfg: Config, run: Run, data: Data) -> tuple[Seed1CNN, dict]
     gc = cfg.generalist
     torch.manual_seed(run.generator("init", "generalist").initial_seed())
     info = train_classifier(run, "generalist", model, full_classes(data), data.val, cfg, epochs=gc.epochs,
-                            batch=gc.batch, lr=gc.lr, schedule=gc.schedule, l2=cfg.experts.l2,
+                            batch=gc.batch_size, lr=gc.lr, schedule=gc.schedule, l2=cfg.experts.l2,
                             shift=cfg.augment.max_shift, keep_best=gc.schedule == "plateau")
     model = model.to(memory_format=torch.contiguous_format)
     meta = {"train_s": run.phase_times["generalist"]["elapsed_s"], "train_img_per_s": info["train_img_per_s"]}
@@ -96,7 +96,7 @@ def pretrain_experts(cfg: Config, run: Run, data: Data, generalist: Seed1CNN | N
         if ec.init == "generalist":
             m.load_state_dict(generalist.state_dict())
         run.log(f"[expert{i}] pair ({data.classes[a]}, {data.classes[b]}): {len(tr)} train, {len(va)} val images")
-        info = train_classifier(run, f"expert{i}", m, tr, va, cfg, epochs=ec.epochs, batch=ec.batch,
+        info = train_classifier(run, f"expert{i}", m, tr, va, cfg, epochs=ec.epochs, batch=ec.batch_size,
                                 lr=ec.lr, schedule="plateau", l2=ec.l2, shift=cfg.augment.max_shift,
                                 plateau_patience=ec.plateau_patience, plateau_factor=ec.plateau_factor,
                                 min_lr=ec.min_lr, early_stop=ec.early_stop_patience, keep_best=True,

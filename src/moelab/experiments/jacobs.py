@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.config import Float, Int, Switch
+from moelab.config import Float, Int
 from moelab.cost import cost_row
 from moelab.data.augment import Augment
 from moelab.device import chunks_on, to_host
@@ -72,6 +72,7 @@ from moelab.experiments.digit_common import (
     model_report,
 )
 from moelab.experiments.jacobs_faithful import run_faithful
+from moelab.experiments.sections import Compute
 from moelab.models.mlp_mixture import mixture_log_gates, mixture_predict, mlp, mlp_mixture
 from moelab.moe import MoE
 from moelab.parallel import ddp
@@ -131,7 +132,6 @@ class Train(Optim):
     balance: Balance = "none"
     balance_weight: Annotated[float, Float(ge=0)] = 0.0
     shift: Annotated[int, Int(ge=0, le=8)] = 0  # random translation of the original images (pixels; 0: off)
-    bf16: Switch = Switch("false")  # bf16 autocast for the forward pass; "auto": where the device has it natively
     log_every: Annotated[int, Int(ge=1)] = 1
 
 
@@ -141,17 +141,17 @@ class Config:
     that must fit the data are checked in :func:`moelab.experiments.digit_common.load_data`."""
 
     mode: Literal["faithful", "modern"] = "modern"  # "faithful": the seed, exactly
-    threads: Annotated[int, Int(ge=0)] = 0  # torch.set_num_threads; 0 keeps torch's default
     data: DigitData = field(default_factory=DigitData)
     model: Model = field(default_factory=Model)
     faithful: Faithful = field(default_factory=Faithful)
     baselines: Baselines = field(default_factory=Baselines)
     seed_protocol: SeedProtocol = field(default_factory=SeedProtocol)
     train: Train = field(default_factory=Train)
+    compute: Compute = field(default_factory=Compute)  # bf16: modern only
 
 
 DEFAULTS, RULES = defaults_of(Config), rules_of(Config)
-RESUMABLE = ("threads", "train.log_every", "faithful.log_every", "faithful.checkpoint_every")
+RESUMABLE = ("compute.threads", "train.log_every", "faithful.log_every", "faithful.checkpoint_every")
 
 
 def check_config(c: Config) -> None:
@@ -276,7 +276,7 @@ def _mixture_loss_fn(moe: MoE, t: Train):
 def run_modern(c: Config, run: Run, data: dict) -> dict:
     t, m, d = c.train, c.model, c.data
     n_cls, (h, w) = data["num_classes"], data["shape"]
-    in_dim, bf16 = h * w, resolve_bf16(t.bf16, run.device, key="train.bf16")
+    in_dim, bf16 = h * w, resolve_bf16(c.compute.bf16, run.device, key="compute.bf16")
     sp = Splits(data, d.val_size, run.seed, d.standardize, Augment(data, t.shift) if t.shift > 0 else None)
     world = ddp.current().world_size
     if world > 1:
@@ -316,8 +316,8 @@ def run(c: Config, run_ctx: Run) -> dict:
         ddp.require_single_process(f"{run_ctx.name} (mode = \"faithful\": full-batch gradient descent)")
     threads = torch.get_num_threads()
     try:
-        if c.threads > 0:
-            torch.set_num_threads(c.threads)
+        if c.compute.threads > 0:
+            torch.set_num_threads(c.compute.threads)
         t0 = time.perf_counter()
         data = load_data(c.data, run_ctx.seed, run_ctx.data_dir, shuffle_split=c.seed_protocol.shuffle_split,
                          batch_size=c.train.batch_size if c.mode == "modern" else None)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.config import Float, Int, Switch, refuse
+from moelab.config import Float, Int, refuse
 from moelab.cost import cost_row
 from moelab.data.augment import Augment
 from moelab.device import chunks_on, to_host
@@ -54,6 +54,7 @@ from moelab.experiments.digit_common import (
     model_report,
 )
 from moelab.experiments.router_recipe import check_recipe, loss_weights, recipe_options
+from moelab.experiments.sections import Compute
 from moelab.models.mlp_mixture import SparseMoEMLP
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
@@ -107,8 +108,6 @@ class Train(Optim):
     shift: Annotated[int, Int(ge=0, le=8)] = 1  # random translation of the 28x28 images (pixels) before the zoom
     rotate: Annotated[float, Float(ge=0, le=45)] = 0.0  # random rotation of the 28x28 images (degrees; 0: off)
     scale: Annotated[float, Float(ge=0, lt=0.5)] = 0.0  # random zoom by a factor in [1 - scale, 1 + scale]
-    bf16: Switch = Switch("false")  # "auto": bf16 where the device computes it natively (a GPU); on a CPU the
-    # sparse path is slower in bf16 (gather / scatter), see docs
     log_every: Annotated[int, Int(ge=1)] = 5
 
 
@@ -122,15 +121,17 @@ class Baselines:
 class Config:
     """The ``sparse_mlp`` family's config (``mnist-sparse``)."""
 
-    threads: Annotated[int, Int(ge=0)] = 1  # torch.set_num_threads; 0 keeps torch's default
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     train: Train = field(default_factory=Train)
     baselines: Baselines = field(default_factory=Baselines)
+    # bf16 "auto": where the device computes it natively (a GPU); on a CPU the sparse path is slower in bf16
+    # (gather / scatter), see docs
+    compute: Compute = field(default_factory=lambda: Compute(threads=1))
 
 
 DEFAULTS, RULES = defaults_of(Config), rules_of(Config)
-RESUMABLE = ("threads", "train.log_every")
+RESUMABLE = ("compute.threads", "train.log_every")
 
 
 def check_config(c: Config) -> None:
@@ -178,7 +179,7 @@ def _predict(model: SparseMoEMLP, x: Tensor, bf16: bool, chunk: int = 2048) -> t
 
 @family("sparse_mlp", check=check_config, resumable=RESUMABLE, schema=Config)
 def run(c: Config, run_ctx: Run) -> dict:
-    with torch_threads(c.threads):
+    with torch_threads(c.compute.threads):
         return _run(c, run_ctx)
 
 
@@ -226,7 +227,7 @@ def _run(c: Config, run: Run) -> dict:
     n_cls, (h, w) = data["num_classes"], data["shape"]
     augment = Augment(data, t.shift, t.rotate, t.scale)
     sp = Splits(data, d.val_size, run.seed, d.standardize, augment if augment.active else None)
-    bf16, in_dim = resolve_bf16(t.bf16, run.device, key="train.bf16"), h * w
+    bf16, in_dim = resolve_bf16(c.compute.bf16, run.device, key="compute.bf16"), h * w
     run.log(f"data: {d.dataset} {h}x{w}, {len(sp.train_y)} train / {len(sp.val_y)} val / {len(sp.test_y)} test "
             f"images ({time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
     models: dict[str, dict] = {}

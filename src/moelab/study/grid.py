@@ -11,8 +11,9 @@ import itertools
 import re
 from dataclasses import dataclass
 
+from moelab.config import flatten, read_toml, renamed_key
 from moelab.errors import ConfigError
-from moelab.experiments import resolve_config
+from moelab.experiments import experiment_file, resolve_config, resolve_file
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,16 @@ def make_cells(experiment: str, sets: list[str], grid: dict[str, list[str]]) -> 
     """(run name, the cells in order): every cell's config resolved and validated before any runs."""
     keys = list(grid)
     cells = [Cell(tuple(f"{k}={v}" for k, v in zip(keys, combo))) for combo in itertools.product(*grid.values())]
-    fixed = {s.split("=", 1)[0].strip() for s in sets}
+    # old key names (moelab.config.RENAMED_KEYS) warn here as --grid / --set options; cells keep the user's
+    # spelling (their folder names), each resolved as the new key
+    _, path = experiment_file(experiment)
+    known = flatten(resolve_file(read_toml(path), str(path)))
+    fixed = {renamed_key(s.split("=", 1)[0].strip(), known, f"--set {s.strip()}"): s.split("=", 1)[0].strip()
+             for s in sets}
     for k in keys:
-        if k in fixed:
-            raise ConfigError(f"--grid {k} is also given as --set {k}; give it in one place.")
+        new = renamed_key(k, known, f"--grid {k}={','.join(grid[k])}")
+        if new in fixed:
+            raise ConfigError(f"--grid {k} is also given as --set {fixed[new]}; give it in one place.")
     name = None
     for cell in cells:
         try:

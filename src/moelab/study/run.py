@@ -34,7 +34,7 @@ def run_study(experiment: str | None, grid_options: list[str], *, sets: list[str
               device: str = "auto", quiet: bool = False, jobs: int = 1) -> Path:
     """Run every cell x seed (skipping finished runs, resuming a cut one), then write the table and plots.
     Every cell's config is checked before the first run starts. ``jobs`` > 1 runs that many cells at once,
-    each in its own process (a CPU with spare cores: each run uses its config's ``threads``); a dense row two
+    each in its own process (a CPU with spare cores: each run uses its config's ``compute.threads``); a dense row two
     cells share is still trained once (:meth:`SharedRows.claim`). Returns the study folder."""
     from moelab.study.report import write_study_report
 

@@ -18,13 +18,12 @@ import hashlib
 import json
 import os
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moelab.config import dumps_toml, flatten, read_toml
+from moelab.config import dumps_toml
 from moelab.errors import MoelabError
 from moelab.io import atomic_write_json, atomic_write_text
 
@@ -122,8 +121,9 @@ class Run:
         (self.dir / "metrics.jsonl").touch()
 
     def _open_for_resume(self) -> None:
-        """Resume is a transaction: every check (config, every checkpoint readable) runs before anything
-        in the directory changes; a refusal leaves every file byte-identical. Metric lines written after
+        """Resume is a transaction: every check (the config, by :func:`moelab.experiments.runner.resume_config`
+        before this; every checkpoint readable) runs before anything in the directory changes; a refusal leaves
+        every file byte-identical. Metric lines written after
         the newest checkpoint are dropped only when the resumed run writes its first new line."""
         cfg_path = self.dir / "config.toml"
         if not cfg_path.is_file():
@@ -133,7 +133,7 @@ class Run:
             self._unlock_refused()
             raise RunFinished(self.dir)
         try:
-            keep = self._check_resumable(cfg_path)
+            keep = self._check_resumable()
         except BaseException:
             self._unlock_refused()
             raise
@@ -144,22 +144,12 @@ class Run:
             atomic_write_text(cfg_path, dumps_toml(self.full_config()))
         self._metrics_lines, self._trim_metrics_to = keep, keep
 
-    def _check_resumable(self, cfg_path: Path) -> int:
-        """Refuse (MoelabError) unless the saved config matches and every checkpoint loads; -> the number
-        of metric lines the checkpoints account for."""
+    def _check_resumable(self) -> int:
+        """Refuse (MoelabError) unless every checkpoint loads; -> the number of metric lines the checkpoints
+        account for. The config was checked before (:func:`moelab.experiments.runner.resume_config`: the run's
+        own config.toml, old key names read as the new ones, only resumable keys changed)."""
         from moelab.train.checkpoint import load_checkpoint
 
-        saved = read_toml(cfg_path)
-        want = tomllib.loads(dumps_toml(self.full_config()))  # as written to config.toml (switches as booleans)
-        diff = sorted(
-            k for k in set(flatten(saved)) | set(flatten(want)) if flatten(saved).get(k) != flatten(want).get(k)
-        )
-        diff = [k for k in diff if k not in ("description", "run.data_dir", *self.mutable)]
-        if diff:
-            shown = "; ".join(f"{k}: run has {flatten(saved).get(k)!r}, asked {flatten(want).get(k)!r}" for k in diff[:8])
-            raise MoelabError(
-                f"cannot resume '{self.dir}': its checkpoint was made with another config ({shown})."
-            )
         metas = []
         for path in sorted((self.dir / "ckpt").glob("*.safetensors")):
             try:
