@@ -170,12 +170,16 @@ def test_resume_of_a_read_only_run(run_copy, monkeypatch, capsys):
 
 
 def test_disk_full_at_resume(run_copy, monkeypatch, capsys):
-    """The lock's pid write fails with ENOSPC, a write() that names no file: the run folder is named."""
+    """The lock's pid write fails with ENOSPC, a write() that names no file: the run folder is named, and
+    nothing in it changes (the lock file keeps the pid it had)."""
     (run_copy / "summary.json").unlink()
+    (run_copy / ".lock").write_bytes(b"4242424")
+    before = _snapshot(run_copy)
     monkeypatch.setattr(os, "pwrite", _fail_on(errno.ENOSPC))
     assert main(["run", "--resume", str(run_copy), "--quiet"]) == 2
     one_line_error(capsys, run_copy, "No space left on device", f"free some space, then continue the run with "
                    f"`moelab run --resume {run_copy}`")
+    assert _snapshot(run_copy) == before
 
 
 # ------------------------------------------------------------------ report

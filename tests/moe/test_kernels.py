@@ -233,3 +233,24 @@ def test_ops_accept_empty_inputs():
     assert indices.shape == (0, 2) and torch.equal(psum, torch.zeros(6))
     order, counts, inverse = K.sort_plan(idx, 3)
     assert order.numel() == 0 and counts.tolist() == [0, 0, 0, 0]
+
+
+def test_the_kernel_cache_key_covers_the_torch_install_the_flags_and_the_source(monkeypatch, tmp_path):
+    """Two checkouts or venvs sharing ~/.cache/moelab/kernels must not rebuild each other's library: the key
+    changes with the torch installation, the build flags and the source, and is stable otherwise."""
+    import moelab.kernels as K
+
+    key = K._key("c++")
+    assert key == K._key("c++")
+    monkeypatch.setattr(K, "CFLAGS", [*K.CFLAGS, "-DMOELAB_OTHER"])
+    assert K._key("c++") != key
+    monkeypatch.undo()
+    other_torch = tmp_path / "venv" / "torch"
+    other_torch.mkdir(parents=True)
+    monkeypatch.setattr(K.torch, "__file__", str(other_torch / "__init__.py"))
+    assert K._key("c++") != key
+    monkeypatch.undo()
+    source = tmp_path / "moe_cpu.cpp"
+    source.write_bytes(K._SOURCE.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(K, "_SOURCE", source)
+    assert K._key("c++") != key

@@ -99,7 +99,7 @@ def test_bad_input_is_named():
         TokenMoE2d(0, 4, 16)
 
 
-@pytest.mark.parametrize("router", ["topk", "switch", "noisy_topk", "soft", "expert_choice", "dense", "hash"])
+@pytest.mark.parametrize("router", ["topk", "switch", "noisy_topk", "soft", "expert_choice", "dense", "hash", "multi_gate", "uniform"])
 @pytest.mark.parametrize("shape", [(0, C, H, W), (2, C, 0, 0), (2, C, 3, 0)])
 def test_empty_feature_map(router, shape):
     """No positions (no images, or H*W = 0): y has x's shape, aux.loss is 0 (not NaN), backward works and

@@ -245,7 +245,7 @@ def test_run_directory_in_use_is_refused(guard_config, tmp_path, capsys):
     assert main(["run", str(guard_config), "--out", str(out), "--quiet"]) == 0
     holder = subprocess.Popen(  # another process holding the run's lock, as a running `moelab run` does
         [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, str(os.getpid()).encode(), 0); print('locked', flush=True); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0); print('locked', flush=True); "
          "sys.stdin.read()", str(out / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

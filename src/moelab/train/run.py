@@ -98,8 +98,11 @@ class Run:
         self._lock_fd = fd
 
     def _claim(self) -> None:
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+        """Our pid into the lock file: written first, then cut to length, so a failed write (a full disk) leaves
+        the file as it was."""
+        pid = str(os.getpid()).encode()
+        os.pwrite(self._lock_fd, pid, 0)
+        os.ftruncate(self._lock_fd, len(pid))
 
     def _unlock_refused(self) -> None:
         """A refused resume: release the lock and leave the directory exactly as it was."""
