@@ -12,14 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from moelab.errors import MoelabError
 from moelab.io import atomic_write_bytes
+from moelab.study.grid import Cell
+from moelab.study.report import aggregate, map_table
 
 
 def study_gaps(folder: str | Path) -> tuple[str, list[dict]]:
@@ -36,21 +36,16 @@ def study_gaps(folder: str | Path) -> tuple[str, list[dict]]:
         raise MoelabError(f"'{folder}': moelab map draws studies that sweep one key; this one sweeps "
                           f"{', '.join(spec.get('grid', {})) or 'none'}.")
     key = next(iter(spec["grid"]))
-    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in rows:
-        if r.get("test_accuracy"):
-            acc[(r[key], r["model"])].append(100 * float(r["test_accuracy"]))
+    for r in rows:  # the csv's text back to numbers for the study's own aggregation and verdict rule
+        r["test_accuracy"] = float(r["test_accuracy"]) if r.get("test_accuracy") else None
+    cells = {Cell((f"{key}={value}",)).slug: value for value in spec["grid"][key]}  # csv cell -> swept value
     out = []
-    for value in spec["grid"][key]:
-        moe, dense = acc.get((value, "moe")), acc.get((value, "dense-equal-flops"))
-        if not moe or not dense:
-            continue
-        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (moe, dense)]
-        gap, bar = statistics.fmean(moe) - statistics.fmean(dense), 2 * max(sd)
-        n = min(len(moe), len(dense))
-        verdict = "tie" if n < 2 or abs(gap) <= bar else ("MoE wins" if gap > 0 else "dense wins")
-        out.append({"value": value, "moe": statistics.fmean(moe), "moe_std": sd[0], "dense": statistics.fmean(dense),
-                    "dense_std": sd[1], "gap": gap, "bar": bar, "verdict": verdict, "n": n})
+    for v in map_table([Cell((slug,)) for slug in cells], aggregate(rows)):
+        moe, dense = v["moe"], v["dense"]
+        out.append({"value": cells[v["cell"]], "moe": 100 * moe["test_accuracy"],
+                    "moe_std": 100 * moe["test_accuracy_std"], "dense": 100 * dense["test_accuracy"],
+                    "dense_std": 100 * dense["test_accuracy_std"], "gap": v["gap_pts"], "bar": 2 * v["spread_pts"],
+                    "verdict": v["verdict"], "n": min(moe["n"], dense["n"])})
     return key, out
 
 
