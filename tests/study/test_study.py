@@ -194,3 +194,31 @@ def test_map_draws_the_gap_along_the_swept_key(study, tmp_path, capsys):
     assert f"'{tmp_path}' is not a finished study" in err and "\n" not in err
     assert main(["map", str(study), "--label", "a", "--label", "b"]) == 2
     assert "2 --label for 1 studies" in capsys.readouterr().err
+
+
+def test_map_verdicts_follow_the_study_rule_on_a_written_study(tmp_path):
+    """study_gaps on a hand-written study.csv: values that are not file-system safe come back as given, and
+    the verdict is the study's (beyond twice the larger seed spread: win or loss; inside it: tie)."""
+    import json
+
+    from moelab.study.grid import Cell
+    from moelab.study.map import study_gaps
+
+    values = ["[3]", "[2, 3]", "x/y"]
+    accs = {"[3]": ([0.90, 0.91, 0.92], [0.80, 0.81, 0.82]),     # +10 points, spread 1: MoE wins
+            "[2, 3]": ([0.80, 0.81, 0.82], [0.90, 0.91, 0.92]),  # -10 points: dense wins
+            "x/y": ([0.80, 0.82, 0.84], [0.81, 0.81, 0.81])}     # +1 point, bar 4: tie
+    (tmp_path / "study.json").write_text(json.dumps({"grid": {"model.moe_blocks": values}}))
+    with (tmp_path / "study.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["cell", "model", "seed", "test_accuracy"])
+        w.writeheader()
+        for v in values:
+            slug = Cell((f"model.moe_blocks={v}",)).slug
+            for model, acc in zip(("moe", "dense-equal-flops"), accs[v], strict=True):
+                for seed, a in enumerate(acc):
+                    w.writerow({"cell": slug, "model": model, "seed": seed, "test_accuracy": a})
+    key, gaps = study_gaps(tmp_path)
+    assert key == "model.moe_blocks" and [g["value"] for g in gaps] == values
+    assert [g["verdict"] for g in gaps] == ["MoE wins", "dense wins", "tie"]
+    assert gaps[0]["gap"] == pytest.approx(10.0) and gaps[0]["bar"] == pytest.approx(2.0)
+    assert gaps[2]["bar"] == pytest.approx(4.0) and gaps[2]["n"] == 3
