@@ -160,7 +160,11 @@ def resolve_file(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
             f"{where}: a config must name its experiment family (family = \"...\", one of "
             f"{', '.join(family_names())}) or a built-in it extends (base = \"...\")."
         )
-    cfg = merge(defaults, upgrade_keys(body, defaults, where), where)
+    from moelab.experiments.folder_data import check_file_body
+
+    body = upgrade_keys(body, defaults, where)
+    check_file_body(body, where)
+    cfg = merge(defaults, body, where)
     return {"family": fam, "description": str(raw.get("description", "")), **cfg}
 
 
@@ -179,8 +183,12 @@ def experiment_file(name_or_path: str) -> tuple[str, Path]:
 
 def resolve_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[str, dict]:
     """Experiment name (built-in) or path to a TOML file -> (run name, resolved config)."""
+    from moelab.experiments.folder_data import check_folder_and_dataset
+
     name, path = experiment_file(name_or_path)
-    cfg = apply_overrides(resolve_file(read_toml(path), str(path)), overrides or [])
+    base = resolve_file(read_toml(path), str(path))
+    cfg = apply_overrides(base, overrides or [])
+    check_folder_and_dataset(base, cfg, f"experiment '{name}'")
     return name, validate_config(cfg, f"experiment '{name}'")
 
 

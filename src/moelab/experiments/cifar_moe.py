@@ -28,6 +28,7 @@ from moelab.analysis.routing import latent_routing
 from moelab.config import refuse
 from moelab.cost import cost_row, count_params, flops_per_example
 from moelab.device import to_host
+from moelab.errors import ConfigError
 from moelab.experiments import family
 from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
 from moelab.experiments.cifar_common import Images, image_batches, limit_per_class
@@ -242,7 +243,7 @@ def load_images(cfg: Config, run: Run) -> dict:
     from moelab.train.run import seeded_generator
 
     d, cl = cfg.data, cfg.compute.channels_last
-    ds = load_dataset(d.dataset, data_dir=run.data_dir)
+    ds = load_rgb_folder(d.folder, run) if d.folder else load_dataset(d.dataset, data_dir=run.data_dir)
     classes = list(range(len(ds.classes)))
     tr_keep = limit_per_class(ds.train_y, classes, d.train_per_class)
     te_keep = limit_per_class(ds.test_y, classes, d.test_per_class)
@@ -262,7 +263,31 @@ def load_images(cfg: Config, run: Run) -> dict:
     return {"train": Images(x[tr], y[tr], cl, dev), "val": Images(x[va], y[va], cl, dev),
             "test": Images(ds.test_x, ds.test_y, cl, dev), "classes": list(ds.classes),
             "test_latent": None if latent is None else torch.from_numpy(ds.test_latent),
-            "latent_classes": list(getattr(ds, "latent_classes", []))}
+            "latent_classes": list(getattr(ds, "latent_classes", [])), "dataset": ds.name}
+
+
+MIN_FOLDER_SIDE = 17  # 16 after the 2x2 whitening, 2 after three 2x poolings
+
+
+def load_rgb_folder(folder: str, run: Run):
+    """``data.folder`` (:func:`moelab.experiments.folder_data.load_folder`) as RGB images: a grayscale folder's one
+    channel repeated three times (said in the log); sides under :data:`MIN_FOLDER_SIDE` px refused (the CNN pools
+    globally, so any larger size runs, at a cost that grows with the pixels)."""
+    import dataclasses
+
+    from moelab.experiments.folder_data import load_folder
+
+    ds = load_folder(folder)
+    h, w, c = ds.image_shape
+    if min(h, w) < MIN_FOLDER_SIDE:
+        raise ConfigError(f"data.folder = {folder!r} holds {h}x{w} images; cifar10-moe needs a side of at least "
+                          f"{MIN_FOLDER_SIDE} px (after the CNN's 2x2 whitening and three 2x poolings its last block "
+                          f"must see 2x2 positions: a block expert given one image of 1x1 cannot batch-normalise).")
+    if c == 1:
+        ds = dataclasses.replace(ds, train_x=ds.train_x.repeat(3, axis=-1), test_x=ds.test_x.repeat(3, axis=-1))
+        run.log(f"data: {ds.name} has grayscale images: their channel repeated as R, G and B")
+    run.log(f"data: {ds.name}, {h}x{w} images, {len(ds.classes)} classes ({', '.join(ds.classes)})")
+    return ds
 
 
 class Fitter:
@@ -345,7 +370,7 @@ def _run(cfg: Config, run: Run) -> dict:
                                            t.epochs), "width": m.width}
     return {"test_accuracy": moe["test_accuracy"], "models": models,
             "protocol": {"val_size": len(data["val"]), "selection": "last step; settings chosen on the validation split",
-                         "tta": cfg.eval.tta, "bf16": bf16}}
+                         "tta": cfg.eval.tta, "bf16": bf16, **({"dataset": data["dataset"]} if cfg.data.folder else {})}}
 
 
 def _equal_cost(cfg: Config, run: Run, moe: dict, fit: Fitter) -> dict[str, dict]:

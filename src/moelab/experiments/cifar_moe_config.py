@@ -7,6 +7,7 @@ from typing import Annotated, Literal, get_args
 
 from moelab.config import Check, Float, Int, refuse
 from moelab.experiments import sections
+from moelab.experiments.folder_data import FolderPath
 from moelab.experiments.router_recipe import check_recipe
 from moelab.experiments.sections import ConvCompute
 from moelab.moe.routers import resolve
@@ -25,6 +26,7 @@ def _blocks_ok(v) -> bool:
 @dataclass(frozen=True)
 class Data:
     dataset: Literal["cifar10"] = "cifar10"
+    folder: FolderPath = ""  # any RGB / grey image folder (sides >= 17 px) instead of dataset (experiments.folder_data)
     val_size: Annotated[int, Int(ge=1)] = 5000
     train_per_class: Annotated[int, Int(ge=0)] = 0  # 0: all
     test_per_class: Annotated[int, Int(ge=0)] = 0

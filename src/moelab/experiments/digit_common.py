@@ -17,6 +17,7 @@ from moelab.cost import count_params, flops_per_example
 from moelab.data.augment import Augment
 from moelab.errors import ConfigError
 from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
+from moelab.experiments.folder_data import FolderPath
 from moelab.parallel import ddp
 from moelab.train.evaluation import accuracy, routing_stats
 from moelab.train.run import Run
@@ -31,6 +32,7 @@ class DigitData:
     """The ``data`` section of the digit families (:mod:`moelab.schema`)."""
 
     dataset: Dataset = "digits"
+    folder: FolderPath = ""  # any image folder / .tar(.gz) of one instead of dataset (folder_data); colour -> luma
     resize: Literal["seed_half", "none"] = "none"  # "seed_half": the seed's cubic zoom 28 -> 14
     train_limit: Annotated[int, Int(ge=0)] = 0  # use only the first N training images (0: all)
     test_limit: Annotated[int, Int(ge=0)] = 0  # use only the first N test images (0: all)
@@ -77,7 +79,11 @@ def load_data(d: DigitData, run_seed: int, data_dir: str | None, *, batch_size: 
     from moelab.data.transforms import resize_cubic_half_like_seed
     from moelab.train.run import seeded_generator
 
-    ds = load_dataset(d.dataset, data_dir=data_dir)
+    notes = []
+    if d.folder:
+        ds, notes = load_gray_folder(d)
+    else:
+        ds = load_dataset(d.dataset, data_dir=data_dir)
     tr_x, te_x, tr_y, te_y = ds.train_x, ds.test_x, ds.train_y, ds.test_y  # (N, H, W, C)
     check_sizes(d, ds.name, len(tr_y), len(te_y), batch_size)
     if shuffle_split:  # the seed: np.random.shuffle(ids) over all images, first 60000 train
@@ -112,7 +118,27 @@ def load_data(d: DigitData, run_seed: int, data_dir: str | None, *, batch_size: 
         "train_latent": torch.from_numpy(task.train_latent) if has_latent else None,
         "test_latent": torch.from_numpy(task.test_latent) if has_latent else None,
         "latent_classes": list(task.latent_classes) if has_latent else None,
+        "dataset": ds.name, "notes": notes,
     }
+
+
+def load_gray_folder(d: DigitData) -> tuple:
+    """``data.folder`` (:func:`moelab.experiments.folder_data.load_folder`) as one-channel images: a colour folder
+    converted to luma (ITU-R 601), said in the returned notes; ``data.resize = "seed_half"`` (a cubic half-size
+    zoom of any size) needs a side of at least 4 px."""
+    from moelab.data.tasks import to_gray
+    from moelab.experiments.folder_data import load_folder
+
+    ds, notes = load_folder(d.folder), []
+    h, w, c = ds.image_shape
+    if d.resize == "seed_half" and min(h, w) < 4:
+        raise ConfigError(f"data.resize = \"seed_half\" halves the images, but data.folder = {d.folder!r} holds "
+                          f"{h}x{w} images (at least 4x4 needed): set data.resize = \"none\".")
+    if c == 3:
+        ds = dataclasses.replace(ds, train_x=to_gray(ds.train_x)[..., :1], test_x=to_gray(ds.test_x)[..., :1])
+        notes.append(f"data: {ds.name} has colour images: converted to grayscale (ITU-R 601 luma), as the digit "
+                     f"families read one channel")
+    return ds, notes
 
 
 def lead_share(counts: Tensor) -> list[float]:

@@ -321,11 +321,14 @@ def run(c: Config, run_ctx: Run) -> dict:
         t0 = time.perf_counter()
         data = load_data(c.data, run_ctx.seed, run_ctx.data_dir, shuffle_split=c.seed_protocol.shuffle_split,
                          batch_size=c.train.batch_size if c.mode == "modern" else None)
-        run_ctx.log(f"data: {c.data.dataset} {data['shape'][0]}x{data['shape'][1]}, "
+        for note in data["notes"]:
+            run_ctx.log(note)
+        run_ctx.log(f"data: {data['dataset']} {data['shape'][0]}x{data['shape'][1]}, "
                     f"{len(data['train_y'])} train / {len(data['test_y'])} test images "
                     f"({time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
-        if c.mode == "faithful":
-            return run_faithful(c, run_ctx, data)
-        return run_modern(c, run_ctx, data)
+        out = run_faithful(c, run_ctx, data) if c.mode == "faithful" else run_modern(c, run_ctx, data)
+        if c.data.folder:
+            out.setdefault("protocol", {})["dataset"] = data["dataset"]
+        return out
     finally:
         torch.set_num_threads(threads)

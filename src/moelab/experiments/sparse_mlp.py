@@ -228,7 +228,9 @@ def _run(c: Config, run: Run) -> dict:
     augment = Augment(data, t.shift, t.rotate, t.scale)
     sp = Splits(data, d.val_size, run.seed, d.standardize, augment if augment.active else None)
     bf16, in_dim = resolve_bf16(c.compute.bf16, run.device, key="compute.bf16"), h * w
-    run.log(f"data: {d.dataset} {h}x{w}, {len(sp.train_y)} train / {len(sp.val_y)} val / {len(sp.test_y)} test "
+    for note in data["notes"]:
+        run.log(note)
+    run.log(f"data: {data['dataset']} {h}x{w}, {len(sp.train_y)} train / {len(sp.val_y)} val / {len(sp.test_y)} test "
             f"images ({time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")
@@ -250,7 +252,8 @@ def _run(c: Config, run: Run) -> dict:
             "lead_share_pct": rep["lead_share_pct"], "class_expert_matrix": rep["class_expert_matrix"],
             "protocol": {"val_size": len(sp.val_y), "selection": "last epoch; settings chosen on the validation split",
                          "dense_hidden": {n: r.get("hidden") for n, r in models.items() if n != "moe"},
-                         "router": m.router, "k": m.k, "num_experts": m.num_experts}}
+                         "router": m.router, "k": m.k, "num_experts": m.num_experts,
+                         **({"dataset": data["dataset"]} if d.folder else {})}}
 
 
 __all__ = ["Config", "DEFAULTS", "ROUTERS", "build_model", "run", "MoelabError"]
