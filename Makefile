@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# pytest-xdist workers for `make test` (each gets its share of the cores; see tests/conftest.py)
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.moelab-installed
 
 .PHONY: run test install lint bench clean
@@ -24,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/moelab run digits-jacobs
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -4,9 +4,23 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs two workers) the cores are shared out between the workers, and
+# the subprocesses the tests start (CLI runs, torchrun) inherit the share: threads that outnumber the
+# cores make OpenMP spin-wait and everything slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_THREADS))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked ``slow`` (tens of seconds each) run first: under pytest-xdist the short ones then
+    fill in around them, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +40,13 @@ def real_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def _decoded_store(tmp_path_factory) -> Path:
+    """One folder for the whole session; under pytest-xdist, one for all the workers (the folder above each
+    worker's base temp is common to them; the cache writes each file atomically, so two workers decoding at
+    once only cost time)."""
+    if _WORKERS > 1:
+        store = tmp_path_factory.getbasetemp().parent / "decoded-shared"
+        store.mkdir(exist_ok=True)
+        return store
     return tmp_path_factory.mktemp("decoded-shared")
 
 

@@ -227,6 +227,7 @@ def _check_matched(m: Model, rows: dict, names: tuple[str, ...]) -> None:
         assert_closest_width(cost, row["width"], moe[key], name)
 
 
+@pytest.mark.slow
 def test_cifar10_moe_blocks_learns_with_every_baseline(cifar_dir, tmp_path):
     """The default cifar10-moe (top-2 of 4 expert blocks in block 3) with all its baselines, on a slice of the
     real data: every model learns; the equal-cost widths are the closest ones; dense-equal-time trains the

@@ -18,6 +18,7 @@ def _env(**kw) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MOELAB_DIST_TIMEOUT": "30", **kw}
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_equals_single_process(tmp_path):
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -49,6 +50,7 @@ DIGITS = ["digits-jacobs", "--set", "train.epochs=2", "--set", "compute.bf16=fal
           "--set", "compute.threads=1", "--quiet", "--device", "cpu"]  # gloo/CPU, also on a GPU machine
 
 
+@pytest.mark.slow
 def test_builtin_modern_jacobs_runs_data_parallel(tmp_path):
     """`moelab run digits-jacobs --nproc 2` trains with DDP on sharded batches: same result as one process."""
     one, two = tmp_path / "one", tmp_path / "two"

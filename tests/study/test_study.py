@@ -149,6 +149,7 @@ def test_study_html_renders_in_chromium(study, tmp_path):
     assert len(re.findall(r'<img id="accuracy-vs-', dom)) == 3 and "dense-equal-flops" in dom
 
 
+@pytest.mark.slow
 def test_parallel_cells_give_the_sequential_table_and_share_rows_once(study, tmp_path, capsys):
     """``--jobs 2``: the cells run in two processes; every row equals the sequential study's (the runs are
     seeded, not scheduled), and a dense row two cells share is still trained once per seed (the claim lock);

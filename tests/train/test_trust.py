@@ -114,6 +114,7 @@ def test_resume_of_a_finished_run_changes_nothing(sparse_runs, capsys):
         ckpt.write_bytes(good)
 
 
+@pytest.mark.slow
 def test_kernel_build_is_not_training_time(tmp_path):
     """A forced build of the fused kernels (a fresh cache) happens before the timed phase: the MoE's
     recorded training time is that of a warm-cache run, not tens of seconds more."""
@@ -147,6 +148,7 @@ CIFAR = ["--set", "model.width=16", "--set", "train.epochs=1", "--set", "train.b
          "--set", "baselines.equal_params=false", "--set", "baselines.reference=false", "--set", "compute.threads=1"]
 
 
+@pytest.mark.slow
 def test_interrupt_at_a_phase_boundary_resumes_to_the_same_rows(real_data_dir, tmp_path, monkeypatch):
     """cifar10-moe interrupted (SIGINT: KeyboardInterrupt) after the MoE phase, then resumed: every row
     equals the uninterrupted run's, and dense-equal-time trains the same epochs (the mixture's time came
