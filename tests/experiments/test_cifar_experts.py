@@ -87,9 +87,9 @@ def test_builtin_configs_resolve():
 
 
 @pytest.mark.slow
-def test_pipeline_expert_cache_every_gate_finetune_and_resume(cifar_dir, tmp_path):
-    """cifar10-experts end to end: experts trained once and cached, then every gate kind, the joint fine-tuning
-    and a resume reuse them; every model learns."""
+def test_pipeline_trains_and_caches_the_experts_and_every_baseline(cifar_dir, tmp_path):
+    """cifar10-experts end to end with its baselines: the experts are trained and cached once; every model
+    learns; the equal-cost rows are the closest widths."""
     cache = Path(os.environ["MOELAB_CACHE_DIR"])  # per-test tmp folder (conftest)
     s1 = run_experiment("cifar10-experts", SLICE + ["baselines=true"], out=tmp_path / "a",
                         data_dir=str(cifar_dir), quiet=True)
@@ -105,31 +105,64 @@ def test_pipeline_expert_cache_every_gate_finetune_and_resume(cifar_dir, tmp_pat
     assert (out / "eval" / "moe-standard.safetensors").is_file()
     assert _phases(out) >= {"expert0", "expert1", "gate", "baseline-single-cnn"}
 
-    # every other variant reuses the cached experts (and their cached outputs): no expert phase runs
-    for kind in [k for k in GATE_KINDS if k != "standard"]:  # (hierarchical needs a generalist: tested below)
-        s = run_experiment("cifar10-experts", SLICE + [f"gate.kind={kind}"], out=tmp_path / kind,
-                           data_dir=str(cifar_dir), quiet=True)
-        assert s["timings"]["experts"]["cached"] and s["timings"]["expert_outputs"]["cached"], kind
-        assert s["expert_key"] == s1["expert_key"]
-        _learned(s["models"], (f"moe-{kind}",))
-        assert _phases(tmp_path / kind) == {"gate"}, kind
-        # identical expert outputs -> identical expert reports
-        assert s["models"]["expert0-airplane-ship"] == models["expert0-airplane-ship"]
 
-    # the trunk-less expert-aware gate (reads only the cached expert outputs), without mirrored outputs
+@pytest.fixture(scope="module")
+def cached_experts(_decoded_store, tmp_path_factory):
+    """A cache folder holding the experts (and their outputs) of one plain cifar10-experts run on the slice,
+    and that run's summary: the tests below reuse them, as a user's second run would (under pytest-xdist,
+    once per worker)."""
+    data = Path(os.environ.get("MOELAB_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
+    if not (data / "cifar10-jpeg75.tar.gz").is_file() and not (data / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 not found in {data} (set MOELAB_DATA_DIR)")
+    root = tmp_path_factory.mktemp("experts")
+    cache = root / "cache"
+    cache.mkdir()
+    (cache / "decoded").symlink_to(_decoded_store, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOELAB_CACHE_DIR", str(cache))
+        s = run_experiment("cifar10-experts", SLICE, out=root / "plain", data_dir=str(data), quiet=True)
+    assert not s["timings"]["experts"]["cached"]
+    return cache, data, s
+
+
+@pytest.mark.parametrize("kind", [k for k in GATE_KINDS if k != "standard"])
+def test_every_gate_kind_reuses_the_cached_experts(cached_experts, kind, tmp_path, monkeypatch):
+    """Every other gate variant reuses the cached experts and their cached outputs: no expert phase runs.
+    (hierarchical needs a generalist: tested below.)"""
+    cache, data, first = cached_experts
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(cache))
+    s = run_experiment("cifar10-experts", SLICE + [f"gate.kind={kind}"], out=tmp_path / kind, data_dir=str(data),
+                       quiet=True)
+    assert s["timings"]["experts"]["cached"] and s["timings"]["expert_outputs"]["cached"], kind
+    assert s["expert_key"] == first["expert_key"]
+    _learned(s["models"], (f"moe-{kind}",))
+    assert _phases(tmp_path / kind) == {"gate"}, kind
+    # identical expert outputs -> identical expert reports
+    assert s["models"]["expert0-airplane-ship"] == first["models"]["expert0-airplane-ship"]
+
+
+def test_trunkless_expert_aware_gate_on_unmirrored_outputs(cached_experts, tmp_path, monkeypatch):
+    """The trunk-less expert-aware gate reads only the cached expert outputs; without mirrored outputs they
+    are computed again (the cached ones hold the flips)."""
+    cache, data, _ = cached_experts
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(cache))
     s = run_experiment("cifar10-experts", SLICE + ["gate.kind=expert-aware", "gate.trunk=false",
                                                    "experts.cache_flipped=false"],
-                       out=tmp_path / "mlp", data_dir=str(cifar_dir), quiet=True)
+                       out=tmp_path / "mlp", data_dir=str(data), quiet=True)
     assert s["timings"]["experts"]["cached"] and not s["timings"]["expert_outputs"]["cached"]
     _learned(s["models"], ("moe-expert-aware",))
 
-    # joint fine-tuning of the cached experts and the gate, then resuming the finished run
+
+def test_finetune_of_the_cached_experts_and_resume_of_the_finished_run(cached_experts, tmp_path, monkeypatch):
+    """Joint fine-tuning of the cached experts and the gate; resuming the finished run restores every phase
+    from its checkpoint and gives the same result."""
+    cache, data, _ = cached_experts
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(cache))
     s = run_experiment("cifar10-experts", SLICE + ["gate.finetune_epochs=1"], out=tmp_path / "ft",
-                       data_dir=str(cifar_dir), quiet=True)
+                       data_dir=str(data), quiet=True)
     assert s["timings"]["experts"]["cached"] and _phases(tmp_path / "ft") == {"gate", "finetune"}
     _learned(s["models"], ("moe-standard", "moe-standard-finetuned"))
-    # resuming a finished run restores every phase from its checkpoint and gives the same result
-    s2 = run_experiment(None, [], resume=tmp_path / "ft", data_dir=str(cifar_dir), quiet=True)
+    s2 = run_experiment(None, [], resume=tmp_path / "ft", data_dir=str(data), quiet=True)
 
     def untimed(row: dict) -> dict:  # wall-clock differs between the two processes
         return {k: v for k, v in row.items() if not k.endswith("time_s")}
