@@ -97,10 +97,16 @@ def _cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
         from moelab.bench.ep import main
     elif a.what == "layer":
         from moelab.bench.layer import main
-    elif a.what == "cnn":
-        from moelab.bench.cnn import main
+    elif a.what == "cnn":  # the benchmarks know no experiment: the CLI hands them the family's networks
+        from moelab.bench.cnn import main as bench_cnn
+        from moelab.experiments.bench_models import VARIANTS, cnn_pair
+
+        return bench_cnn(rest, cnn_pair, VARIANTS) or 0
     elif a.what == "steps":
-        from moelab.bench.steps import main
+        from moelab.bench.steps import main as bench_steps
+        from moelab.experiments.bench_models import SIZES, step_pair
+
+        return bench_steps(rest, step_pair, tuple(SIZES)) or 0
     else:
         from moelab.bench.conv import main
     return main(rest) or 0

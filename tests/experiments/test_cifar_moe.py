@@ -257,10 +257,11 @@ def test_cifar10_moe_blocks_learns_with_every_baseline(cifar_dir, tmp_path):
 
 
 def test_bench_cnn_rows_and_bad_variant(capsys):
-    from moelab.bench.cnn import bench_cnn, main, parse_variant
+    from moelab.bench.cnn import bench_cnn, main
+    from moelab.experiments.bench_models import cnn_pair, parse_variant
 
     variants = ["condconv:E=2:blocks=3", "blocks:E=2:k=1", "tokens:E=4:k=1:hidden=2w"]
-    rows = bench_cnn(variants, width=16, batch=8, repeats=1)
+    rows = bench_cnn(cnn_pair, variants, width=16, batch=8, repeats=1)
     probe = torch.randn(2, 3, 32, 32)
     for spec, r in zip(variants, rows):
         assert r["moe_img_s"] > 0 and r["dense_img_s"] > 0 and r["ratio"] == pytest.approx(
@@ -282,7 +283,7 @@ def test_bench_cnn_rows_and_bad_variant(capsys):
     assert (m.moe, m.num_experts, m.k, m.moe_blocks, m.expert_hidden) == ("tokens", 8, 1, [2, 3], 256)
     with pytest.raises(MoelabError, match=r"expected condconv:..., blocks:... or tokens:..., got 'dense'"):
         parse_variant("dense", 64)
-    assert main(["--variants", "condconv:E=2", "--width", "8", "--batch", "4", "--repeats", "1"]) == 0
+    assert main(["--variants", "condconv:E=2", "--width", "8", "--batch", "4", "--repeats", "1"], cnn_pair, ()) == 0
     assert "moe/dense" in capsys.readouterr().out
 
 

@@ -7,56 +7,32 @@ same random batch; the table gives images/s, the ratio to the variant's own dens
 measured in the same run, both networks' counted FLOPs and parameters, and the share of the MoE
 network's forward time spent routing (CondConv: the routing MLP and the kernel mix; MoE blocks: the
 router and the dispatch plan, timed in isolation on the layer's real input).
+
+The networks come from a builder the caller passes (``build(spec, width, probe) -> (mixture, dense,
+dense width)``): the CLI passes the cifar10-moe family's (:func:`moelab.experiments.bench_models.cnn_pair`),
+so this module knows no experiment.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moelab.bench.common import amp_context, format_table, time_interleaved
-from moelab.cost import count_params, flops_per_example, match_width
-from moelab.errors import MoelabError
-from moelab.experiments.cifar_moe import Model, build_model
-from moelab.models.fast_cnn import FastCNN
+from moelab.cost import count_params, flops_per_example
 from moelab.moe import CondConv2d, MoE
 from moelab.precision import fast_bf16
 
-VARIANTS = ("condconv:E=4:blocks=3", "condconv:E=4:blocks=2,3", "blocks:E=4:k=2", "blocks:E=4:router=switch",
-            "blocks:E=8:router=switch", "blocks:E=4:router=switch:expert=resnet", "tokens:E=8:k=2:blocks=3:hidden=8w")
+#: build(spec, width, probe) -> (mixture, dense-equal-flops network, its width)
+Builder = Callable[[str, int, torch.Tensor], tuple[nn.Module, nn.Module, int]]
 
 
-def parse_variant(spec: str, width: int) -> Model:
-    """``"condconv:E=4:blocks=2,3"`` / ``"blocks:E=8:k=1:router=switch"`` / ``"tokens:E=8:k=2:hidden=8w"`` -> the
-    cifar_moe model section (``hidden``: the token experts' hidden width, ``Nw`` = N x ``width``)."""
-    kind, *opts = spec.split(":")
-    if kind not in ("condconv", "blocks", "tokens"):
-        raise MoelabError(f"bench cnn: variant {spec!r}: expected condconv:..., blocks:... or tokens:..., got {kind!r}")
-    m: dict = {"moe": kind, "width": width}
-    keys = {"E": "num_experts", "k": "k", "blocks": "moe_blocks", "router": "router", "routing": "routing",
-            "expert": "expert_block", "hidden": "expert_hidden"}
-    for opt in opts:
-        key, _, val = opt.partition("=")
-        if key not in keys or not val:
-            raise MoelabError(f"bench cnn: variant {spec!r}: unknown option {opt!r} (expected one of "
-                              f"{', '.join(k + '=' for k in keys)})")
-        if key == "blocks":
-            m["moe_blocks"] = [int(b) for b in val.split(",")]
-        elif key == "hidden":
-            m[keys[key]] = int(val[:-1]) * width if val.endswith("w") else int(val)
-        elif key in ("E", "k"):
-            m[keys[key]] = int(val)
-        else:
-            m[keys[key]] = val
-    return dataclasses.replace(Model(), **m)
-
-
-def _route_time(model: FastCNN, x: torch.Tensor, amp, repeats: int) -> float:
+def _route_time(model: nn.Module, x: torch.Tensor, amp, repeats: int) -> float:
     """Seconds per forward spent in the routing parts of ``model``'s MoE modules, timed on their inputs."""
     inputs: dict[torch.nn.Module, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.setdefault(mod, args[0].detach()))
@@ -78,8 +54,9 @@ def _route_time(model: FastCNN, x: torch.Tensor, amp, repeats: int) -> float:
     return t
 
 
-def bench_cnn(variants: Sequence[str] = VARIANTS, width: int = 128, batch: int = 256, dtype: str = "bf16",
+def bench_cnn(build: Builder, variants: Sequence[str], width: int = 128, batch: int = 256, dtype: str = "bf16",
               repeats: int = 3, channels_last: bool = True, seed: int = 0) -> list[dict]:
+    """One row per variant: both networks' training images/s (one step timed interleaved), counts, routing share."""
     torch.manual_seed(seed)
     amp = amp_context(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -88,11 +65,9 @@ def bench_cnn(variants: Sequence[str] = VARIANTS, width: int = 128, batch: int =
     probe = x[:2]
     rows = []
     for spec in variants:
-        m = parse_variant(spec, width)
-        moe = build_model(m).to(memory_format=fmt)
+        moe, dense, w = build(spec, width, probe)
+        moe, dense = moe.to(memory_format=fmt), dense.to(memory_format=fmt)
         target = flops_per_example(moe, probe)
-        w = match_width(lambda w, m=m: flops_per_example(build_model(m, w, dense=True), probe), target, hi=8 * width)
-        dense = build_model(m, w, dense=True).to(memory_format=fmt)
         steps = {}
         for name, net in (("moe", moe), ("dense", dense)):
             opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -123,9 +98,10 @@ COLUMNS = [("variant", "variant", "s"), ("moe_img_s", "moe img/s", ".0f"), ("den
            ("dense_params", "dense params", ",d"), ("route_share", "routing share of fwd", ".1%")]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None, build: Builder, variants: Sequence[str]) -> int:
+    """``moelab bench cnn`` on the networks ``build`` makes; ``variants``: the default specs."""
     p = argparse.ArgumentParser(prog="moelab bench cnn", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default=";".join(VARIANTS),
+    p.add_argument("--variants", default=";".join(variants),
                    help="';'-separated specs, e.g. 'condconv:E=4:blocks=3;blocks:E=8:k=1:router=switch'")
     p.add_argument("--width", type=int, default=128, help="the MoE networks' model.width")
     p.add_argument("--batch", type=int, default=256)
@@ -139,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.dtype == "auto":
         a.dtype = "bf16" if fast_bf16("cpu") else "fp32"
     t0 = time.perf_counter()
-    rows = bench_cnn(a.variants.split(";"), a.width, a.batch, a.dtype, a.repeats)
+    rows = bench_cnn(build, a.variants.split(";"), a.width, a.batch, a.dtype, a.repeats)
     print(f"training step, batch {a.batch}, {a.dtype}, {torch.get_num_threads()} threads "
           f"({time.perf_counter() - t0:.0f} s)")
     print(format_table(rows, COLUMNS))

@@ -2,7 +2,8 @@
 
 For every size (an experiment's built-in config, with ``--set``-style changes), the mixture the experiment
 trains and the dense network whose counted inference FLOPs per example match it
-(:func:`moelab.cost.match_width`) are built from the family's own builder, and one training step of each
+(:func:`moelab.cost.match_width`) come from a builder the caller passes (the CLI passes
+:func:`moelab.experiments.bench_models.step_pair`: this module knows no experiment), and one training step of each
 (forward, cross-entropy + auxiliary losses, backward, the optimizer step) is timed on one random batch of
 the experiment's batch size, interleaved. ``moe/dense`` is the dense network's step time over the
 mixture's: 1.0 is the best a sparse network of equal FLOPs can do.
@@ -25,16 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.bench.common import amp_context, format_table, time_interleaved
-from moelab.cost import flop_split, flops_per_example, match_width
-from moelab.errors import MoelabError
+from moelab.cost import flop_split, flops_per_example
 
-#: name -> (experiment, --set overrides): the sizes the experiments train
-SIZES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "mnist-sparse": ("mnist-sparse", ()),
-    "cifar10-moe-blocks": ("cifar10-moe", ("model.width=64",)),
-    "cifar10-moe-tokens": ("cifar10-moe", ("model.width=64", "model.moe=tokens", "model.num_experts=8",
-                                           "model.k=2", "model.expert_hidden=512")),
-}
+#: build(size) -> (mixture, dense-equal-flops network, a batch x, labels y, {"batch", "dense_width"})
+Builder = Callable[[str], tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, dict]]
 
 #: op-name fragments -> where the time goes (first match wins; matched against the lower-cased name of the
 #: op, else of the nearest enclosing autograd node or range: ``GeluBackward0`` is an activation's backward)
@@ -90,39 +85,6 @@ def breakdown(step: Callable[[], object], steps: int = 5) -> dict[str, float]:
     return {k: v / total for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
 
 
-def build_pair(size: str, sets: Sequence[str] = ()) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, dict]:
-    """(mixture, dense-equal-flops network, a batch x, labels y, the typed config) of an experiment size."""
-    from moelab.experiments import get_family, resolve_config
-    from moelab.schema import typed
-
-    if size not in SIZES:
-        raise MoelabError(f"bench steps: unknown size {size!r}; expected one of {', '.join(SIZES)}")
-    exp, base = SIZES[size]
-    _, raw = resolve_config(exp, [*base, *sets])
-    fam = get_family(raw["family"])
-    c = typed(fam.schema, {k: v for k, v in raw.items() if k not in ("family", "description")})
-    torch.manual_seed(0)
-    if raw["family"] == "sparse_mlp":
-        from moelab.experiments.sparse_mlp import build_model
-
-        side = 14 if c.data.resize == "seed_half" else 28
-        x, y = torch.randn(c.train.batch_size, side * side), torch.randint(0, 10, (c.train.batch_size,))
-        moe = build_model(c.model, side * side, 10)
-        probe = x[:256]
-        w = match_width(lambda h: flops_per_example(build_model(c.model, side * side, 10, h, dense=True), probe),
-                        flops_per_example(moe, probe), hi=64 * c.model.hidden)
-        dense = build_model(c.model, side * side, 10, w, dense=True)
-    else:
-        from moelab.experiments.cifar_moe import build_model
-
-        x, y = torch.randn(c.train.batch_size, 3, 32, 32), torch.randint(0, 10, (c.train.batch_size,))
-        moe, probe = build_model(c.model), x[:4]
-        w = match_width(lambda w: flops_per_example(build_model(c.model, w, dense=True), probe),
-                        flops_per_example(moe, probe), hi=8 * c.model.width)
-        dense = build_model(c.model, w, dense=True)
-    return moe, dense, x, y, {"batch": len(y), "dense_width": w}
-
-
 def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp, lr: float = 1e-3) -> Callable[[], None]:
     """One AdamW step of ``net`` on ``(x, y)``: forward, cross-entropy + the auxiliary losses, backward (the
     fused AdamW the experiments train with)."""
@@ -139,12 +101,13 @@ def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp, lr: float 
     return step
 
 
-def bench_steps(sizes: Sequence[str] = tuple(SIZES), dtype: str = "fp32", repeats: int = 10, warmup: int = 3,
+def bench_steps(build: Builder, sizes: Sequence[str], dtype: str = "fp32", repeats: int = 10, warmup: int = 3,
                 profile_steps: int = 5, cpu_time: bool = False) -> list[dict]:
+    """One row per size: both networks' step times (interleaved), counted FLOPs, rho and where the time goes."""
     amp = amp_context(dtype)
     rows = []
     for size in sizes:
-        moe, dense, x, y, info = build_pair(size)
+        moe, dense, x, y, info = build(size)
         probe = x[:256]
         flops, rho = flop_split(moe, probe)
         steps = {"moe": train_step(moe, x, y, amp), "dense": train_step(dense, x, y, amp)}
@@ -166,9 +129,10 @@ def _where(share: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in share.items() if v >= 0.01)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None, build: Builder, sizes: Sequence[str]) -> int:
+    """``moelab bench steps`` on the networks ``build`` makes; ``sizes``: the names it knows (all by default)."""
     p = argparse.ArgumentParser(prog="moelab bench steps", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
+    p.add_argument("--sizes", default=",".join(sizes), help=f"comma list of {', '.join(sizes)}")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -179,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = bench_steps([s for s in a.sizes.split(",") if s], a.dtype, a.repeats, a.warmup, a.profile_steps,
+    rows = bench_steps(build, [s for s in a.sizes.split(",") if s], a.dtype, a.repeats, a.warmup, a.profile_steps,
                        a.cpu_time)
     if a.json:
         print(json.dumps(rows, indent=1))
