@@ -204,7 +204,8 @@ def per_image(gates: Tensor, n: int) -> Tensor:
 
 
 def outputs(model: FastCNN):
-    """x -> (logits, per-image routing weights of each MoE module of 2+ experts): one forward."""
+    """x -> (logits, per-image routing weights of each MoE module of 2+ experts and of each CondConv2d): one
+    forward."""
     def fn(x):
         logits, _, auxes = model.forward_with_aux(x)
         return (logits, *[per_image(a.gates.float(), len(x)) for a in auxes if len(a.expert_counts) > 1],
