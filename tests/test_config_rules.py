@@ -171,7 +171,7 @@ RESUME_DEFAULTS = {"train": {"epochs": 3, "log_every": 1, "lr": 0.1}, "die_at": 
 def _run_rulestoy(cfg, run):
     import torch
 
-    from moelab.train.loop import train_phase
+    from moelab.train.trainer import Trainer
 
     torch.manual_seed(run.seed)
     model = torch.nn.Linear(2, 1)
@@ -186,7 +186,7 @@ def _run_rulestoy(cfg, run):
         opt.step()
         return {"loss": loss.item()}
 
-    train_phase(run, "toy", model, opt, cfg["train"]["epochs"], epoch_fn)
+    Trainer(run, "toy", model, opt, epochs=cfg["train"]["epochs"]).fit(epoch_fn=epoch_fn)
     return {"test_accuracy": 1.0, "weight": model.weight.detach().flatten().tolist()}
 
 

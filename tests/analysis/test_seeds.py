@@ -10,7 +10,7 @@ import torch
 from moelab import experiments
 from moelab.cli import main
 from moelab.train.evaluation import save_eval
-from moelab.train.loop import train_phase
+from moelab.train.trainer import Trainer
 
 
 @experiments.family("seedtoy", {"train": {"epochs": 2}})
@@ -28,7 +28,7 @@ def _run_seedtoy(cfg, run):
         opt.step()
         return {"loss": loss.item()}
 
-    train_phase(run, "moe", model, opt, cfg["train"]["epochs"], epoch_fn)
+    Trainer(run, "moe", model, opt, epochs=cfg["train"]["epochs"]).fit(epoch_fn=epoch_fn)
     with torch.no_grad():
         probs = model(x).softmax(1)
     save_eval(run, "moe", y, probs, gates=torch.stack([probs[:, 0], probs[:, 1]], 1))

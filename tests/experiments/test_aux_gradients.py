@@ -1,7 +1,7 @@
 """The router's balance loss reaches the router through every family's real training step.
 
 Each test trains a family for one optimiser step (one epoch of one batch), through the family's own code
-(config -> model -> its loss function -> :func:`moelab.train.loop.minibatch_epoch`), twice from the same
+(config -> model -> its loss function -> :func:`moelab.train.trainer.minibatch_epoch`), twice from the same
 initial weights and the same batch: once with the auxiliary loss weighted ``w > 0`` and once with weight 0.
 The task gradient is the same in both, so the difference of the router's gradients left by the two steps
 must be exactly the gradient of ``w * balance loss`` at the initial weights, which the test computes by hand
@@ -9,7 +9,7 @@ from the loss functions of :mod:`moelab.moe.losses` (jacobs) or the model's own 
 (sparse_mlp, cifar_moe). A balance loss that is detached in the loop, or dropped by a family's loss
 function, leaves that difference at 0.
 
-The family's ``minibatch_epoch`` is wrapped (not replaced): the wrapper records the batch and the initial
+The trainer's ``minibatch_epoch`` is wrapped (not replaced): the wrapper records the batch and the initial
 weights, calls the real loop, then keeps the gradients its one step left on the parameters.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-import moelab.train.loop as loop
+import moelab.train.trainer as trainer
 from moelab.experiments.runner import run_experiment
 from moelab.moe import MoE
 from moelab.moe import losses as L
@@ -36,23 +36,24 @@ def _env(monkeypatch):
 
 
 class StepRecorder:
-    """Wraps ``module.minibatch_epoch``: for each call, the model, its forward, the first batch, the initial
-    weights and (after the real loop ran) the gradients left by its last step."""
+    """Wraps the trainer's ``minibatch_epoch``: for each call, the model, its forward, the first batch, the
+    initial weights and (after the real loop ran) the gradients left by its last step."""
 
-    def __init__(self, monkeypatch, module):
+    def __init__(self, monkeypatch):
         self.calls: list[dict] = []
+        real = trainer.minibatch_epoch
 
         def wrapper(model, opt, sched, batches, forward, loss_fn, **kw):
             batches = list(batches)
             rec = {"model": model, "forward": forward, "batch": batches[0], "steps": len(batches),
                    "init": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            row = loop.minibatch_epoch(model, opt, sched, iter(batches), forward, loss_fn, **kw)
+            row = real(model, opt, sched, iter(batches), forward, loss_fn, **kw)
             rec["grads"] = {n: None if p.grad is None else p.grad.detach().clone()
                             for n, p in model.named_parameters()}
             self.calls.append(rec)
             return row
 
-        monkeypatch.setattr(module, "minibatch_epoch", wrapper)
+        monkeypatch.setattr(trainer, "minibatch_epoch", wrapper)
 
     def first(self, pred) -> dict:
         rec = next(c for c in self.calls if pred(c["model"]))
@@ -94,9 +95,8 @@ JACOBS = ["train.epochs=1", "data.train_limit=160", "data.test_limit=40", "train
 
 
 def _jacobs_step(monkeypatch, tmp_path, name: str, sets: list[str]) -> dict:
-    import moelab.experiments.jacobs as jacobs
 
-    rec = StepRecorder(monkeypatch, jacobs)
+    rec = StepRecorder(monkeypatch)
     run_experiment("digits-jacobs", JACOBS + sets, out=tmp_path / name, quiet=True)
     return rec.first(lambda m: isinstance(m, MoE))
 
@@ -137,10 +137,9 @@ SPARSE = ["data.dataset=digits", "data.resize=none", "data.train_limit=200", "da
 def test_sparse_mlp_aux_loss_reaches_the_router(router, monkeypatch, tmp_path):
     """mnist-sparse (on the digits, same code): the router's gradient after one step includes aux_scale x
     the router's default auxiliary losses."""
-    import moelab.experiments.sparse_mlp as sparse_mlp
 
     def step(name: str, scale: float) -> dict:
-        rec = StepRecorder(monkeypatch, sparse_mlp)
+        rec = StepRecorder(monkeypatch)
         sets = SPARSE + [f"model.router={router}", "model.k=2", f"train.aux_scale={scale}"]
         run_experiment("mnist-sparse", sets, out=tmp_path / name, quiet=True)
         return rec.first(lambda m: True)
@@ -154,8 +153,8 @@ def test_sparse_mlp_aux_loss_reaches_the_router(router, monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- cifar_moe
 def _cifar_step(tmp_path, name: str, m, aux_scale: float) -> None:
-    """One epoch of one step of the cifar_moe recipe (:class:`moelab.experiments.cifar_moe.Recipe`: its
-    optimiser, schedule, augmentation, loss and :func:`moelab.train.loop.minibatch_epoch`) on 8 random images."""
+    """One epoch of one step of the cifar_moe recipe (:func:`moelab.experiments.cifar_moe.fit`: its
+    optimiser, schedule, augmentation, loss and the trainer's minibatch epoch) on 8 random images."""
     import moelab.experiments.cifar_moe as cm
     from moelab.experiments.cifar_common import Images
     from moelab.train.run import Run
@@ -168,7 +167,7 @@ def _cifar_step(tmp_path, name: str, m, aux_scale: float) -> None:
     model.init_whitening(train.batch(torch.arange(8)))
     run = Run(tmp_path / name, "aux-grad", {}, seed=0, quiet=True)
     try:
-        cm.Recipe(model, t, train, 1, False, run, "moe").epoch(0)
+        cm.fit(run, "moe", model, t, train, 1, False)
     finally:
         run.close()
 
@@ -180,7 +179,7 @@ def test_cifar_moe_aux_loss_reaches_the_router(moe, router, monkeypatch, tmp_pat
     import moelab.experiments.cifar_moe as cm
 
     m = cm.Model(width=8, moe=moe, moe_blocks=[3], num_experts=4, router=router, k=2, expert_hidden=8)
-    rec = StepRecorder(monkeypatch, cm)
+    rec = StepRecorder(monkeypatch)
     _cifar_step(tmp_path, "w", m, 20.0)
     _cifar_step(tmp_path, "0", m, 0.0)
     with_aux, without = rec.calls

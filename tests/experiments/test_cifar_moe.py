@@ -19,9 +19,9 @@ from moelab.experiments.cifar_moe import (
     Train,
     block_widths,
     build_model,
+    class_probs,
     lr_factor,
     make_optimizer,
-    predict,
     routing_parameters,
 )
 from moelab.experiments.runner import run_experiment
@@ -118,9 +118,9 @@ def test_token_moe_follows_the_chosen_blocks_and_its_twin_costs_the_same():
     assert isinstance(net.blocks[2].after, TokenMoE2d) and net.blocks[2].after.moe.experts.sparse_impl == "auto"
     net.eval()
     with torch.no_grad():
-        _, routes = predict(net, Images(torch.randint(0, 255, (5, 32, 32, 3), dtype=torch.uint8).numpy(),
-                                        torch.zeros(5, dtype=torch.long).numpy(), True, torch.device("cpu")),
-                            tta=0, bf16=False, batch=5)
+        _, routes = class_probs(net, Images(torch.randint(0, 255, (5, 32, 32, 3), dtype=torch.uint8).numpy(),
+                                            torch.zeros(5, dtype=torch.long).numpy(), True, torch.device("cpu")),
+                                tta=0, bf16=False, batch=5)
     assert [tuple(r.shape) for r in routes] == [(5, 4), (5, 4)]  # per image: the share of its positions
     assert torch.allclose(routes[1].sum(1), torch.ones(5))
 
@@ -147,7 +147,7 @@ def test_tta_averages_each_image_with_its_horizontal_flip():
         shifted = torch.stack([0.5 * logits(s) + 0.5 * logits(s.flip(3))
                                for s in (pad[:, :, :32, :32], pad[:, :, 2:, 2:])]).mean(0)
     flip_tta = 0.5 * plain + 0.5 * mirrored
-    got = {tta: predict(net, images, tta=tta, bf16=False, batch=6)[0] for tta in (0, 1, 2)}
+    got = {tta: class_probs(net, images, tta=tta, bf16=False, batch=6)[0] for tta in (0, 1, 2)}
     torch.testing.assert_close(got[0], torch.softmax(plain, -1), rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1], torch.softmax(flip_tta, -1), rtol=0, atol=1e-5)
     torch.testing.assert_close(got[2], torch.softmax(0.5 * flip_tta + 0.5 * shifted, -1), rtol=0, atol=1e-5)

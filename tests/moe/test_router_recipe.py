@@ -16,8 +16,8 @@ from moelab.models.mlp_mixture import SparseMoEMLP
 from moelab.moe import update_router_biases
 from moelab.moe.routers import make_router
 from moelab.parallel import ddp
-from moelab.train.loop import minibatch_epoch
 from moelab.train.optim import Optim, make_schedule, onecycle_or_plateau, param_groups, routing_parameters
+from moelab.train.trainer import minibatch_epoch
 from tests.moe.moe_helpers import assert_close, seeded  # noqa: F401
 from tests.moe.test_gpu_ready import SyncOps, accelerator_like  # noqa: F401
 

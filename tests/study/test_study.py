@@ -8,11 +8,11 @@ import subprocess
 import pytest
 from matplotlib.image import imread
 
-import moelab.experiments.sparse_mlp as sparse_mlp
 import moelab.study.run as study_run
 from moelab.cli import main
 from moelab.study import run_study
 from moelab.study.grid import parse_grid, split_values
+from moelab.train import callbacks
 
 # mnist-sparse on the embedded 8x8 digits: no download, about a second per run
 BASE = ["data.dataset=digits", "data.resize=none", "data.val_size=200", "train.epochs=2", "compute.threads=1"]
@@ -78,19 +78,15 @@ def test_a_cut_study_reruns_only_what_is_left(tmp_path, monkeypatch):
     kept byte for byte, the cut one is resumed, the last one runs."""
     out = tmp_path / "s"
     cut_dir = out / "model.num_experts=4" / "seed-0"
-    real_train_phase = sparse_mlp.train_phase
 
-    def cutting(run, phase, model, opt, epochs, train_epoch, *a, **kw):
-        def epoch_fn(epoch):
-            if run.dir == cut_dir and phase == "moe" and epoch == 1:
-                raise KeyboardInterrupt
-            return train_epoch(epoch)
-        return real_train_phase(run, phase, model, opt, epochs, epoch_fn, *a, **kw)
+    def cutting(point, run=None, phase=None, epoch=None, **_):
+        if point == "epoch_start" and run.dir == cut_dir and phase == "moe" and epoch == 1:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(sparse_mlp, "train_phase", cutting)
+    monkeypatch.setattr(callbacks, "CALLBACKS", [*callbacks.CALLBACKS, cutting])
     with pytest.raises(KeyboardInterrupt):
         run_study("mnist-sparse", GRID, sets=BASE, out=out, seeds=2, device="cpu", quiet=True)
-    monkeypatch.setattr(sparse_mlp, "train_phase", real_train_phase)
+    monkeypatch.setattr(callbacks, "CALLBACKS", [c for c in callbacks.CALLBACKS if c is not cutting])
     done = [out / "model.num_experts=2" / f"seed-{s}" / "summary.json" for s in (0, 1)]
     before = [p.read_bytes() for p in done]
     assert (cut_dir / "ckpt" / "moe.safetensors").is_file() and not (cut_dir / "summary.json").exists()

@@ -1,6 +1,6 @@
 """A real run SIGKILLed at exact moments resumes to the same result; CLI-level guards.
 
-``MOELAB_TEST_KILL_AT="phase:epoch:point"`` (see ``moelab.train.checkpoint.maybe_test_kill``) makes
+``MOELAB_TEST_KILL_AT="phase:epoch:point"`` (the test-only callback of ``tests/killhook.py``) makes
 the run kill itself: ``mid_epoch`` (after one training step), ``checkpoint_write`` (temp file half
 written, not renamed; ``eval-<model>:0`` for the test-prediction files), ``evaluate`` (inside the
 validation pass). Each killed run is resumed with ``moelab run --resume`` and must end with exactly
@@ -16,6 +16,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import killhook
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ from moelab.analysis.compare import compare_main
 from moelab.analysis.report import write_report
 from moelab.cli import main
 from moelab.train.checkpoint import load_checkpoint, read_meta
-from moelab.train.loop import check_finite, train_phase
+from moelab.train.trainer import Trainer, check_finite
 
 EXPERIMENT = ["digits-jacobs", "--set", "train.epochs=3", "--set", "data.train_limit=384", "--set", "compute.threads=1", "--quiet"]
 KILLS = {
@@ -45,7 +46,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "
 FORK_SERVER = r"""
 import json, os, sys, traceback
 from pathlib import Path
-import moelab.cli, moelab.experiments.jacobs, sklearn.datasets, torch
+import killhook, moelab.cli, moelab.experiments.jacobs, sklearn.datasets, torch
 from moelab.train.checkpoint import load_checkpoint, read_meta
 torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (seconds)
 
@@ -98,7 +99,7 @@ def kill_and_resume(root):
                    [resume(name), None, str(root / f"{name}.log"), str(root / name)]]
             for name, at in KILLS.items()}
     env = {k: v for k, v in os.environ.items() if k != "MOELAB_TEST_KILL_AT"} | ENV
-    res = subprocess.run([sys.executable, "-c", FORK_SERVER, json.dumps(jobs)], env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", FORK_SERVER, json.dumps(jobs)], env=killhook.env(env), capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.splitlines()[-1])
@@ -218,7 +219,7 @@ def _run_guardtoy(cfg, run):
             opt.step()
         return {"loss": loss.item()}
 
-    train_phase(run, "guardtoy", model, opt, cfg["train"]["epochs"], epoch_fn)
+    Trainer(run, "guardtoy", model, opt, epochs=cfg["train"]["epochs"]).fit(epoch_fn=epoch_fn)
     return {"test_accuracy": float((model(x).argmax(1) == y).float().mean())}
 
 

@@ -9,7 +9,7 @@ from moelab import experiments
 from moelab.config import apply_overrides, dumps_toml, merge, parse_override
 from moelab.errors import ConfigError, MoelabError
 from moelab.experiments.runner import run_experiment
-from moelab.train.loop import NonFiniteLoss, train_phase
+from moelab.train.trainer import NonFiniteLoss, Trainer
 
 DEFAULTS = {"train": {"epochs": 3, "lr": 0.1, "blow_up_at": 0}, "die_at": 0, "data": {"name": "toy", "sizes": [1, 2]}}
 
@@ -39,7 +39,7 @@ def _run_toy(cfg, run):
     def eval_fn(epoch):
         return {"acc": (model(x).argmax(1) == y).float().mean().item()}
 
-    last = train_phase(run, "toy", model, opt, cfg["train"]["epochs"], epoch_fn, eval_fn)
+    last = Trainer(run, "toy", model, opt, epochs=cfg["train"]["epochs"]).fit(epoch_fn=epoch_fn, evaluate=eval_fn)
     return {"test_accuracy": last["acc"], "weight": model.weight.detach().flatten().tolist()}
 
 
@@ -146,9 +146,9 @@ def test_toml_round_trip():
     assert merge({"a": 1.0}, {"a": 2}, "w") == {"a": 2.0}
 
 
-def test_train_phase_zero_epochs_is_done(tmp_path):
+def test_zero_epochs_is_done(tmp_path):
     from moelab.train.run import Run
 
     with Run(tmp_path / "r", "t", {"family": "toy"}, seed=0, quiet=True) as run:
         m = torch.nn.Linear(2, 2)
-        assert train_phase(run, "p", m, None, 0, lambda e: {}) == {}
+        assert Trainer(run, "p", m, epochs=0).fit(epoch_fn=lambda e: {}) == {}

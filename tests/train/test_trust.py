@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import killhook
 import pytest
 import torch
 
 import moelab.experiments.cifar_moe as cifar_moe
-import moelab.train.loop as loop
+import moelab.train.trainer as trainer
 from moelab.cli import main
 from moelab.experiments.runner import run_experiment
 from moelab.train.checkpoint import read_meta
@@ -48,8 +49,8 @@ def sparse_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse")
     env = {**ENV, "MOELAB_CACHE_DIR": str(root / "cache")}
     moelab("run", *SPARSE, "--out", str(root / "ref"), env=env)
-    killed = moelab("run", *SPARSE, "--out", str(root / "killed"), check=False,
-                    env={**env, "MOELAB_TEST_KILL_AT": "moe:2:mid_epoch"})
+    killed = subprocess.run([sys.executable, *killhook.CLI, "run", *SPARSE, "--out", str(root / "killed")],
+                            capture_output=True, text=True, env=killhook.env({**env, killhook.KILL_ENV: "moe:2:mid_epoch"}))
     assert killed.returncode == -9, killed.stderr[-2000:]
     return root, env
 
@@ -155,7 +156,7 @@ def test_interrupt_at_a_phase_boundary_resumes_to_the_same_rows(real_data_dir, t
     back from its checkpoint; before, the resumed run matched 0 s)."""
     from moelab.experiments import resolve_config
 
-    monkeypatch.setattr(loop, "time", FakeClock())
+    monkeypatch.setattr(trainer, "time", FakeClock())
     monkeypatch.setenv("MOELAB_KERNELS", "off")  # no build of the fused kernels in this test's fresh cache
     overrides = [CIFAR[i + 1] for i in range(0, len(CIFAR), 2)]
     assert resolve_config("cifar10-moe", overrides)  # the slice is a valid config
@@ -187,24 +188,24 @@ def test_interrupt_at_a_phase_boundary_resumes_to_the_same_rows(real_data_dir, t
 def test_rng_state_of_every_device_is_saved_and_restored(tmp_path):
     """The CPU generator always; each CUDA device's once CUDA is in use (checked on a GPU); a checkpoint
     holding CUDA states refuses to resume on a machine with fewer GPUs, by name, instead of diverging."""
-    states = loop.rng_states()
+    states = trainer.rng_states()
     assert torch.equal(states["rng.torch"], torch.get_rng_state())
     if torch.cuda.is_available():
         torch.cuda.init()
-        states = loop.rng_states()
+        states = trainer.rng_states()
         assert len([k for k in states if k.startswith("rng.cuda.")]) == torch.cuda.device_count()
         want = torch.cuda.get_rng_state_all()
         torch.cuda.manual_seed_all(123)
-        loop.set_rng_states(states, tmp_path / "x.safetensors")
+        trainer.set_rng_states(states, tmp_path / "x.safetensors")
         assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), want))
     else:
         fake = {"rng.torch": torch.get_rng_state(), "rng.cuda.0": torch.zeros(16, dtype=torch.uint8)}
         with pytest.raises(Exception, match=r"x\.safetensors' holds the RNG state of 1 CUDA device"):
-            loop.set_rng_states(fake, tmp_path / "x.safetensors")
+            trainer.set_rng_states(fake, tmp_path / "x.safetensors")
     torch.manual_seed(7)
     a = torch.rand(3)
     torch.manual_seed(7)
-    saved = loop.rng_states()
+    saved = trainer.rng_states()
     torch.rand(5)
-    loop.set_rng_states(saved, tmp_path / "x.safetensors")
+    trainer.set_rng_states(saved, tmp_path / "x.safetensors")
     assert torch.equal(torch.rand(3), a)

@@ -19,16 +19,15 @@ from torch import nn
 from moelab.config import refuse
 from moelab.data.feed import Rows, send
 from moelab.data.transforms import random_translate, train_val_split, translate, translate_offsets
-from moelab.device import to_host
 from moelab.experiments.cifar_experts_config import Config
 from moelab.models.cifar_cnn import conv_l2_penalty
 from moelab.precision import resolve_bf16
 from moelab.reproductions.hierarchical import pair_cover
 from moelab.train.checkpoint import load_checkpoint, save_checkpoint
 from moelab.train.evaluation import accuracy
-from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
+from moelab.train.trainer import Trainer, predict
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -207,33 +206,37 @@ def index_batches(n: int, batch: int, gen: torch.Generator, hflip: bool, max_ste
 def image_batches(images: Images, batch: int, gen: torch.Generator, hflip: bool, shift: int,
                   max_steps: int | None = None, summed: bool = False):
     """:func:`index_batches` as augmented images: yields ``(x, y, loss weight)`` for
-    :func:`moelab.train.loop.minibatch_epoch`; the weight is 1 (a mean loss), or the batch size when
+    :func:`moelab.train.trainer.minibatch_epoch`; the weight is 1 (a mean loss), or the batch size when
     ``summed`` (a loss summed over the batch, as airbench's recipe has it)."""
     for idx, flip in index_batches(len(images), batch, gen, hflip, max_steps):
         x, y = images.take(idx, flip, shift, gen)  # both on images.device
         yield x, y, (len(idx) if summed else 1.0)
 
 
-@torch.no_grad()
-def predict_batches(model_fn, images: Images, cfg: Config, flip: bool = False) -> list[torch.Tensor]:
-    """Run ``model_fn(x) -> tensor or tuple`` over ``images`` in eval batches (on ``images.device``);
-    concatenated float outputs, on the host."""
-    bs = cfg.eval.batch_size
-    outs: list[list[torch.Tensor]] = []
-    for i in range(0, len(images), bs):
-        idx = torch.arange(i, min(i + bs, len(images)))
-        x = images.batch(idx, flip=torch.ones(len(idx), dtype=torch.bool) if flip else None)
-        with autocast_for(cfg, images.device):
-            o = model_fn(x)
-        o = o if isinstance(o, tuple) else (o,)
-        outs.append([to_host(t.float()) for t in o])
-    return [torch.cat(parts, dim=-2 if parts[0].dim() == 3 else 0) for parts in zip(*outs)]
+class Mirrored:
+    """``images``, every one mirrored, as :class:`moelab.train.trainer.Batches` (the experts' outputs on the
+    flipped training images)."""
+
+    def __init__(self, images: Images):
+        self.images, self.device = images, images.device
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.images.batch(idx, flip=torch.ones(len(idx), dtype=torch.bool))
+
+
+def outputs(fn, images: Images | Mirrored, cfg: Config) -> list[torch.Tensor]:
+    """``fn``'s outputs on ``images`` (:func:`moelab.train.trainer.predict` in ``eval.batch_size`` batches,
+    with ``compute.bf16``), on the host."""
+    return predict(fn, images, batch=cfg.eval.batch_size, device=images.device, bf16=use_bf16(cfg, images.device))
 
 
 def validation_accuracy(model: nn.Module, val: Images, cfg: Config, classes: list[int] | None = None) -> float:
     """Accuracy on ``val``; with ``classes``, the argmax over those classes only."""
     model.eval()
-    logits = predict_batches(model, val, cfg)[0]
+    logits = outputs(model, val, cfg)[0]
     if classes is not None:
         keep = torch.tensor(classes)
         return (keep[logits[:, keep].argmax(1)] == val.y).float().mean().item()
@@ -259,9 +262,10 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
                      plateau_patience: int = 2, plateau_factor: float = 0.5, min_lr: float = 1e-6,
                      early_stop: int = 0, keep_best: bool = False, keep_start: bool = False,
                      val_classes: list[int] | None = None) -> dict:
-    """A 10-way CNN classifier (an expert on its pair, or a baseline): cross-entropy + conv L2, random
-    shift + flip, Adam; one-cycle or plateau schedule; optional early stopping and best checkpoint
-    by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``). Returns speed + best stats.
+    """The seed's recipe for a 10-way CNN classifier (an expert on its pair, or a baseline), run by the
+    trainer: cross-entropy + conv L2, random shift + flip, Adam; one-cycle or plateau schedule; optional
+    early stopping and best checkpoint by validation accuracy (kept in ``ckpt/<phase>-best.safetensors``).
+    Returns speed + best stats.
 
     ``keep_start`` (a warm-started model): its starting weights are the first candidate (epoch 0): fine-tuning
     that never beats them on ``val`` leaves the model as it came. ``val_classes``: validation accuracy over
@@ -270,8 +274,10 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = math.ceil(len(images) / batch)
     sched = onecycle_or_plateau(schedule, opt, lr, epochs, steps, plateau_patience, plateau_factor, min_lr)
+    trainer = Trainer(run, phase, model, opt, sched, epochs=epochs, bf16=use_bf16(cfg, images.device),
+                      device=images.device)
     best_path = run.dir / "ckpt" / f"{phase}-best.safetensors"
-    state = {"best": -1.0, "best_epoch": -1, "images": 0, "seconds": 0.0}
+    state = {"best": -1.0, "best_epoch": -1}
     if run.resumed and best_path.is_file():
         _, meta = load_checkpoint(best_path)
         state["best"], state["best_epoch"] = meta["best"], meta["best_epoch"]
@@ -282,18 +288,8 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     if keep_best and keep_start and not run.checkpoint_path(phase).is_file():  # the phase has not started
         _start_as_best(run, phase, model, val_acc(), best_path, state)
 
-    def train_epoch(epoch: int) -> dict:
-        if early_stop and state["best"] >= 0 and epoch - state["best_epoch"] > early_stop:
-            return {"stopped": 1}
-        gen = run.generator(phase, epoch)
-
-        def loss_fn(out, y):
-            return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2), None
-
-        return minibatch_epoch(model, opt, sched if schedule == "onecycle" else None,
-                               image_batches(images, batch, gen, cfg.augment.hflip, shift), model, loss_fn,
-                               bf16=use_bf16(cfg, images.device), device=images.device, meter=state,
-                               progress=run.progress(f"[{phase}] epoch {epoch + 1}", len(images)))
+    def loss(out, y):
+        return F.cross_entropy(out.float(), y) + conv_l2_penalty(model, l2), None
 
     def evaluate(epoch: int) -> dict:
         acc = val_acc()
@@ -304,13 +300,15 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
             save_checkpoint(best_path, model.state_dict(), {"best": acc, "best_epoch": epoch})
         return {"val_acc": acc}
 
-    last = train_phase(run, phase, model, opt, epochs, train_epoch, evaluate, sched=sched)
+    last = trainer.fit(lambda epoch: image_batches(images, batch, run.generator(phase, epoch), cfg.augment.hflip, shift),
+                       model, loss, evaluate=evaluate, progress=lambda epoch: len(images),
+                       stopped=lambda epoch: bool(early_stop) and state["best"] >= 0
+                       and epoch - state["best_epoch"] > early_stop)
     if keep_best and best_path.is_file():
         _restore_best(model, best_path, state)
     model.eval()
-    speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
-    return {"last": last, "best_val": state["best"], "best_epoch": state["best_epoch"] + 1, "train_img_per_s": speed,
-            "train_s": run.phase_times[phase]["train_s"]}
+    return {"last": last, "best_val": state["best"], "best_epoch": state["best_epoch"] + 1,
+            "train_img_per_s": trainer.img_per_s, "train_s": run.phase_times[phase]["train_s"]}
 
 
 def images_of(images: Images, classes: list[int]) -> Images:

@@ -49,7 +49,7 @@ from moelab.experiments.cifar_common import (
     Data,
     full_classes,
     load_average,
-    predict_batches,
+    outputs,
     to_memory_format,
     train_classifier,
     use_bf16,
@@ -139,7 +139,7 @@ class Pipeline:
         self.models, uniform = expert_reports(data, self.cache)
         t0 = time.perf_counter()  # the hierarchical mixture's gate is the generalist: its inference is part of it
         splits = (("val", data.val), ("test", data.test)) if kind == HIERARCHICAL else (("test", data.test),)
-        self.gen_probs = ({split: torch.softmax(predict_batches(to_memory_format(self.generalist, cfg, data.device), images, cfg)[0], 1)
+        self.gen_probs = ({split: torch.softmax(outputs(to_memory_format(self.generalist, cfg, data.device), images, cfg)[0], 1)
                            for split, images in splits} if self.generalist is not None else {})
         self.gen_infer_s = time.perf_counter() - t0
         if self.generalist is not None:
@@ -250,7 +250,7 @@ class Pipeline:
                                 batch=cfg.gate.batch_size if is_trunk else bc.batch_size, lr=lr, schedule=schedule,
                                 l2=cfg.experts.l2, shift=shift, keep_best=schedule == "plateau",
                                 early_stop=cfg.experts.early_stop_patience if schedule == "plateau" else 0)
-        logits = predict_batches(m, data.test, cfg)[0]
+        logits = outputs(m, data.test, cfg)[0]
         save_eval(self.run, name, self.y, torch.softmax(logits, 1), None, data.classes)
         self.timings[name] = {"train_s": self.run.train_time(name), "train_img_per_s": info["train_img_per_s"],
                               "load_1min": load_average()}

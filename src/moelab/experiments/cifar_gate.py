@@ -12,7 +12,7 @@ from torch import nn
 
 from moelab.cost import cost_row, count_params, flops_per_example
 from moelab.data.feed import fits_on_device
-from moelab.device import to_device, to_host
+from moelab.device import to_device
 from moelab.errors import ConfigError
 from moelab.experiments.baselines import dense_widths
 from moelab.experiments.cifar_common import (
@@ -31,9 +31,9 @@ from moelab.reproductions.conv_experts import ConvExperts
 from moelab.reproductions.gating import HIERARCHICAL, SEED_LR, GateNet, SeedCombine, num_heads, seed_moe
 from moelab.reproductions.hierarchical import combine_hierarchical, hierarchical_weights
 from moelab.train.evaluation import accuracy
-from moelab.train.loop import minibatch_epoch, train_phase
 from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
+from moelab.train.trainer import Trainer, predict
 
 # ----------------------------------------------------------------------------- cost (equal-cost baselines)
 
@@ -163,9 +163,9 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
     opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=gc.weight_decay)
     steps = math.ceil(len(data.train) / gc.batch_size)
     sched = onecycle_or_plateau(gc.schedule, opt, lr, gc.epochs, steps, patience=4)
+    trainer = Trainer(run, "gate", gate, opt, sched, epochs=gc.epochs)
     cover, mixer = data.cover, SeedCombine(kind, E, gc.top_k)
     shift = cfg.augment.max_shift if gc.shift else 0
-    state = {"images": 0, "seconds": 0.0}
     cache, labels = cache_on(cache, dev), cache_on({"y": data.train.y}, dev)["y"]
 
     def forward(x, split, idx, flip):  # this batch's cached expert outputs, gathered where they live
@@ -174,23 +174,19 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
             g = gate(x, extra)
         return mixer([t.float() for t in g], to_device(gate_probs(cache, split, idx, flip), dev))  # (logits, weights)
 
-    def loss_fn(out, y):
+    def loss(out, y):
         logits, weights = out
-        loss = F.cross_entropy(logits, y, label_smoothing=gc.label_smoothing) + conv_l2_penalty(gate, gc.l2)
-        return loss, (gc.aux_weight * oracle_routing_loss(weights, y, cover) if gc.aux_weight > 0 else None)
+        ce = F.cross_entropy(logits, y, label_smoothing=gc.label_smoothing) + conv_l2_penalty(gate, gc.l2)
+        return ce, (gc.aux_weight * oracle_routing_loss(weights, y, cover) if gc.aux_weight > 0 else None)
 
-    def train_epoch(epoch: int) -> dict:
+    def batches(epoch: int):  # (indices, flips): the gate trains on the cached expert outputs of these images
         gen = run.generator("gate", epoch)
+        for b in index_batches(len(data.train), gc.batch_size, gen, cfg.augment.hflip):
+            yield (*b, gen), to_device(labels[b[0].to(labels.device)], dev), 1.0
 
-        def batch_forward(b):  # the gate trains on the cached expert outputs of these images
-            idx, flip = b
-            return forward(data.train.batch(idx, flip, shift, gen) if use_trunk else None, "train", idx, flip)
-
-        batches = ((b, to_device(labels[b[0].to(labels.device)], dev), 1.0)
-                   for b in index_batches(len(data.train), gc.batch_size, gen, cfg.augment.hflip))
-        return minibatch_epoch(gate, opt, sched if gc.schedule == "onecycle" else None, batches, batch_forward,
-                               loss_fn, progress=run.progress(f"[gate] epoch {epoch + 1}", len(data.train)),
-                               meter=state)
+    def batch_forward(b):
+        idx, flip, gen = b
+        return forward(data.train.batch(idx, flip, shift, gen) if use_trunk else None, "train", idx, flip)
 
     def evaluate(epoch: int) -> dict:
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", extra_dim)
@@ -199,32 +195,44 @@ def train_gate(cfg: Config, run: Run, data: Data, cache: dict,
             sched.step(acc)
         return {"val_acc": acc}
 
-    last = train_phase(run, "gate", gate, opt, gc.epochs, train_epoch, evaluate, sched=sched)
+    last = trainer.fit(batches, batch_forward, loss, evaluate=evaluate, progress=lambda epoch: len(data.train))
     gate.eval()
-    speed = state["images"] / state["seconds"] if state["seconds"] else float("nan")
-    return gate, {"last": last, "lr": lr, "train_img_per_s": speed, "train_s": run.phase_times["gate"]["train_s"]}
+    return gate, {"last": last, "lr": lr, "train_img_per_s": trainer.img_per_s,
+                  "train_s": run.phase_times["gate"]["train_s"]}
 
 
-@torch.no_grad()
+class Indexed:
+    """``images`` as :class:`moelab.train.trainer.Batches` of ``(images or None, their indices)``: the gate
+    reads the cached expert outputs by index, and the images themselves only if it has a trunk."""
+
+    def __init__(self, images: Images, with_images: bool):
+        self.images, self.with_images = images, with_images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: torch.Tensor):
+        return (self.images.batch(idx) if self.with_images else None), idx
+
+
 def gate_predict(cfg, gate, kind, images: Images, cache, split, extra_dim, experts_fn=None):
     """Mixture logits and effective gate weights on ``images`` (cached expert outputs of ``split``,
     or ``experts_fn(x) -> probs`` when the experts were fine-tuned)."""
     gate.eval()
-    bs, dev = cfg.eval.batch_size, images.device
+    dev = images.device
     mixer = SeedCombine(kind, gate.num_experts, cfg.gate.top_k)
     cache = cache_on({k: v for k, v in cache.items() if k.startswith(f"{split}.")}, dev)
-    logits, weights = [], []
-    for i in range(0, len(images), bs):
-        idx = torch.arange(i, min(i + bs, len(images)))
-        x = images.batch(idx) if gate.trunk is not None else None
+
+    def fn(batch):
+        x, idx = batch
         extra = to_device(gate_extra(cache, split, idx), dev) if extra_dim else None
-        with autocast_for(cfg, dev):
+        with autocast_for(cfg, dev):  # the gate and the experts; the combine in fp32
             g = [t.float() for t in gate(x, extra)]
             probs = experts_fn(x) if experts_fn is not None else to_device(cache[f"{split}.probs"][:, idx], dev)
-        lg, w = mixer(g, probs.float())
-        logits.append(to_host(lg))
-        weights.append(to_host(w))
-    return torch.cat(logits), torch.cat(weights)
+        return mixer(g, probs.float())
+
+    logits, weights = predict(fn, Indexed(images, gate.trunk is not None), batch=cfg.eval.batch_size, device=dev)
+    return logits, weights
 
 
 def hierarchical_mixture(cfg: Config, run: Run, data: Data, gen_probs: dict, cache: dict):
@@ -259,8 +267,8 @@ def finetune(cfg: Config, run: Run, data: Data, experts: ConvExperts, gate: Gate
     steps = math.ceil(len(data.train) / gc.batch_size)
     sched = onecycle_or_plateau("onecycle", opt, gc.finetune_lr, gc.finetune_epochs, steps)
     both = nn.ModuleDict({"gate": gate, "experts": experts})
+    trainer = Trainer(run, "finetune", both, opt, sched, epochs=gc.finetune_epochs, device=dev)
     mixer = SeedCombine(kind, len(data.pairs), gc.top_k)
-    state = {"images": 0, "seconds": 0.0}
 
     def forward(x):
         with autocast_for(cfg, dev):
@@ -268,14 +276,11 @@ def finetune(cfg: Config, run: Run, data: Data, experts: ConvExperts, gate: Gate
             probs = torch.softmax(experts(x).float(), dim=-1)
         return mixer(g, probs)[0]  # the combine in fp32, outside autocast
 
-    def loss_fn(logits, y):
+    def loss(logits, y):
         return F.cross_entropy(logits, y) + conv_l2_penalty(both, gc.l2), None
 
-    def train_epoch(epoch: int) -> dict:
-        gen = run.generator("finetune", epoch)
-        batches = image_batches(data.train, gc.batch_size, gen, True, cfg.augment.max_shift)
-        return minibatch_epoch(both, opt, sched, batches, forward, loss_fn, device=dev, meter=state,
-                               progress=run.progress(f"[finetune] epoch {epoch + 1}", len(data.train)))
+    def batches(epoch: int):
+        return image_batches(data.train, gc.batch_size, run.generator("finetune", epoch), True, cfg.augment.max_shift)
 
     def experts_fn(x):
         return torch.softmax(experts(x).float(), dim=-1)
@@ -285,6 +290,6 @@ def finetune(cfg: Config, run: Run, data: Data, experts: ConvExperts, gate: Gate
         logits, _ = gate_predict(cfg, gate, kind, data.val, cache, "val", 0, experts_fn)
         return {"val_acc": accuracy(logits, data.val.y)}
 
-    last = train_phase(run, "finetune", both, opt, gc.finetune_epochs, train_epoch, evaluate, sched=sched)
+    last = trainer.fit(batches, forward, loss, evaluate=evaluate, progress=lambda epoch: len(data.train))
     both.eval()
-    return {"last": last, "experts_fn": experts_fn, "train_img_per_s": state["images"] / max(state["seconds"], 1e-9)}
+    return {"last": last, "experts_fn": experts_fn, "train_img_per_s": trainer.img_per_s}

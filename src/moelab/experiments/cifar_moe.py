@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from moelab.analysis.routing import latent_routing
 from moelab.config import refuse
 from moelab.cost import cost_row, count_params, flops_per_example
-from moelab.device import to_host
 from moelab.errors import ConfigError
 from moelab.experiments import family
 from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
@@ -52,9 +52,9 @@ from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.runtime import torch_threads
 from moelab.train.evaluation import error_pct, routing_stats, save_eval
-from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
 from moelab.train.optim import routing_parameters
 from moelab.train.run import Run
+from moelab.train.trainer import Trainer, predict, seed_module_init
 
 # ----------------------------------------------------------------------------- models
 
@@ -169,32 +169,32 @@ def make_schedule(opt: torch.optim.SGD, t: Train, total: int, steps_per_epoch: i
     return LambdaLR(opt, [factor(freeze if g["name"] == "whiten_bias" else None) for g in opt.param_groups])
 
 
-class Recipe:
-    """The training state of one phase: optimiser, step-based schedule (a checkpointed
-    :class:`~torch.optim.lr_scheduler.LambdaLR`, so a resumed run continues it exactly), augmentation;
-    the epoch is :func:`moelab.train.loop.minibatch_epoch`."""
+def fit(run: Run, phase: str, model: FastCNN, t: Train, train: Images, total_steps: int, bf16: bool,
+        evaluate=None) -> dict:
+    """Train ``model`` with the recipe for ``total_steps`` steps (the last epoch cut short) -> the last
+    epoch's row: :func:`make_optimizer`, the step-based :func:`make_schedule` (a checkpointed LambdaLR,
+    so a resumed run continues it exactly), flips and translations, :func:`loss`."""
+    steps_per_epoch = math.ceil(len(train) / t.batch_size)
+    opt = make_optimizer(model, t, t.batch_size)
+    trainer = Trainer(run, phase, model, opt, make_schedule(opt, t, total_steps, steps_per_epoch), bf16=bf16,
+                      epochs=math.ceil(total_steps / steps_per_epoch), device=run.device, log_every=t.log_every)
 
-    def __init__(self, model: FastCNN, t: Train, train: Images, total_steps: int, bf16: bool, run: Run, phase: str):
-        self.model, self.t, self.train, self.total, self.bf16 = model, t, train, total_steps, bf16
-        self.run, self.phase = run, phase
-        self.opt = make_optimizer(model, t, t.batch_size)
-        self.steps_per_epoch = math.ceil(len(train) / t.batch_size)
-        self.sched = make_schedule(self.opt, t, total_steps, self.steps_per_epoch)
+    def steps(epoch: int) -> int:
+        return max(0, min(steps_per_epoch, total_steps - epoch * steps_per_epoch))
 
-    def epoch(self, epoch: int) -> dict:
-        t = self.t
-        steps = max(0, min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch))
-        g = self.run.generator(self.phase, epoch)
-        batches = image_batches(self.train, t.batch_size, g, t.flip, t.translate, max_steps=steps, summed=True)
-        bar = self.run.progress(f"[{self.phase}] epoch {epoch + 1}", min(len(self.train), steps * t.batch_size))
-        return minibatch_epoch(self.model, self.opt, self.sched, batches, self.model.forward_with_aux, self._loss,
-                               bf16=self.bf16, device=self.run.device, progress=bar)
+    def batches(epoch: int):
+        return image_batches(train, t.batch_size, run.generator(phase, epoch), t.flip, t.translate,
+                             max_steps=steps(epoch), summed=True)
 
-    def _loss(self, out, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy (batch mean) and the routers' auxiliary loss; weighted by the batch size in the
-        step, as airbench sums its loss over the batch."""
-        logits, aux, _ = out
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.t.label_smoothing), aux  # weights: build_model
+    return trainer.fit(batches, model.forward_with_aux, partial(loss, t), evaluate=evaluate,
+                       progress=lambda epoch: min(len(train), steps(epoch) * t.batch_size))
+
+
+def loss(t: Train, out, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy (batch mean) and the routers' auxiliary loss; weighted by the batch size in the step,
+    as airbench sums its loss over the batch."""
+    logits, aux, _ = out
+    return F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing), aux  # weights: build_model
 
 
 def per_image(gates: Tensor, n: int) -> Tensor:
@@ -203,29 +203,22 @@ def per_image(gates: Tensor, n: int) -> Tensor:
     return gates.view(n, -1, gates.shape[-1]).mean(1)
 
 
-@torch.no_grad()
-def predict(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) -> tuple[Tensor, list[Tensor]]:
-    """-> (class probabilities (N, C), per-image routing weights of each MoE module of 2+ experts on the plain
-    images), on the host; the images run on ``images.device``."""
+def outputs(model: FastCNN):
+    """x -> (logits, per-image routing weights of each MoE module of 2+ experts and of each CondConv2d): one
+    forward."""
+    def fn(x):
+        logits, _, auxes = model.forward_with_aux(x)
+        return (logits, *[per_image(a.gates.float(), len(x)) for a in auxes if len(a.expert_counts) > 1],
+                *_routing(model))  # a one-expert layer routes nothing
+    return fn
+
+
+def class_probs(model: FastCNN, images: Images, tta: int, bf16: bool, batch: int) -> tuple[Tensor, list[Tensor]]:
+    """-> (class probabilities (N, C), per-image routing weights of each routing module on the plain images),
+    on the host; test-time augmentation ``tta`` (:func:`moelab.train.trainer.predict`)."""
     model.eval()
-    probs, routes = [], []
-    for i in range(0, len(images), batch):
-        x = images.batch(torch.arange(i, min(i + batch, len(images))))
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, _, auxes = model.forward_with_aux(x)
-            logits = logits.float()
-            routes.append([to_host(per_image(a.gates.float(), len(x))) for a in auxes if len(a.expert_counts) > 1]
-                          + [to_host(r.float()) for r in _routing(model)])  # a one-expert layer routes nothing
-            if tta >= 1:
-                logits = 0.5 * logits + 0.5 * model(x.flip(3)).float()
-            if tta >= 2:
-                pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
-                shifted = [pad[:, :, :-2, :-2], pad[:, :, 2:, 2:]]  # any image size (a rotate task's crop)
-                t_logits = torch.stack([0.5 * model(s).float() + 0.5 * model(s.flip(3)).float() for s in shifted])
-                logits = 0.5 * logits + 0.5 * t_logits.mean(0)
-        probs.append(to_host(torch.softmax(logits, -1)))
-    per_module = [torch.cat([r[j] for r in routes]) for j in range(len(routes[0]))] if routes and routes[0] else []
-    return torch.cat(probs), per_module
+    logits, *routes = predict(outputs(model), images, batch=batch, device=images.device, bf16=bf16, tta=tta)
+    return torch.softmax(logits, -1), routes
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -290,51 +283,48 @@ def load_rgb_folder(folder: str, run: Run):
     return ds
 
 
-class Fitter:
-    """Trains and evaluates one model of the run (a *phase*) with the recipe, on the run's data."""
+def train_model(cfg: Config, run: Run, data: dict, bf16: bool, phase: str, model: FastCNN, epochs: float) -> dict:
+    """``model`` on the run's device, its whitening from the training images, trained with the recipe for
+    ``epochs`` (whole steps) -> its row: test and validation error (with ``eval.tta``), counted cost and,
+    for a mixture, routing statistics; its test predictions saved (``eval/<phase>.safetensors``)."""
+    t, ev, val, test = cfg.train, cfg.eval, data["val"], data["test"]
+    model = model.to(run.device)
+    if cfg.compute.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.init_whitening(data["train"].batch(torch.arange(min(len(data["train"]), 5000))))
+    steps_per_epoch = math.ceil(len(data["train"]) / t.batch_size)
+    total = max(1, round(epochs * steps_per_epoch))
 
-    def __init__(self, cfg: Config, run: Run, data: dict, bf16: bool):
-        self.cfg, self.run, self.data, self.bf16 = cfg, run, data, bf16
-        self.steps_per_epoch = math.ceil(len(data["train"]) / cfg.train.batch_size)
-        self.whiten_sample = data["train"].batch(torch.arange(min(len(data["train"]), 5000)))
-        self.probe = data["val"].batch(torch.arange(min(len(data["val"]), 8)))
-
-    def evaluate(self, model: FastCNN) -> dict:
+    def val_row(epoch: int) -> dict:
         """Validation error, and how routing evolves: each expert's share of the largest gate."""
-        val = self.data["val"]
-        probs, routes = predict(model, val, 0, self.bf16, self.cfg.eval.batch_size)
+        probs, routes = class_probs(model, val, 0, bf16, ev.batch_size)
         row = {"val_err": error_pct(probs, val.y, 3)}
         if routes:
             lead = torch.bincount(routes[-1].argmax(1), minlength=routes[-1].shape[1]) / len(val)
             row["val_lead_share"] = [round(float(v), 4) for v in lead]
         return row
 
-    def __call__(self, phase: str, model: FastCNN, epochs: float) -> dict:
-        cfg, run, t, ev = self.cfg, self.run, self.cfg.train, self.cfg.eval
-        model = model.to(run.device)
-        if cfg.compute.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.init_whitening(self.whiten_sample)
-        total = max(1, round(epochs * self.steps_per_epoch))
-        recipe = Recipe(model, t, self.data["train"], total, self.bf16, run, phase)  # the optimiser: after .to(device)
-        train_phase(run, phase, model, recipe.opt, math.ceil(total / self.steps_per_epoch), recipe.epoch,
-                    sched=recipe.sched, evaluate=lambda epoch: self.evaluate(model), log_every=t.log_every)
-        train_time = run.train_time(phase)
-        val, test = self.data["val"], self.data["test"]
-        val_probs, _ = predict(model, val, ev.tta, self.bf16, ev.batch_size)
-        probs, routes = predict(model, test, ev.tta, self.bf16, ev.batch_size)
-        gates = routes[-1] if routes else None
-        save_eval(run, phase, test.y, probs, gates, class_names=self.data["classes"], latent=self.data["test_latent"])
-        err = error_pct(probs, test.y, 3)
-        row = {"test_accuracy": round(1 - err / 100, 5), "test_error_pct": err,
-               "val_error_pct": error_pct(val_probs, val.y, 3), "epochs": round(total / self.steps_per_epoch, 3),
-               "train_time_s": train_time, **cost_row(model, self.probe), "widths": list(model.widths)}
-        if gates is not None:
-            row["routing"] = {**routing_stats(test.y, gates, len(self.data["classes"])),
-                              **latent_routing(self.data["test_latent"], gates, len(self.data["latent_classes"]))}
-        run.log(f"[{phase}] test acc {100 * row['test_accuracy']:.2f}% (val err {row['val_error_pct']:.2f}%), "
-                f"{row['params']:,} params, {row['flops_per_example'] / 1e6:.1f} MFLOPs/image, {train_time} s")
-        return row
+    fit(run, phase, model, t, data["train"], total, bf16, evaluate=val_row)  # the optimiser: after .to(device)
+    train_time = run.train_time(phase)
+    val_probs, _ = class_probs(model, val, ev.tta, bf16, ev.batch_size)
+    probs, routes = class_probs(model, test, ev.tta, bf16, ev.batch_size)
+    gates = routes[-1] if routes else None
+    save_eval(run, phase, test.y, probs, gates, class_names=data["classes"], latent=data["test_latent"])
+    err = error_pct(probs, test.y, 3)
+    row = {"test_accuracy": round(1 - err / 100, 5), "test_error_pct": err,
+           "val_error_pct": error_pct(val_probs, val.y, 3), "epochs": round(total / steps_per_epoch, 3),
+           "train_time_s": train_time, **cost_row(model, probe(data)), "widths": list(model.widths)}
+    if gates is not None:
+        row["routing"] = {**routing_stats(test.y, gates, len(data["classes"])),
+                          **latent_routing(data["test_latent"], gates, len(data["latent_classes"]))}
+    run.log(f"[{phase}] test acc {100 * row['test_accuracy']:.2f}% (val err {row['val_error_pct']:.2f}%), "
+            f"{row['params']:,} params, {row['flops_per_example'] / 1e6:.1f} MFLOPs/image, {train_time} s")
+    return row
+
+
+def probe(data: dict) -> Tensor:
+    """The first validation images: the batch every model's cost is counted on."""
+    return data["val"].batch(torch.arange(min(len(data["val"]), 8)))
 
 
 @family("cifar_moe", check=check_config, resumable=RESUMABLE, schema=Config)
@@ -351,7 +341,7 @@ def _run(cfg: Config, run: Run) -> dict:
     bf16 = resolve_bf16(cfg.compute.bf16, run.device, key="compute.bf16")
     run.log(f"data: {len(data['train'])} train / {len(data['val'])} val / {len(data['test'])} test images "
             f"({time.perf_counter() - t0:.1f} s); device {run.device}, bf16 {bf16}, torch threads {torch.get_num_threads()}")
-    fit = Fitter(cfg, run, data, bf16)
+    fit = partial(train_model, cfg, run, data, bf16)
     models: dict[str, dict] = {}
     seed_module_init(run, "moe")
     n_cls = len(data["classes"])
@@ -359,7 +349,7 @@ def _run(cfg: Config, run: Run) -> dict:
     moe.update(moe=m.moe, num_experts=m.num_experts, moe_blocks=m.moe_blocks)
     models["moe"] = moe
     if cfg.baselines.equal_cost and m.moe != "none":
-        models.update(_equal_cost(cfg, run, moe, fit))
+        models.update(_equal_cost(cfg, run, moe, fit, data))
     if cfg.baselines.dense_twin and m.moe == "tokens":
         seed_module_init(run, "dense-twin")
         models["dense-twin"] = {**fit("dense-twin", build_model(m, twin=True, num_classes=n_cls), t.epochs),
@@ -373,16 +363,16 @@ def _run(cfg: Config, run: Run) -> dict:
                          "tta": cfg.eval.tta, "bf16": bf16, **({"dataset": data["dataset"]} if cfg.data.folder else {})}}
 
 
-def _equal_cost(cfg: Config, run: Run, moe: dict, fit: Fitter) -> dict[str, dict]:
-    m, t, probe = cfg.model, cfg.train, fit.probe
+def _equal_cost(cfg: Config, run: Run, moe: dict, fit, data: dict) -> dict[str, dict]:
+    m, t, x = cfg.model, cfg.train, probe(data)[:2]
 
     def dense(w: int) -> FastCNN:
-        return build_model(m, w, dense=True, num_classes=len(fit.data["classes"]))
+        return build_model(m, w, dense=True, num_classes=len(data["classes"]))
 
-    widths = dense_widths(moe, lambda w: count_params(dense(w)), lambda w: flops_per_example(dense(w), probe[:2]),
+    widths = dense_widths(moe, lambda w: count_params(dense(w)), lambda w: flops_per_example(dense(w), x),
                           hi=8 * m.width)
 
-    def train_dense(phase: str, w: int) -> dict:
+    def train_dense(phase: str, w: int) -> dict:  # a dense baseline: its initial weights seeded by its name
         seed_module_init(run, phase)
         return fit(phase, dense(w), t.epochs)
 
@@ -399,4 +389,4 @@ def _equal_cost(cfg: Config, run: Run, moe: dict, fit: Fitter) -> dict[str, dict
     return rows
 
 
-__all__ = ["DEFAULTS", "MOES", "build_model", "lr_factor", "make_optimizer", "predict", "routing_parameters", "run"]
+__all__ = ["DEFAULTS", "MOES", "build_model", "class_probs", "fit", "lr_factor", "make_optimizer", "routing_parameters", "run"]

@@ -11,10 +11,11 @@ from torch import nn
 from moelab.data.location import cache_dir
 from moelab.experiments.cifar_common import (
     Data,
+    Mirrored,
     config_hash,
     full_classes,
     images_of,
-    predict_batches,
+    outputs,
     section_dict,
     to_memory_format,
     train_classifier,
@@ -154,11 +155,11 @@ def expert_outputs(cfg: Config, run: Run, data: Data, experts: ConvExperts, key:
     t0 = time.perf_counter()
     out: dict[str, torch.Tensor] = {}
     n = 0
-    splits = [("train", data.train, False), ("val", data.val, False), ("test", data.test, False)][eval_only:]
+    splits = [("train", data.train), ("val", data.val), ("test", data.test)][eval_only:]
     if flipped:
-        splits.insert(1, ("train_flip", data.train, True))
-    for name, images, flip in splits:
-        probs, feats = predict_batches(fn, images, cfg, flip=flip)
+        splits.insert(1, ("train_flip", Mirrored(data.train)))
+    for name, images in splits:
+        probs, feats = outputs(fn, images, cfg)
         out[f"{name}.probs"], out[f"{name}.feats"] = probs.to(torch.bfloat16), feats.to(torch.bfloat16)
         n += len(images)
     dt = time.perf_counter() - t0

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Literal, get_args
 
 import torch
@@ -57,7 +58,6 @@ from torch import Tensor
 from moelab.config import Float, Int
 from moelab.cost import cost_row
 from moelab.data.augment import Augment
-from moelab.device import chunks_on, to_host
 from moelab.errors import ConfigError
 from moelab.experiments import family
 from moelab.experiments.digit_common import (
@@ -79,9 +79,9 @@ from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
 from moelab.schema import defaults_of, rules_of
 from moelab.train.evaluation import error_pct, save_eval
-from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
-from moelab.train.optim import Optim, make_optimizer, make_schedule
+from moelab.train.optim import Optim
 from moelab.train.run import Run
+from moelab.train.trainer import Trainer, predict, seed_module_init
 
 Loss = Literal["mixture_ce", "jacobs_loglik", "logit_mixture_ce", "competitive"]
 Balance = Literal["none", "importance", "switch", "entropy", "z"]
@@ -206,30 +206,20 @@ def balance_loss(kind: str, gate_logits: Tensor, gates: Tensor) -> Tensor:
     raise ConfigError(f"train.balance must be one of {', '.join(BALANCES)}, got {kind!r}.")
 
 
-@torch.no_grad()
-def _predict(model, x: Tensor, bf16: bool, chunk: int = 8192) -> tuple[Tensor, Tensor | None]:
-    """-> (probabilities (N, C), the mixture's gates (N, E) or None), on the host; ``x`` in chunks on the
-    model's device."""
+def _predict(model, x: Tensor, bf16: bool, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """-> (probabilities (N, C), the mixture's gates (N, E) or None), on the host."""
     model.eval()
-    device = next(model.parameters()).device
-    probs, gates = [], []
-    for xb in chunks_on(x, chunk, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if isinstance(model, MoE):
-                p, g = mixture_predict(model, xb)
-                gates.append(to_host(g.float()))
-            else:
-                p = torch.softmax(model(xb).float(), -1)
-        probs.append(to_host(p.float()))
-    return torch.cat(probs), (torch.cat(gates) if gates else None)
+    if isinstance(model, MoE):
+        return tuple(predict(partial(mixture_predict, model), x, batch=8192, device=device, bf16=bf16))
+    return predict(lambda xb: torch.softmax(model(xb).float(), -1), x, batch=8192, device=device, bf16=bf16)[0], None
 
 
-def _evaluator(model, sp: Splits, bf16: bool):
+def _evaluator(model, sp: Splits, bf16: bool, device: torch.device):
     """After-epoch metrics: error on the validation split (test without one), and lead shares for a mixture."""
     x, y, name = sp.eval_split
 
     def evaluate(epoch: int) -> dict:
-        probs, gates = _predict(model, x, bf16)
+        probs, gates = _predict(model, x, bf16, device)
         row = {name: error_pct(probs, y)}
         if gates is not None:
             row["lead_share"] = lead_share(torch.bincount(gates.argmax(1), minlength=gates.shape[1]))
@@ -240,24 +230,17 @@ def _evaluator(model, sp: Splits, bf16: bool):
 
 def _fit(run: Run, phase: str, model, loss_fn, t: Train, sp: Splits, bf16: bool, epochs: int, lr: float) -> dict:
     """Train ``model`` (DDP-wrapped under torchrun) with the family's recipe, then its row on the test split."""
-    steps = math.ceil(sp.train_x.shape[0] / t.batch_size)
     model.to(run.device)
-    opt = make_optimizer(t, model.parameters(), lr)
-    sched = make_schedule(t, opt, epochs * steps)
-    fwd = ddp.wrap_model(model)
-
-    def epoch_fn(epoch: int) -> dict:
-        return minibatch_epoch(model, opt, sched, sp.batches(run, phase, epoch, t.batch_size), fwd, loss_fn,
-                               bf16=bf16, device=run.device)
-
-    train_phase(run, phase, model, opt, epochs, epoch_fn, evaluate=_evaluator(model, sp, bf16), sched=sched,
-                log_every=t.log_every)
-    probs, gates = _predict(model, sp.test_x, bf16)
+    trainer = Trainer.from_recipe(run, phase, model, t, epochs=epochs, lr=lr, bf16=bf16, device=run.device,
+                                  steps_per_epoch=math.ceil(sp.train_x.shape[0] / t.batch_size), log_every=t.log_every)
+    trainer.fit(lambda epoch: sp.batches(run, phase, epoch, t.batch_size), ddp.wrap_model(model), loss_fn,
+                evaluate=_evaluator(model, sp, bf16, run.device))
+    probs, gates = _predict(model, sp.test_x, bf16, run.device)
     save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes, latent=sp.test_latent)
     rep = model_report(sp.test_y, probs, gates, probs.shape[1], sp.test_latent, len(sp.latent_classes))
     rep.update(epochs=epochs, train_time_s=run.train_time(phase), **cost_row(model, sp.test_x[:256].to(run.device)))
     if sp.val_x is not None:
-        rep["val_error_pct"] = error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y)
+        rep["val_error_pct"] = error_pct(_predict(model, sp.val_x, bf16, run.device)[0], sp.val_y)
     return rep
 
 

@@ -25,8 +25,8 @@ from moelab.models.mlp_mixture import (
     seed_mlp_gradients,
 )
 from moelab.train.evaluation import routing_stats, save_eval
-from moelab.train.loop import train_phase
 from moelab.train.run import Run
+from moelab.train.trainer import Trainer, predict
 
 if TYPE_CHECKING:  # jacobs imports this module
     from moelab.experiments.jacobs import Config, Faithful, Model
@@ -36,21 +36,17 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]  # RULES: one of the two
 
 
-@torch.no_grad()
-def _seed_predict(model, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor | None]:
+def _seed_predict(model, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """Faithful model on (N, 1 + D) -> (normalised outputs (N, C), gates (N, E) or None)."""
-    outs, gates = [], []
-    for i in range(0, x.shape[0], chunk):
-        xc = x[i:i + chunk]
-        if isinstance(model, SeedMixture):
+    def normalised(out: Tensor) -> Tensor:  # sigmoid outputs -> a distribution
+        return out / out.sum(1, keepdim=True).clamp_min(1e-30)
+
+    if isinstance(model, SeedMixture):
+        def fn(xc):
             g, o = model(xc)
-            outs.append(SeedMixture.combine(g, o))
-            gates.append(g)
-        else:
-            outs.append(model(xc))
-    out = torch.cat(outs)
-    probs = (out / out.sum(1, keepdim=True).clamp_min(1e-30)).float()  # sigmoid outputs -> a distribution
-    return probs, (torch.cat(gates).float() if gates else None)
+            return normalised(SeedMixture.combine(g, o)), g
+        return tuple(predict(fn, x, batch=8192))
+    return predict(lambda xc: normalised(model(xc)), x, batch=8192)[0], None
 
 
 class FullBatch:
@@ -92,9 +88,9 @@ def _train_seed_mlp(run: Run, f: Faithful, fb: FullBatch, phase: str, hidden: in
         opt.step()
         return {"loss": r["loss"], "train_err": round(100 * (1 - r["correct"] / n_tr), 4)}
 
-    train_phase(run, phase, net, opt, f.single_epochs, dense_epoch,
-                evaluate=lambda e: {"test_err": _err_pct(net, fb.test_xb, fb.test_y)},
-                log_every=f.log_every, checkpoint_every=f.checkpoint_every)
+    Trainer(run, phase, net, opt, epochs=f.single_epochs, log_every=f.log_every,
+            checkpoint_every=f.checkpoint_every).fit(
+        epoch_fn=dense_epoch, evaluate=lambda e: {"test_err": _err_pct(net, fb.test_xb, fb.test_y)})
     probs, _ = _seed_predict(net, fb.test_xb)
     save_eval(run, phase, fb.test_y, probs, class_names=fb.classes)
     return {**model_report(fb.test_y, probs, None, fb.num_classes),
@@ -125,8 +121,8 @@ def _train_seed_mixture(run: Run, f: Faithful, m: Model, fb: FullBatch, on_test:
             row["unseen_train_err"] = _err_pct(moe, fb.train_xb, fb.train_y)
         return row
 
-    train_phase(run, "moe", moe, opt, f.moe_epochs, moe_epoch, evaluate=moe_eval,
-                log_every=f.log_every, checkpoint_every=f.checkpoint_every)
+    Trainer(run, "moe", moe, opt, epochs=f.moe_epochs, log_every=f.log_every,
+            checkpoint_every=f.checkpoint_every).fit(epoch_fn=moe_epoch, evaluate=moe_eval)
     probs, gates = _seed_predict(moe, fb.test_xb)
     save_eval(run, "moe", fb.test_y, probs, gates, class_names=fb.classes, latent=fb.test_latent)
     rep = model_report(fb.test_y, probs, gates, fb.num_classes, fb.test_latent, fb.num_latent)

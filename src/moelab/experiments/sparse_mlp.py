@@ -40,7 +40,6 @@ from torch import Tensor
 from moelab.config import Float, Int, refuse
 from moelab.cost import cost_row
 from moelab.data.augment import Augment
-from moelab.device import chunks_on, to_host
 from moelab.errors import MoelabError
 from moelab.experiments import family
 from moelab.experiments.digit_common import (
@@ -61,9 +60,9 @@ from moelab.precision import resolve_bf16
 from moelab.runtime import torch_threads
 from moelab.schema import defaults_of, rules_of
 from moelab.train.evaluation import error_pct, save_eval
-from moelab.train.loop import minibatch_epoch, seed_module_init, train_phase
-from moelab.train.optim import Optim, make_optimizer, make_schedule, param_groups
+from moelab.train.optim import Optim
 from moelab.train.run import Run
+from moelab.train.trainer import Trainer, predict, seed_module_init
 
 Router = Literal["topk", "noisy_topk", "switch", "expert_choice", "soft", "dense"]
 ROUTERS = get_args(Router)
@@ -161,20 +160,19 @@ def build_model(m: Model, in_dim: int, num_classes: int, hidden: int | None = No
                         activation=m.activation, arch=m.arch, router_options={**opts, **recipe_options(m)} or None)
 
 
-@torch.no_grad()
-def _predict(model: SparseMoEMLP, x: Tensor, bf16: bool, chunk: int = 2048) -> tuple[Tensor, Tensor | None]:
-    """-> (probabilities (N, C), the last MoE block's combine weights (N, E) or None), on the host; ``x``
-    in chunks on the model's device."""
+def _outputs(model: SparseMoEMLP):
+    """x -> (logits, the last MoE block's combine weights (N, E), if any): one forward."""
+    def fn(x):
+        logits, _, auxes = model.forward_with_aux(x)
+        return (logits, auxes[-1].gates) if auxes else (logits,)
+    return fn
+
+
+def _predict(model: SparseMoEMLP, x: Tensor, bf16: bool, device) -> tuple[Tensor, Tensor | None]:
+    """-> (probabilities (N, C), the last MoE block's combine weights (N, E) or None), on the host."""
     model.eval()
-    device = next(model.parameters()).device
-    probs, gates = [], []
-    for xb in chunks_on(x, chunk, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, _, auxes = model.forward_with_aux(xb)  # one forward: logits and gates
-        if auxes:
-            gates.append(to_host(auxes[-1].gates.float()))
-        probs.append(to_host(torch.softmax(logits.float(), -1)))
-    return torch.cat(probs), (torch.cat(gates) if gates else None)
+    logits, *gates = predict(_outputs(model), x, batch=2048, device=device, bf16=bf16)
+    return torch.softmax(logits, -1), (gates[0] if gates else None)
 
 
 @family("sparse_mlp", check=check_config, resumable=RESUMABLE, schema=Config)
@@ -184,35 +182,30 @@ def run(c: Config, run_ctx: Run) -> dict:
 
 
 def _train(run: Run, phase: str, model: SparseMoEMLP, t: Train, sp: Splits, bf16: bool) -> dict:
-    """Train one network with the family's recipe (:func:`moelab.train.loop.minibatch_epoch`) -> its model row."""
-    steps = math.ceil(len(sp.train_y) / t.batch_size)
+    """Train one network with the family's recipe -> its model row."""
     model.to(run.device)
-    opt = make_optimizer(t, param_groups(model, t.lr, t.routing_lr_scale), t.lr)
-    sched = make_schedule(t, opt, t.epochs * steps)
+    trainer = Trainer.from_recipe(run, phase, model, t, epochs=t.epochs, routing_lr_scale=t.routing_lr_scale,
+                                  steps_per_epoch=math.ceil(len(sp.train_y) / t.batch_size), bf16=bf16,
+                                  device=run.device, log_every=t.log_every)
 
-    def loss_fn(out, yb):
+    def loss(out, yb):
         logits, aux = out
         return F.cross_entropy(logits.float(), yb, label_smoothing=t.label_smoothing), aux
 
-    def epoch_fn(epoch: int) -> dict:
-        return minibatch_epoch(model, opt, sched, sp.batches(run, phase, epoch, t.batch_size), model, loss_fn,
-                               bf16=bf16, device=run.device)
-
     def evaluate(epoch: int) -> dict:
-        probs, gates = _predict(model, sp.val_x, bf16)
+        probs, gates = _predict(model, sp.val_x, bf16, run.device)
         row = {"val_err": error_pct(probs, sp.val_y)}
         if gates is not None:
             row["lead_max"] = round(float(torch.bincount(gates.argmax(1), minlength=gates.shape[1]).max())
                                     / len(sp.val_y), 4)
         return row
 
-    train_phase(run, phase, model, opt, t.epochs, epoch_fn, evaluate=evaluate, sched=sched,
-                log_every=t.log_every)
+    trainer.fit(lambda epoch: sp.batches(run, phase, epoch, t.batch_size), model, loss, evaluate=evaluate)
     train_time = run.train_time(phase)
-    probs, gates = _predict(model, sp.test_x, bf16)
+    probs, gates = _predict(model, sp.test_x, bf16, run.device)
     save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes, latent=sp.test_latent)
     rep = model_report(sp.test_y, probs, gates, probs.shape[1], sp.test_latent, len(sp.latent_classes))
-    rep.update(val_error_pct=error_pct(_predict(model, sp.val_x, bf16)[0], sp.val_y), epochs=t.epochs,
+    rep.update(val_error_pct=error_pct(_predict(model, sp.val_x, bf16, run.device)[0], sp.val_y), epochs=t.epochs,
                train_time_s=train_time, **cost_row(model, sp.val_x[:512].to(run.device)))
     run.log(f"[{phase}] test err {rep['test_error_pct']:.2f}%, val err {rep['val_error_pct']:.2f}%, "
             f"{rep['params']} params, {rep['flops_per_example']:.0f} FLOPs/example, {train_time} s")

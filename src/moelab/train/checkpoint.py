@@ -9,8 +9,6 @@ the param groups as JSON.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +18,16 @@ from safetensors.torch import load_file, save_file
 
 from moelab.errors import MoelabError
 from moelab.io import atomic_path
-
-KILL_ENV = "MOELAB_TEST_KILL_AT"
-
-
-def maybe_test_kill(phase: str, epoch: int, point: str, before=None) -> None:
-    """Test hook: SIGKILL this process when ``$MOELAB_TEST_KILL_AT == "phase:epoch:point"``.
-
-    ``epoch`` counts from 1; ``point`` is ``mid_epoch``, ``evaluate`` (see ``train.loop``) or
-    ``checkpoint_write`` (here: the temp file is half written, not yet renamed; eval files count as
-    phase ``eval-<model>``, epoch 0). Lets tests interrupt a run at an exact moment; a no-op otherwise.
-    """
-    if os.environ.get(KILL_ENV) == f"{phase}:{epoch}:{point}":
-        if before is not None:
-            before()
-        os.kill(os.getpid(), signal.SIGKILL)
+from moelab.train.callbacks import fire
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
-    """Write ``tensors`` (+ JSON ``meta``) to ``path`` atomically."""
+    """Write ``tensors`` (+ JSON ``meta``) to ``path`` atomically (the ``checkpoint_write`` callback point,
+    :mod:`moelab.train.callbacks`, sits between the temp file's write and its rename)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"moelab": json.dumps(meta or {})})
-        m = meta or {}  # test hook: die with the temp file half written
-        maybe_test_kill(m.get("phase", f"eval-{m.get('model')}"), m.get("epoch", -1) + 1, "checkpoint_write",
-                        before=lambda: os.truncate(tmp, tmp.stat().st_size // 2))
+        fire("checkpoint_write", tmp=tmp, meta=meta or {})
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -67,7 +67,7 @@ class Run:
         self._log_f = None
         self._metrics_lines = 0
         self._trim_metrics_to: int | None = None
-        self.phase_times: dict[str, dict[str, float]] = {}  # phase -> its clock (train.loop.train_phase)
+        self.phase_times: dict[str, dict[str, float]] = {}  # phase -> its clock (train.trainer.Trainer.fit)
         self.shared_rows = None  # a study's dense rows shared across its cells (experiments.baselines.SharedRows)  # resume: drop stale metric lines before the first new one
         if not is_main:
             return
