@@ -238,3 +238,33 @@ def test_warm_start_pipeline_budget_baseline_and_hierarchical_mixture(cifar_dir,
     with pytest.raises(ConfigError, match=r"gate.blend = 1.5 is out of range: expected a finite number <= 1."):
         run_experiment("cifar10-hierarchical", SLICE + ["gate.blend=1.5"], out=tmp_path / "bad",
                        data_dir=str(cifar_dir), quiet=True)
+
+
+def test_the_generalist_starts_from_weights_the_seed_fixes(monkeypatch, tmp_path):
+    """train_generalist's initial weights depend on the run seed only (they were drawn before seeding once)."""
+    from types import SimpleNamespace
+
+    from moelab.experiments import cifar_pretrain, get_family
+    from moelab.schema import typed
+    from moelab.train.run import seeded_generator
+
+    _, raw = resolve_config("cifar10-experts-warm", ["experts.cache=false"])
+    cfg = typed(get_family(raw["family"]).schema, {k: v for k, v in raw.items() if k not in ("family", "description")})
+    data = SimpleNamespace(classes=list("abcdefghij"), device=torch.device("cpu"), key="k", val=None,
+                           used_classes=list(range(10)), train=None)
+    starts = []
+
+    def fake_train(run, phase, model, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"train_img_per_s": 1.0}
+
+    monkeypatch.setattr(cifar_pretrain, "train_classifier", fake_train)
+    monkeypatch.setattr(cifar_pretrain, "full_classes", lambda d: None)
+    for seed, noise in ((0, 1), (0, 2), (1, 1)):
+        torch.manual_seed(noise)  # whatever the global RNG held before
+        run = SimpleNamespace(seed=seed, generator=lambda *salt, seed=seed: seeded_generator(seed, *salt),
+                              phase_times={"generalist": {"elapsed_s": 0.0}}, log=lambda *a: None)
+        cifar_pretrain.train_generalist(cfg, run, data)
+    same, other = starts[0], starts[2]
+    assert all(torch.equal(same[k], starts[1][k]) for k in same)  # same seed: same start
+    assert not all(torch.equal(same[k], other[k]) for k in same)  # another seed: another start

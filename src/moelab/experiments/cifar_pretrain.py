@@ -55,6 +55,7 @@ def train_generalist(cfg: Config, run: Run, data: Data) -> tuple[Seed1CNN, dict]
     """One expert-architecture CNN on all classes (phase ``generalist``), cached by content."""
     key = generalist_key(cfg, data, run.seed)
     path = cache_dir() / "generalist" / f"{key}.safetensors"
+    torch.manual_seed(run.generator("init", "generalist").initial_seed())  # before the init: weights by seed
     model = Seed1CNN(len(data.classes))
     if cfg.experts.cache and path.is_file():
         tensors, meta = load_checkpoint(path)
@@ -62,7 +63,6 @@ def train_generalist(cfg: Config, run: Run, data: Data) -> tuple[Seed1CNN, dict]
         run.log(f"[generalist] loaded from cache {path} (trained in {meta.get('train_s', 0):.0f} s)")
         return model.to(data.device).eval(), {"cached": True, "key": key, **meta}
     gc = cfg.generalist
-    torch.manual_seed(run.generator("init", "generalist").initial_seed())
     info = train_classifier(run, "generalist", model, full_classes(data), data.val, cfg, epochs=gc.epochs,
                             batch=gc.batch_size, lr=gc.lr, schedule=gc.schedule, l2=cfg.experts.l2,
                             shift=cfg.augment.max_shift, keep_best=gc.schedule == "plateau")
