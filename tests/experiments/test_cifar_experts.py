@@ -199,17 +199,11 @@ def test_warm_start_pipeline_budget_baseline_and_hierarchical_mixture(cifar_dir,
         assert sorted(accs) == [0, 1]
         assert meta["best_val"][i] == max(accs.values()) and accs[meta["best_epoch"][i]] == meta["best_val"][i]
 
-    # the specialists start from the generalist: their cache key depends on it, a scratch run's does not
+    # a second warm run reuses the cached generalist and specialists (the keys: test below)
     s2 = run_experiment("cifar10-experts-warm", SLICE + ["generalist.epochs=1", "gate.kind=sparse"],
                         out=tmp_path / "w2", data_dir=str(cifar_dir), quiet=True)
     assert s2["timings"]["generalist"]["cached"] and s2["timings"]["experts"]["cached"]
     assert s2["expert_key"] == s["expert_key"]
-    # (cifar10-hierarchical: the same generalist and specialists, and no gate to train)
-    s3 = run_experiment("cifar10-hierarchical", SLICE + ["generalist.epochs=2"], out=tmp_path / "w3",
-                        data_dir=str(cifar_dir), quiet=True)
-    assert s3["expert_key"] != s["expert_key"] and not s3["timings"]["experts"]["cached"]
-    assert not s3["timings"]["generalist"]["cached"]
-
     # cifar10-hierarchical on the cached generalist and specialists of the first run; their cached outputs are
     # removed, so that the run computes those it needs: val and test only
     for p in (cache / "expert-outputs").iterdir():
@@ -268,3 +262,26 @@ def test_the_generalist_starts_from_weights_the_seed_fixes(monkeypatch, tmp_path
     same, other = starts[0], starts[2]
     assert all(torch.equal(same[k], starts[1][k]) for k in same)  # same seed: same start
     assert not all(torch.equal(same[k], other[k]) for k in same)  # another seed: another start
+
+
+def test_the_specialists_cache_key_follows_the_generalist_and_a_scratch_experts_key_does_not():
+    """The specialists start from the generalist, so their cache key depends on how it was trained (another
+    generalist: the experts are trained again); experts trained from scratch keep one key."""
+    from types import SimpleNamespace
+
+    from moelab.experiments import get_family
+    from moelab.experiments.cifar_pretrain import expert_key, generalist_key
+    from moelab.schema import typed
+
+    def cfg(name, *sets):
+        _, raw = resolve_config(name, list(sets))
+        return typed(get_family(raw["family"]).schema,
+                     {k: v for k, v in raw.items() if k not in ("family", "description")})
+
+    data = SimpleNamespace(key="slice", device=torch.device("cpu"))
+    one, two = cfg("cifar10-hierarchical", "generalist.epochs=1"), cfg("cifar10-hierarchical", "generalist.epochs=2")
+    assert generalist_key(one, data, 0) != generalist_key(two, data, 0)
+    assert expert_key(one, data, 0) != expert_key(two, data, 0)
+    assert expert_key(one, data, 0) != expert_key(one, data, 1)  # the seed too
+    scratch1, scratch2 = cfg("cifar10-experts", "generalist.epochs=1"), cfg("cifar10-experts", "generalist.epochs=2")
+    assert expert_key(scratch1, data, 0) == expert_key(scratch2, data, 0)
