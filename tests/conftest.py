@@ -64,11 +64,16 @@ def shared_decoded_cache(_decoded_store) -> Path:
     return cache
 
 
-@pytest.fixture
-def cifar_dir(shared_decoded_cache) -> Path:
-    """The folder holding CIFAR-10 (MOELAB_DATA_DIR, else ../shared/datasets), its decoded arrays shared
-    across tests (:func:`shared_decoded_cache`); skip when absent."""
+@pytest.fixture(scope="session")
+def cifar_source() -> Path:
+    """The folder holding CIFAR-10 (MOELAB_DATA_DIR, else ../shared/datasets); skip when absent."""
     d = Path(os.environ.get("MOELAB_DATA_DIR", SHARED_DATA))
     if not (d / "cifar10-jpeg75.tar.gz").is_file() and not (d / "cifar10").is_dir():
         pytest.skip(f"CIFAR-10 not found in {d} (set MOELAB_DATA_DIR)")
     return d
+
+
+@pytest.fixture
+def cifar_dir(cifar_source, shared_decoded_cache) -> Path:
+    """:func:`cifar_source`, its decoded arrays shared across tests (:func:`shared_decoded_cache`)."""
+    return cifar_source

@@ -107,14 +107,11 @@ def test_pipeline_trains_and_caches_the_experts_and_every_baseline(cifar_dir, tm
 
 
 @pytest.fixture(scope="module")
-def cached_experts(_decoded_store, tmp_path_factory):
+def cached_experts(cifar_source, _decoded_store, tmp_path_factory):
     """A cache folder holding the experts (and their outputs) of one plain cifar10-experts run on the slice,
     and that run's summary: the tests below reuse them, as a user's second run would (under pytest-xdist,
     once per worker)."""
-    data = Path(os.environ.get("MOELAB_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
-    if not (data / "cifar10-jpeg75.tar.gz").is_file() and not (data / "cifar10").is_dir():
-        pytest.skip(f"CIFAR-10 not found in {data} (set MOELAB_DATA_DIR)")
-    root = tmp_path_factory.mktemp("experts")
+    data, root = cifar_source, tmp_path_factory.mktemp("experts")
     cache = root / "cache"
     cache.mkdir()
     (cache / "decoded").symlink_to(_decoded_store, target_is_directory=True)
@@ -243,7 +240,7 @@ def test_the_generalist_starts_from_weights_the_seed_fixes(monkeypatch, tmp_path
     from moelab.train.run import seeded_generator
 
     _, raw = resolve_config("cifar10-experts-warm", ["experts.cache=false"])
-    cfg = typed(get_family(raw["family"]).schema, {k: v for k, v in raw.items() if k not in ("family", "description")})
+    cfg = typed(get_family(raw["family"]).schema, raw)
     data = SimpleNamespace(classes=list("abcdefghij"), device=torch.device("cpu"), key="k", val=None,
                            used_classes=list(range(10)), train=None)
     starts = []
@@ -275,8 +272,7 @@ def test_the_specialists_cache_key_follows_the_generalist_and_a_scratch_experts_
 
     def cfg(name, *sets):
         _, raw = resolve_config(name, list(sets))
-        return typed(get_family(raw["family"]).schema,
-                     {k: v for k, v in raw.items() if k not in ("family", "description")})
+        return typed(get_family(raw["family"]).schema, raw)
 
     data = SimpleNamespace(key="slice", device=torch.device("cpu"))
     one, two = cfg("cifar10-hierarchical", "generalist.epochs=1"), cfg("cifar10-hierarchical", "generalist.epochs=2")

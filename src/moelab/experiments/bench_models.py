@@ -39,28 +39,29 @@ def step_pair(size: str, sets: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Modu
         raise MoelabError(f"bench steps: unknown size {size!r}; expected one of {', '.join(SIZES)}")
     exp, base = SIZES[size]
     _, raw = resolve_config(exp, [*base, *sets])
-    fam = get_family(raw["family"])
-    c = typed(fam.schema, {k: v for k, v in raw.items() if k not in ("family", "description")})
+    c = typed(get_family(raw["family"]).schema, raw)
     torch.manual_seed(0)
     if raw["family"] == "sparse_mlp":
         from moelab.experiments.sparse_mlp import build_model
 
         side = 14 if c.data.resize == "seed_half" else 28
         x, y = torch.randn(c.train.batch_size, side * side), torch.randint(0, 10, (c.train.batch_size,))
-        moe = build_model(c.model, side * side, 10)
-        probe = x[:256]
-        w = match_width(lambda h: flops_per_example(build_model(c.model, side * side, 10, h, dense=True), probe),
-                        flops_per_example(moe, probe), hi=64 * c.model.hidden)
-        dense = build_model(c.model, side * side, 10, w, dense=True)
+        moe, dense, w = _with_dense_twin(build_model(c.model, side * side, 10),
+                                         lambda h: build_model(c.model, side * side, 10, h, dense=True), x[:256],
+                                         hi=64 * c.model.hidden)
     else:
         from moelab.experiments.cifar_moe import build_model
 
         x, y = torch.randn(c.train.batch_size, 3, 32, 32), torch.randint(0, 10, (c.train.batch_size,))
-        moe, probe = build_model(c.model), x[:4]
-        w = match_width(lambda w: flops_per_example(build_model(c.model, w, dense=True), probe),
-                        flops_per_example(moe, probe), hi=8 * c.model.width)
-        dense = build_model(c.model, w, dense=True)
+        moe, dense, w = _with_dense_twin(build_model(c.model), lambda w: build_model(c.model, w, dense=True), x[:4],
+                                         hi=8 * c.model.width)
     return moe, dense, x, y, {"batch": len(y), "dense_width": w}
+
+
+def _with_dense_twin(moe: nn.Module, dense_at, probe: torch.Tensor, hi: int) -> tuple[nn.Module, nn.Module, int]:
+    """(moe, ``dense_at(w)`` at the width w whose counted FLOPs on ``probe`` are closest to the mixture's, w)."""
+    w = match_width(lambda w: flops_per_example(dense_at(w), probe), flops_per_example(moe, probe), hi=hi)
+    return moe, dense_at(w), w
 
 
 def parse_variant(spec: str, width: int):
@@ -96,7 +97,4 @@ def cnn_pair(spec: str, width: int, probe: torch.Tensor) -> tuple[nn.Module, nn.
     from moelab.experiments.cifar_moe import build_model
 
     m = parse_variant(spec, width)
-    moe = build_model(m)
-    w = match_width(lambda w: flops_per_example(build_model(m, w, dense=True), probe),
-                    flops_per_example(moe, probe), hi=8 * width)
-    return moe, build_model(m, w, dense=True), w
+    return _with_dense_twin(build_model(m), lambda w: build_model(m, w, dense=True), probe, hi=8 * width)
