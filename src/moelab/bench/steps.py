@@ -34,7 +34,7 @@ Builder = Callable[[str], tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor
 #: op-name fragments -> where the time goes (first match wins; matched against the lower-cased name of the
 #: op, else of the nearest enclosing autograd node or range: ``GeluBackward0`` is an activation's backward)
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("expert GEMMs", ("bmm", "_grouped_mm", "moelab::expert")),
+    ("expert GEMMs", ("bmm", "_grouped_mm", "moelab::expert", "moelab::grouped_mlp")),
     ("other GEMMs", ("aten::mm", "aten::addmm", "aten::linear", "convolution", "conv2d", "mkldnn", "mmbackward",
                      "addmmbackward")),
     ("routing", ("topk", "sort", "softmax", "cumsum", "bincount", "histc", "one_hot", "logsumexp", "plan")),
@@ -55,8 +55,9 @@ def category(op: str) -> str:
 
 
 def _where_event(ev) -> str:
-    """An event's category: the optimizer for anything under ``Optimizer.step``, expert GEMMs for anything under
-    a grouped or batched GEMM (CPU ``_grouped_mm`` runs one ``mm`` per expert), else its own name's, else
+    """An event's category: the optimizer for anything under ``Optimizer.step``, an activation as itself, expert
+    GEMMs for anything else under a grouped or batched GEMM (CPU ``_grouped_mm`` runs one ``mm`` per expert; the
+    grouped MLP kernel its GEMMs and activation), else its own name's, else
     (``other``) that of the nearest enclosing event that has one."""
     chain, node = [], ev
     while node is not None:
@@ -65,6 +66,8 @@ def _where_event(ev) -> str:
     if any(n.startswith(("Optimizer.step", "Optimizer.zero_grad")) for n in chain):
         return "optimizer"
     cats = [category(n) for n in chain]
+    if cats[0] == "activations / norms":  # the activation a grouped MLP kernel runs between its GEMMs
+        return cats[0]
     if "expert GEMMs" in cats:
         return "expert GEMMs"
     return next((c for c in cats if c != "other"), "other")

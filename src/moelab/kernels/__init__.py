@@ -69,7 +69,7 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-CFLAGS = ["-O3", "-fopenmp", "-w"]
+CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-w"]  # as torch: lets the loops with clamps vectorise
 LDFLAGS = ["-fopenmp"]
 
 

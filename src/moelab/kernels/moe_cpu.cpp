@@ -11,6 +11,9 @@
 //   gather_sum             backward of gather_rows: sum of each token's k row gradients
 //   combine / combine_backward   y[n] = sum_j w[n, j] ye[row(n, j)] and its gradients
 //   permute_cast           w[perm] cast to a dtype in one pass (stacked expert weights)
+//   sparse_mlp             gather -> grouped_mlp -> combine, with its autograd in C++ (as topk_softmax's)
+//   grouped_mlp / _backward     every expert's two-layer MLP on its expert-sorted rows (fp32/fp64), one
+//                          BLAS GEMM per expert and layer, and its gradients
 //
 // Index conventions follow moelab/moe/dispatch.py: a padding row has token N (reads zero), a dropped
 // assignment has row R (reads zero), a padding row has assignment N*k. Accumulation is in float
@@ -19,6 +22,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -143,8 +148,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& lo
     T *W = weights.data_ptr<T>(), *S = lse.data_ptr<T>(), *H = ent.data_ptr<T>();
     const int64_t nt = at::get_num_threads();
     std::vector<T> part(static_cast<size_t>(nt * e), T(0));  // per-thread sum_n p_n
-    at::parallel_for(0, n, 256, [&](int64_t b, int64_t end) {
-      T* acc = part.data() + at::get_thread_num() * e;
+    at::parallel_for(0, n, 256, [&, e, k](int64_t b, int64_t end) {  // sizes by value: the int64 index stores
+      T* acc = part.data() + at::get_thread_num() * e;                 // below cannot alias them (vectorises)
       std::vector<T> tv(k), buf(e);
       std::vector<int64_t> ti(k);
       for (int64_t r = b; r < end; ++r) {
@@ -152,13 +157,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& lo
         T m = l[0];
 _Pragma("omp simd reduction(max : m)")
         for (int64_t i = 1; i < e; ++i) m = std::max(m, l[i]);
+        T* __restrict bp = buf.data();
+_Pragma("omp simd")
+        for (int64_t i = 0; i < e; ++i) bp[i] = exp_(l[i] - m);
         T s = 0, sl = 0;
 _Pragma("omp simd reduction(+ : s, sl)")
         for (int64_t i = 0; i < e; ++i) {
-          const T p = exp_(l[i] - m);
-          buf[i] = p;
-          s += p;
-          sl += p * (l[i] - m);
+          s += bp[i];
+          sl += bp[i] * (l[i] - m);
         }
         const T ls = std::log(s), lz = m + ls;
         S[r] = lz;
@@ -220,7 +226,7 @@ Tensor topk_softmax_backward(const Tensor& logits_, const Tensor& ent_, const Te
     const T* GP = gp.defined() ? gp.data_ptr<T>() : nullptr;
     const T* GE = ge.defined() ? ge.data_ptr<T>() : nullptr;
     T* G = grad.data_ptr<T>();
-    at::parallel_for(0, n, 256, [&](int64_t b, int64_t end) {
+    at::parallel_for(0, n, 256, [&, e, k](int64_t b, int64_t end) {
       std::vector<T> p(e), zeros(e, T(0));
       for (int64_t r = b; r < end; ++r) {
         const T* l = L + r * e;
@@ -229,12 +235,12 @@ Tensor topk_softmax_backward(const Tensor& logits_, const Tensor& ent_, const Te
         T m = l[0];
 _Pragma("omp simd reduction(max : m)")
         for (int64_t i = 1; i < e; ++i) m = std::max(m, l[i]);
+        T* __restrict pp = p.data();
+_Pragma("omp simd")
+        for (int64_t i = 0; i < e; ++i) pp[i] = exp_(l[i] - m);
         T s = 0;
 _Pragma("omp simd reduction(+ : s)")
-        for (int64_t i = 0; i < e; ++i) {
-          p[i] = exp_(l[i] - m);
-          s += p[i];
-        }
+        for (int64_t i = 0; i < e; ++i) s += pp[i];
         const T ls = std::log(s), inv = T(1) / s;
 _Pragma("omp simd")
         for (int64_t i = 0; i < e; ++i) p[i] *= inv;
@@ -328,6 +334,7 @@ std::tuple<Tensor, Tensor, Tensor> bucket_rows(const Tensor& order_, const Tenso
 
 // out[r] = x[index[r]] cast to dtype; index[r] == N reads zeros. x (N, F) -> (R, F)
 Tensor gather_rows(const Tensor& x_, const Tensor& index_, at::ScalarType dtype) {
+  RECORD_FUNCTION("moelab::gather_rows", std::vector<c10::IValue>());  // named in profiles when called inside an op
   check_float(x_, "gather_rows", "x");
   check_index(index_, "gather_rows", "index");
   const Tensor x = rows2d(x_).contiguous(), index = index_.contiguous();
@@ -357,6 +364,7 @@ _Pragma("omp simd")
 
 // Backward of gather_rows: out[t] = sum_j grad[rows[t*k + j]] (rows == R: dropped, skipped), in dtype.
 Tensor gather_sum(const Tensor& grad_, const Tensor& rows_, int64_t k, at::ScalarType dtype) {
+  RECORD_FUNCTION("moelab::gather_sum", std::vector<c10::IValue>());  // named in profiles when called inside an op
   check_float(grad_, "gather_sum", "grad");
   check_index(rows_, "gather_sum", "rows");
   const Tensor grad = rows2d(grad_).contiguous(), rows = rows_.contiguous();
@@ -393,6 +401,7 @@ _Pragma("omp simd")
 
 // y[t] = sum_j w[t, j] * ye[rows[t*k + j]] (rows == R: dropped, reads zero); ye (R, O) -> y (N, O) in ye's dtype
 Tensor combine(const Tensor& ye_, const Tensor& rows_, const Tensor& w_) {
+  RECORD_FUNCTION("moelab::combine", std::vector<c10::IValue>());  // named in profiles when called inside an op
   check_float(ye_, "combine", "expert outputs");
   check_index(rows_, "combine", "rows");
   check_float(w_, "combine", "weights");
@@ -437,6 +446,7 @@ _Pragma("omp simd")
 // zero), grad_w[t, j] = <ye[rows[t*k + j]], grad[t]> (dropped: zero). Undefined outputs when not needed.
 std::tuple<Tensor, Tensor> combine_backward(const Tensor& grad_, const Tensor& ye_, const Tensor& rows_,
                                             const Tensor& row_assign_, const Tensor& w_, bool need_ye, bool need_w) {
+  RECORD_FUNCTION("moelab::combine_backward", std::vector<c10::IValue>());  // named in profiles when called inside an op
   const Tensor grad = rows2d(grad_).contiguous();
   const Tensor ye = rows2d(ye_).contiguous();
   const Tensor rows = rows_.contiguous(), row_assign = row_assign_.contiguous(), w = w_.contiguous();
@@ -530,6 +540,320 @@ _Pragma("omp simd")
 }
 
 
+// ------------------------------------------------------------------------------------- grouped MLP
+
+// Expert e's rows of the expert-sorted (R, in) input are [offsets[e-1], offsets[e]) (offsets[-1] = R). The
+// two layers of every expert run as one row-major GEMM per expert and layer, issued straight to the BLAS
+// that torch links (MKL's or OpenBLAS's sgemm_/dgemm_, about 0.3 us a call) or, where the library exports
+// none, through at::addmm_ on views. The hidden activation is the ATen op of the reference path, so both
+// paths compute the same function.
+
+}  // namespace
+
+extern "C" {
+// Fortran BLAS of the library torch links (weak: absent on some builds; then the ATen fallback runs).
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace {
+
+template <typename T>
+void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha,
+                  const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc);
+template <>
+void fortran_gemm<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                         const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                         const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void fortran_gemm<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                          const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+                          const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+bool have_blas() {
+  return std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+// Row-major C (m, n) = op(A) op(B) + beta C, op(A) (m, k), op(B) (k, n); A stored (m, k) (or (k, m) when ta),
+// B stored (k, n) (or (n, k) when tb), leading dimensions in elements. beta is 0 or 1.
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+             T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (beta == T(0))
+      for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, T(0));
+    return;
+  }
+  if (have_blas<T>() && std::max({m, n, k, lda, ldb, ldc}) < std::numeric_limits<int>::max()) {
+    // column-major: C^T (n, m) = op(B)^T op(A)^T; a row-major (r, c) block is a column-major (c, r) one
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const T one = 1;
+    fortran_gemm<T>(tb ? "T" : "N", ta ? "T" : "N", &M, &N, &K, &one, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t r, int64_t c, int64_t ld, bool t) {
+    return t ? at::from_blob(const_cast<T*>(p), {r, c}, {1, ld}, opt)
+             : at::from_blob(const_cast<T*>(p), {r, c}, {ld, 1}, opt);
+  };
+  Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
+  c.addmm_(view(A, m, k, lda, ta), view(B, k, n, ldb, tb), beta, 1);
+}
+
+enum Act : int64_t { kIdentity = 0, kGelu = 1, kRelu = 2, kSilu = 3, kTanh = 4, kSigmoid = 5 };
+
+Tensor act_forward(const Tensor& a, int64_t act) {
+  switch (act) {
+    case kIdentity: return a;
+    case kGelu: return at::gelu(a);
+    case kRelu: return at::relu(a);
+    case kSilu: return at::silu(a);
+    case kTanh: return at::tanh(a);
+    case kSigmoid: return at::sigmoid(a);
+  }
+  TORCH_CHECK(false, "grouped_mlp: unknown activation code ", act);
+}
+
+// the reference path's backward formula of each activation (autograd's own), from a = pre-activation, h = act(a)
+Tensor act_backward(const Tensor& g, const Tensor& a, const Tensor& h, int64_t act) {
+  switch (act) {
+    case kIdentity: return g;
+    case kGelu: return at::gelu_backward(g, a);
+    case kRelu: return at::threshold_backward(g, h, 0);
+    case kSilu: return at::silu_backward(g, a);
+    case kTanh: return at::tanh_backward(g, h);
+    case kSigmoid: return at::sigmoid_backward(g, h);
+  }
+  TORCH_CHECK(false, "grouped_mlp: unknown activation code ", act);
+}
+
+std::vector<int64_t> group_bounds(const Tensor& offsets_, int64_t rows, int64_t e, const char* op) {
+  TORCH_CHECK(offsets_.device().is_cpu() && offsets_.dim() == 1 && offsets_.numel() == e &&
+                  (offsets_.scalar_type() == at::kLong || offsets_.scalar_type() == at::kInt),
+              op, ": offsets must be a 1-D int32/int64 CPU tensor of ", e, " end rows, got ", offsets_.scalar_type(),
+              " of shape ", offsets_.sizes());
+  const Tensor off = offsets_.to(at::kLong).contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  std::vector<int64_t> b(static_cast<size_t>(e + 1), 0);
+  for (int64_t i = 0; i < e; ++i) {
+    TORCH_CHECK(o[i] >= b[i] && o[i] <= rows, op, ": offsets must be non-decreasing end rows in [0, ", rows,
+                "], got offsets[", i, "] = ", o[i]);
+    b[i + 1] = o[i];
+  }
+  TORCH_CHECK(b[e] == rows, op, ": the last offset (", b[e], ") must be the row count ", rows);
+  return b;
+}
+
+void check_mlp(const Tensor& xs, const Tensor& w1, const Tensor& w2, const char* op) {
+  TORCH_CHECK(xs.device().is_cpu() && (xs.scalar_type() == at::kFloat || xs.scalar_type() == at::kDouble) &&
+                  xs.dim() == 2,
+              op, ": rows must be a 2-D float32/float64 CPU tensor, got ", xs.scalar_type(), " ", xs.sizes());
+  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3 && w1.size(1) == xs.size(1) && w2.size(0) == w1.size(0) &&
+                  w2.size(1) == w1.size(2),
+              op, ": w1 (E, in, h) and w2 (E, h, out) do not fit rows of width ", xs.size(1), ": ", w1.sizes(),
+              ", ", w2.sizes());
+  TORCH_CHECK(w1.scalar_type() == xs.scalar_type() && w2.scalar_type() == xs.scalar_type(), op,
+              ": weights and rows must share a dtype, got ", w1.scalar_type(), ", ", w2.scalar_type(), " and ",
+              xs.scalar_type());
+}
+
+// out rows [b, e) = bias[g] (or zero): the GEMM then accumulates onto it
+template <typename T>
+void fill_rows(T* out, int64_t b, int64_t e, int64_t f, const T* bias) {
+  for (int64_t r = b; r < e; ++r) {
+    T* o = out + r * f;
+    if (bias == nullptr) {
+      std::fill(o, o + f, T(0));
+    } else {
+      std::memcpy(o, bias, sizeof(T) * f);
+    }
+  }
+}
+
+// xs (R, in) rows sorted by expert -> ys (R, out) = act(xs W1_e + b1_e) W2_e + b2_e, a (R, h) the
+// pre-activation, h (R, h) = act(a) (saved for the backward).
+std::tuple<Tensor, Tensor, Tensor> grouped_mlp(const Tensor& xs_, const Tensor& offsets, const Tensor& w1_,
+                                               const std::optional<Tensor>& b1_, const Tensor& w2_,
+                                               const std::optional<Tensor>& b2_, int64_t act) {
+  RECORD_FUNCTION("moelab::grouped_mlp", std::vector<c10::IValue>());  // named in profiles when called inside an op
+  check_mlp(xs_, w1_, w2_, "grouped_mlp");
+  const Tensor xs = xs_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  const Tensor b1 = b1_.has_value() ? b1_->contiguous() : Tensor(), b2 = b2_.has_value() ? b2_->contiguous() : Tensor();
+  const int64_t r = xs.size(0), in = xs.size(1), e = w1.size(0), hd = w1.size(2), out = w2.size(2);
+  const std::vector<int64_t> g = group_bounds(offsets, r, e, "grouped_mlp");
+  Tensor a = at::empty({r, hd}, xs.options()), ys = at::empty({r, out}, xs.options());
+  Tensor h;
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "grouped_mlp", [&] {
+    using T = scalar_t;
+    const T *X = xs.data_ptr<T>(), *W1 = w1.data_ptr<T>(), *W2 = w2.data_ptr<T>();
+    const T* B1 = b1.defined() ? b1.data_ptr<T>() : nullptr;
+    const T* B2 = b2.defined() ? b2.data_ptr<T>() : nullptr;
+    T *Ap = a.data_ptr<T>(), *Yp = ys.data_ptr<T>();
+    for (int64_t x = 0; x < e; ++x) {
+      const int64_t s = g[x], n = g[x + 1] - s;
+      if (n == 0) continue;
+      fill_rows(Ap, s, s + n, hd, B1 ? B1 + x * hd : nullptr);
+      gemm_rm<T>(false, false, n, hd, in, X + s * in, in, W1 + x * in * hd, hd, T(1), Ap + s * hd, hd);
+    }
+    h = act_forward(a, act);
+    const T* H = h.data_ptr<T>();
+    for (int64_t x = 0; x < e; ++x) {
+      const int64_t s = g[x], n = g[x + 1] - s;
+      if (n == 0) continue;
+      fill_rows(Yp, s, s + n, out, B2 ? B2 + x * out : nullptr);
+      gemm_rm<T>(false, false, n, out, hd, H + s * hd, hd, W2 + x * hd * out, out, T(1), Yp + s * out, out);
+    }
+  });
+  return {ys, a, h};
+}
+
+// column sums of rows [s, s + n) of m (rows, f) into o (f,)
+template <typename T>
+void column_sums(const T* m, int64_t s, int64_t n, int64_t f, T* o) {
+  std::fill(o, o + f, T(0));
+  for (int64_t r = s; r < s + n; ++r) {
+    const T* row = m + r * f;
+_Pragma("omp simd")
+    for (int64_t c = 0; c < f; ++c) o[c] += row[c];
+  }
+}
+
+// Gradients of grouped_mlp from gys (R, out): (grad xs or undefined, gw1, gb1 or undefined, gw2, gb2 or undefined)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_mlp_backward(
+    const Tensor& gys_, const Tensor& xs_, const Tensor& a_, const Tensor& h_, const Tensor& offsets,
+    const Tensor& w1_, const Tensor& w2_, bool has_b1, bool has_b2, int64_t act, bool need_x) {
+  RECORD_FUNCTION("moelab::grouped_mlp_backward", std::vector<c10::IValue>());  // named in profiles when called inside an op
+  check_mlp(xs_, w1_, w2_, "grouped_mlp_backward");
+  const Tensor gys = gys_.contiguous().to(xs_.scalar_type()), xs = xs_.contiguous(), a = a_.contiguous();
+  const Tensor h = h_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  const int64_t r = xs.size(0), in = xs.size(1), e = w1.size(0), hd = w1.size(2), out = w2.size(2);
+  TORCH_CHECK(gys.dim() == 2 && gys.size(0) == r && gys.size(1) == out && a.sizes() == h.sizes() &&
+                  a.size(0) == r && a.size(1) == hd,
+              "grouped_mlp_backward: gradient ", gys.sizes(), " / activations ", a.sizes(), " do not fit ", r,
+              " rows of widths ", hd, ", ", out);
+  const std::vector<int64_t> g = group_bounds(offsets, r, e, "grouped_mlp_backward");
+  Tensor gw1 = at::empty(w1.sizes(), xs.options()), gw2 = at::empty(w2.sizes(), xs.options());
+  Tensor gb1 = has_b1 ? at::empty({e, hd}, xs.options()) : Tensor();
+  Tensor gb2 = has_b2 ? at::empty({e, out}, xs.options()) : Tensor();
+  Tensor gh = at::empty({r, hd}, xs.options());
+  Tensor gxs = need_x ? at::empty({r, in}, xs.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "grouped_mlp_backward", [&] {
+    using T = scalar_t;
+    const T *X = xs.data_ptr<T>(), *H = h.data_ptr<T>(), *GY = gys.data_ptr<T>();
+    const T *W1 = w1.data_ptr<T>(), *W2 = w2.data_ptr<T>();
+    T *GW1 = gw1.data_ptr<T>(), *GW2 = gw2.data_ptr<T>(), *GH = gh.data_ptr<T>();
+    T* GB1 = has_b1 ? gb1.data_ptr<T>() : nullptr;
+    T* GB2 = has_b2 ? gb2.data_ptr<T>() : nullptr;
+    for (int64_t x = 0; x < e; ++x) {
+      const int64_t s = g[x], n = g[x + 1] - s;
+      T* gw2x = GW2 + x * hd * out;
+      gemm_rm<T>(true, false, hd, out, n, H + s * hd, hd, GY + s * out, out, T(0), gw2x, out);  // h^T gy
+      if (GB2) column_sums(GY, s, n, out, GB2 + x * out);
+      gemm_rm<T>(false, true, n, hd, out, GY + s * out, out, W2 + x * hd * out, out, T(0), GH + s * hd, hd);
+    }
+    const Tensor ga = act_backward(gh, a, h, act).contiguous();
+    const T* GA = ga.data_ptr<T>();
+    T* GX = need_x ? gxs.data_ptr<T>() : nullptr;
+    for (int64_t x = 0; x < e; ++x) {
+      const int64_t s = g[x], n = g[x + 1] - s;
+      gemm_rm<T>(true, false, in, hd, n, X + s * in, in, GA + s * hd, hd, T(0), GW1 + x * in * hd, hd);  // x^T ga
+      if (GB1) column_sums(GA, s, n, hd, GB1 + x * hd);
+      if (GX) gemm_rm<T>(false, true, n, in, hd, GA + s * hd, hd, W1 + x * in * hd, hd, T(0), GX + s * in, in);
+    }
+  });
+  return {gxs, gw1, gb1, gw2, gb2};
+}
+
+
+// ------------------------------------------------------------------------------ the sparse MLP layer
+
+// y[n] = sum_j w[n, j] mlp_{e(n, j)}(x[n]): gather -> grouped_mlp -> combine, one op (no autograd: inference)
+Tensor sparse_mlp(const Tensor& x, const Tensor& weights, const Tensor& w1, const std::optional<Tensor>& b1,
+                  const Tensor& w2, const std::optional<Tensor>& b2, const Tensor& row_token,
+                  const Tensor& assign_row, const Tensor& row_assign, const Tensor& offsets, int64_t act) {
+  const Tensor xs = gather_rows(x, row_token, x.scalar_type());
+  return combine(std::get<0>(grouped_mlp(xs, offsets, w1, b1, w2, b2, act)), assign_row, weights);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The autograd of sparse_mlp and topk_softmax in C++: one node each, no Python between the kernels.
+struct SparseMLPFn : public torch::autograd::Function<SparseMLPFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weights, const Tensor& w1,
+                        const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& row_token,
+                        const Tensor& assign_row, const Tensor& row_assign, const Tensor& offsets, int64_t act) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const Tensor xs = gather_rows(x, row_token, x.scalar_type());  // (R, in)
+    auto [ys, a, h] = grouped_mlp(xs, offsets, w1, b1.defined() ? std::optional<Tensor>(b1) : std::nullopt, w2,
+                                  b2.defined() ? std::optional<Tensor>(b2) : std::nullopt, act);
+    ctx->save_for_backward({xs, a, h, ys, weights, w1, w2, assign_row, row_assign, offsets});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["k"] = weights.size(1);
+    ctx->saved_data["b1"] = b1.defined();
+    ctx->saved_data["b2"] = b2.defined();
+    return combine(ys, assign_row, weights);  // (N, out)
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &xs = saved[0], &a = saved[1], &h = saved[2], &ys = saved[3], &weights = saved[4];
+    const Tensor &w1 = saved[5], &w2 = saved[6], &assign_row = saved[7], &row_assign = saved[8];
+    const Tensor& offsets = saved[9];
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    Tensor gy = grads[0];
+    if (!gy.defined()) gy = at::zeros({weights.size(0), w2.size(2)}, xs.options());
+    auto [gys, gw] = combine_backward(gy, ys, assign_row, row_assign, weights, true, need_w);
+    auto [gxs, gw1, gb1, gw2, gb2] =
+        grouped_mlp_backward(gys, xs, a, h, offsets, w1, w2, ctx->saved_data["b1"].toBool(),
+                             ctx->saved_data["b2"].toBool(), ctx->saved_data["act"].toInt(), need_x);
+    const Tensor gx = need_x ? gather_sum(gxs, assign_row, ctx->saved_data["k"].toInt(), xs.scalar_type()) : Tensor();
+    return {gx, need_w ? gw : Tensor(), gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor sparse_mlp_autograd(const Tensor& x, const Tensor& weights, const Tensor& w1, const std::optional<Tensor>& b1,
+                           const Tensor& w2, const std::optional<Tensor>& b2, const Tensor& row_token,
+                           const Tensor& assign_row, const Tensor& row_assign, const Tensor& offsets, int64_t act) {
+  return SparseMLPFn::apply(x, weights, w1, b1.value_or(Tensor()), w2, b2.value_or(Tensor()), row_token, assign_row,
+                            row_assign, offsets, act);
+}
+
+struct TopKSoftmaxFn : public torch::autograd::Function<TopKSoftmaxFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, int64_t k, bool normalize) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [indices, weights, lse, psum, ent] = topk_softmax(logits, k, normalize);
+    ctx->save_for_backward({logits, ent, indices, weights});
+    ctx->saved_data["normalize"] = normalize;
+    ctx->mark_non_differentiable({indices});
+    return {indices, weights, lse, psum, ent};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const auto s = ctx->get_saved_variables();
+    auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+    Tensor grad = topk_softmax_backward(s[0], s[1], s[2], s[3], ctx->saved_data["normalize"].toBool(), opt(g[1]),
+                                        opt(g[2]), opt(g[3]), opt(g[4]));
+    return {grad, Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax_autograd(const Tensor& logits, int64_t k,
+                                                                        bool normalize) {
+  auto out = TopKSoftmaxFn::apply(logits, k, normalize);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+
 }  // namespace
 
 TORCH_LIBRARY(moelab, m) {
@@ -545,6 +869,13 @@ TORCH_LIBRARY(moelab, m) {
   m.def("combine_backward(Tensor grad, Tensor ye, Tensor rows, Tensor row_assign, Tensor w, bool need_ye, "
         "bool need_w) -> (Tensor, Tensor)");
   m.def("permute_cast(Tensor w, Tensor perm, ScalarType dtype) -> Tensor");
+  m.def("grouped_mlp(Tensor xs, Tensor offsets, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int act) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("grouped_mlp_backward(Tensor gys, Tensor xs, Tensor a, Tensor h, Tensor offsets, Tensor w1, Tensor w2, "
+        "bool has_b1, bool has_b2, int act, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sparse_mlp(Tensor x, Tensor weights, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor row_token, "
+        "Tensor assign_row, Tensor row_assign, Tensor offsets, int act) -> Tensor");
+  m.def("blas() -> bool", [] { return have_blas<float>() && have_blas<double>(); });  // BLAS GEMMs, not ATen
 }
 
 TORCH_LIBRARY_IMPL(moelab, CPU, m) {
@@ -557,4 +888,13 @@ TORCH_LIBRARY_IMPL(moelab, CPU, m) {
   m.impl("combine", &combine);
   m.impl("combine_backward", &combine_backward);
   m.impl("permute_cast", &permute_cast);
+  m.impl("grouped_mlp", &grouped_mlp);
+  m.impl("grouped_mlp_backward", &grouped_mlp_backward);
+  m.impl("sparse_mlp", &sparse_mlp);
 }
+
+TORCH_LIBRARY_IMPL(moelab, Autograd, m) {
+  m.impl("topk_softmax", &topk_softmax_autograd);
+  m.impl("sparse_mlp", &sparse_mlp_autograd);
+}
+

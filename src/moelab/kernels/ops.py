@@ -15,27 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["topk_softmax", "gather_rows", "combine_rows", "permute_cast", "sort_plan", "bucket_rows"]
+__all__ = ["topk_softmax", "gather_rows", "combine_rows", "permute_cast", "sort_plan", "bucket_rows", "sparse_mlp",
+           "act_code", "has_blas"]
 
 
 def _ops():
     return torch.ops.moelab
-
-
-class _TopKSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, k: int, normalize: bool):
-        indices, weights, lse, psum, ent = _ops().topk_softmax(logits, k, normalize)
-        ctx.save_for_backward(logits, ent, indices, weights)
-        ctx.normalize = normalize
-        ctx.mark_non_differentiable(indices)
-        return indices, weights, lse, psum, ent
-
-    @staticmethod
-    def backward(ctx, _g_idx, g_w, g_lse, g_psum, g_ent):
-        logits, ent, indices, weights = ctx.saved_tensors
-        grad = _ops().topk_softmax_backward(logits, ent, indices, weights, ctx.normalize, g_w, g_lse, g_psum, g_ent)
-        return grad, None, None
 
 
 def topk_softmax(logits: Tensor, k: int, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -43,7 +28,7 @@ def topk_softmax(logits: Tensor, k: int, normalize: bool = True) -> tuple[Tensor
 
     weights: softmax over the k selected logits (``normalize``) or their full-softmax probabilities;
     ties pick the lower expert id. All outputs but ``indices`` are differentiable."""
-    return _TopKSoftmax.apply(logits, k, normalize)
+    return _ops().topk_softmax(logits, k, normalize)  # autograd in C++ (moe_cpu.cpp)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -98,3 +83,31 @@ def bucket_rows(order: Tensor, expert: Tensor, start: Tensor, num_rows: int, num
     """Row maps of a padded layout: row_token (R,), row_assign (R,), assign_row (A,)."""
     return _ops().bucket_rows(order, expert, start, num_rows, num_tokens, k, num_assign)
 
+
+
+#: hidden activations the grouped MLP kernel runs (the ATen op of the reference path), by function
+def _act_codes() -> dict:
+    import torch.nn.functional as F
+
+    return {None: 0, F.gelu: 1, F.relu: 2, F.silu: 3, torch.tanh: 4, torch.sigmoid: 5}
+
+
+def act_code(fn) -> int | None:
+    """The kernel's code for a hidden activation (None: identity), or None if the kernel has no such one."""
+    try:
+        return _act_codes().get(fn)
+    except TypeError:  # unhashable callable
+        return None
+
+
+def sparse_mlp(x: Tensor, weights: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+               row_token: Tensor, assign_row: Tensor, row_assign: Tensor, offsets: Tensor, act: int) -> Tensor:
+    """y[n] = sum_j weights[n, j] * mlp_{e(n, j)}(x[n]) for the two-layer experts ``act(x W1_e + b1_e) W2_e + b2_e``
+    (fp32/fp64), on a flat expert-sorted layout (``row_token`` (R,), ``assign_row`` (N*k,), ``row_assign`` (R,),
+    ``offsets`` (E,) end rows): gather, one BLAS GEMM per expert and layer, combine; three kernel calls each way."""
+    return _ops().sparse_mlp(x, weights, w1, b1, w2, b2, row_token, assign_row, row_assign, offsets, act)
+
+
+def has_blas() -> bool:
+    """The grouped MLP kernel calls the BLAS torch links (else ATen's addmm on views)."""
+    return bool(_ops().blas())

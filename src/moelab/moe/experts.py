@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
+from moelab import kernels
+from moelab.kernels import ops as kernel_ops
 from moelab.moe import dispatch as D
 from moelab.moe.bucketed_mlp import bucketed_mlp
 
@@ -246,6 +248,12 @@ class MLPExperts(Experts):
             plan = D.sort_by_expert(indices, self.num_experts, mask)
             layout = D.flat_layout(plan)
             return D.combine_rows(self._rows_exact(D.gather_rows(x, layout, dt), plan), layout, weights)
+        if self.sparse_impl in ("auto", "fused") and x.shape[0] and self._fused_ok(x, weights, dt):
+            plan = D.sort_by_expert(indices, self.num_experts, mask)  # trimmed: rows = kept assignments
+            layout = D.flat_layout(plan)
+            return kernel_ops.sparse_mlp(x, weights, self.w1, self.b1, self.w2, self.b2, layout.row_token,
+                                         layout.assign_row, layout.row_assign, plan.offsets,
+                                         kernel_ops.act_code(self.activation))
         path = self._impl(dt, x.device.type, indices.numel())
         if path == "static" and capacity is None and self.sparse_impl == "auto" and x.shape[0] \
                 and x.device.type != "meta":  # no capacity to bound the batch: one host read of the counts
@@ -263,6 +271,14 @@ class MLPExperts(Experts):
         xe = D.gather_rows(x, layout, dt)  # (R, in) in the compute dtype
         ye = bucketed_mlp(xe, groups, layout.expert_order, self._acts(), dt, self._params())  # (R, out)
         return D.combine_rows(ye, layout, weights)  # (N, out)
+
+    def _fused_ok(self, x: Tensor, weights: Tensor, dt: torch.dtype) -> bool:
+        """The fused CPU kernel (:func:`moelab.kernels.ops.sparse_mlp`) runs this call: two-layer experts with a
+        hidden activation it knows and no output activation, x, weights and parameters all in fp32 or fp64
+        (no autocast to another dtype), on the CPU with the kernels loaded."""
+        return (self.w2 is not None and self.output_activation is None and dt in (torch.float32, torch.float64)
+                and x.dtype == dt and weights.dtype == dt and all(p.dtype == dt for p in self._params() if p is not None)
+                and kernel_ops.act_code(self.activation) is not None and kernels.enabled(x, weights, self.w1))
 
     def _acts(self) -> list:
         return [self.activation, self.output_activation] if self.w2 is not None else [self.output_activation]
@@ -338,7 +354,8 @@ class MLPExperts(Experts):
         """The sparse path of this call, :func:`sparse_path` of ``sparse_impl``, the device, the dtype and the
         call's routed multiply-adds (``assignments`` token-expert pairs)."""
         macs = None if assignments is None else assignments * sum(w.shape[1] * w.shape[2] for w, _, _ in self._layers())
-        return sparse_path(self.sparse_impl, device_type, dt, self._grouped_ok(dt, device_type), macs)
+        impl = "auto" if self.sparse_impl == "fused" else self.sparse_impl  # where the fused kernel cannot run
+        return sparse_path(impl, device_type, dt, self._grouped_ok(dt, device_type), macs)
 
     def to_module_experts(self) -> ModuleExperts:
         """An equivalent :class:`ModuleExperts` (copies of the weights as nn.Linear stacks): the oracle."""
@@ -359,7 +376,7 @@ class MLPExperts(Experts):
         return ModuleExperts(mods)
 
 
-SPARSE_IMPLS = ("auto", "grouped", "bucketed", "padded", "static")
+SPARSE_IMPLS = ("auto", "fused", "grouped", "bucketed", "padded", "static")
 
 
 #: routed multiply-adds per call below which "auto" takes "grouped" on the CPU in fp32 (measured, see below)

@@ -8,7 +8,8 @@ A router maps tokens x (N, d) to a :class:`Routing`:
               (``multi_gates`` + ``multi_mode``)
     gates     (N, E)  dense view of the combine weights (zeros for unselected experts)
     logits    (N, E)  raw router logits, float32
-    losses    dict name -> scalar auxiliary loss (unweighted); always returned
+    losses    name -> scalar auxiliary loss (unweighted); always returned, each computed when first read
+              (:class:`LazyLosses`: the layer reads only the weighted ones)
 
 Every router takes ``gate``: an optional ``nn.Module`` mapping x -> logits (N, E) used instead
 of the default ``nn.Linear(dim, E, bias=False)``. A plain ``nn.Linear`` gate (the default) runs in float32
@@ -37,6 +38,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -46,6 +48,38 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.moe.dispatch import AUTOCAST_DEVICES
+
+
+class LazyLosses(MutableMapping):
+    """name -> auxiliary loss, each given as a tensor or as a function computing it on first read.
+
+    A router offers every loss it can compute; the layer adds only those with a weight, so the others cost
+    nothing unless read (``aux.losses[name]``, logging). A read computes the value from the routing's tensors
+    as they were in the forward pass, with autograd as it is at the read."""
+
+    def __init__(self, losses: dict[str, Tensor | Callable[[], Tensor]] | None = None):
+        self._values = dict(losses or {})
+
+    def __getitem__(self, name: str) -> Tensor:
+        v = self._values[name]
+        if callable(v):
+            v = self._values[name] = v()
+        return v
+
+    def __setitem__(self, name: str, value: Tensor | Callable[[], Tensor]) -> None:
+        self._values[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"LazyLosses({', '.join(self._values)})"
 
 
 @dataclass
@@ -64,7 +98,7 @@ class Routing:
     combine: Tensor | None = None  # (B, m, S) soft MoE, softmax over slots S
     multi_gates: Tensor | None = None  # (G, N, E)
     multi_mode: str = "sum"
-    losses: dict[str, Tensor] = field(default_factory=dict)
+    losses: MutableMapping[str, Tensor] = field(default_factory=dict)  # a dict or LazyLosses
     capacity: int | None = None  # sparse routings with a capacity: no expert keeps more than this many rows
 
     def dense_gates(self) -> Tensor:

@@ -32,6 +32,7 @@ from moelab import kernels
 from moelab.kernels import ops as kernel_ops
 from moelab.moe import losses as L
 from moelab.moe.routers.base import (
+    LazyLosses,
     Router,
     Routing,
     capacity_mask,
@@ -53,8 +54,8 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
                    entropy: Tensor | None = None) -> Routing:
     """Build a "sparse" Routing (applying capacity) from (N, E) logits/probs and (N, k) choices.
 
-    Losses, each a few passes over (N, E) at most: balance (f before capacity), z, importance
-    (sum of kept gate values per expert), entropy of ``probs``. lse: optional (N,) logsumexp(logits).
+    Losses, each a few passes over (N, E) at most, computed when read (:class:`LazyLosses`): balance (f before
+    capacity), z, importance (sum of kept gate values per expert), entropy of ``probs``. lse: optional (N,) logsumexp(logits).
     The fused router passes ``probs=None`` with ``lse``, ``mean_probs`` (E,) and ``entropy`` (N,) instead.
     """
     n, e = logits.shape
@@ -68,15 +69,21 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
         mask = capacity_mask(indices, e, capacity)  # (N, k)
         counts = counts_of(indices, e, mask)
         dropped = (~mask).sum()
-    w_kept = weights if mask is None else weights * mask
-    importance = w_kept.new_zeros(e).index_add(0, indices.reshape(-1), w_kept.reshape(-1))  # (E,) = gates.sum(0)
-    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse  # (N,)
-    if entropy is None:
-        entropy = lse - (probs * logits).sum(-1)  # (N,) -sum p log p with log p = logits - lse
-    losses = {"balance": L.switch_balance_loss(probs if mean_probs is None else mean_probs, counts_all),
-              "z": L.mean_or_zero(lse.square()), "importance": L.cv_squared(importance),
-              "entropy": L.mean_or_zero(entropy)}
-    losses.update(extra or {})
+
+    def importance() -> Tensor:  # CV^2 of (E,) = gates.sum(0)
+        w_kept = weights if mask is None else weights * mask
+        return L.cv_squared(w_kept.new_zeros(e).index_add(0, indices.reshape(-1), w_kept.reshape(-1)))
+
+    def log_z() -> Tensor:  # (N,)
+        return torch.logsumexp(logits, dim=-1) if lse is None else lse
+
+    def gate_entropy() -> Tensor:  # mean_n -sum p log p with log p = logits - lse
+        return L.mean_or_zero(log_z() - (probs * logits).sum(-1) if entropy is None else entropy)
+
+    losses = LazyLosses({"balance": lambda: L.switch_balance_loss(probs if mean_probs is None else mean_probs,
+                                                                   counts_all),
+                         "z": lambda: L.mean_or_zero(log_z().square()), "importance": importance,
+                         "entropy": gate_entropy, **(extra or {})})
     return Routing("sparse", gates=None, logits=logits, indices=indices, weights=weights, mask=mask,
                    expert_counts=counts, dropped=dropped, losses=losses, capacity=capacity)
 
