@@ -42,7 +42,7 @@ def _check_sparse(ex, n, k, mask_p=0.0, indices=None, tol=1e-5):
         assert_close(getattr(ex, name).grad, gref, tol, f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
+@pytest.mark.parametrize("impl", ["fused", "grouped", "bucketed", "padded", "static"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k,mask_p", [(1, 0.0), (2, 0.0), (2, 0.4)])
 def test_sparse_matches_naive(impl, bias, k, mask_p):
@@ -50,13 +50,13 @@ def test_sparse_matches_naive(impl, bias, k, mask_p):
     _check_sparse(ex, 23, k, mask_p)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
+@pytest.mark.parametrize("impl", ["fused", "grouped", "bucketed", "padded", "static"])
 @pytest.mark.parametrize("e,k,n", [(1, 1, 5), (4, 4, 6), (3, 2, 1)])
 def test_sparse_edge_shapes(impl, e, k, n):
     _check_sparse(MLPExperts(e, 8, 16, sparse_impl=impl), n, k)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
+@pytest.mark.parametrize("impl", ["fused", "grouped", "bucketed", "padded", "static"])
 def test_sparse_experts_without_tokens(impl):
     ex = MLPExperts(5, 8, 16, sparse_impl=impl)
     idx = torch.tensor([[0, 3]] * 7)  # experts 1, 2, 4 receive nothing
@@ -269,7 +269,7 @@ def test_sync_free_paths_with_dropped_assignments_match_naive(kernels_on, impl):
         _check_sparse(MLPExperts(3, 8, None, 8, sparse_impl=impl), 11, 1, 0.6)  # linear experts
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bucketed", "padded", "static"])
+@pytest.mark.parametrize("impl", ["fused", "grouped", "bucketed", "padded", "static"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_exact_compute_counts_the_routed_rows_on_every_path(impl, bias):
     """Inside exact_compute a FLOP counter sees k experts per token (no padding, no bias columns), in fp32 and

@@ -254,3 +254,101 @@ def test_the_kernel_cache_key_covers_the_torch_install_the_flags_and_the_source(
     source.write_bytes(K._SOURCE.read_bytes() + b"\n// changed\n")
     monkeypatch.setattr(K, "_SOURCE", source)
     assert K._key("c++") != key
+
+
+ACTS = ["gelu", "relu", "silu", "tanh", "sigmoid", "identity"]
+
+
+def _sparse_case(dtype, act="gelu", bias=True, mask_p=0.0, n=29, e=5, k=2, seed=0):
+    from moelab.moe import MLPExperts
+
+    torch.manual_seed(seed)
+    ex = MLPExperts(e, 6, 10, 4, activation=act, bias=bias, sparse_impl="bucketed").to(dtype)
+    x = torch.randn(n, 6, dtype=dtype, requires_grad=True)
+    idx = torch.rand(n, e).topk(k, dim=-1).indices
+    idx[: n // 3] = torch.arange(k)  # uneven loads; expert e-1 may get none
+    w = torch.rand(n, k, dtype=dtype, requires_grad=True)
+    mask = (torch.rand(n, k) >= mask_p) if mask_p else None
+    plan = D.sort_by_expert(idx, e, mask)
+    lay = D.flat_layout(plan)
+    maps = (lay.row_token, lay.assign_row, lay.row_assign, plan.offsets)
+    return ex, x, w, idx, mask, maps
+
+
+@pytest.mark.parametrize("blas", [True, False])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype,bias,mask_p", [(torch.float32, True, 0.0), (torch.float64, False, 0.0),
+                                               (torch.float32, True, 0.4)])
+def test_sparse_mlp_equals_the_module_experts(blas, act, dtype, bias, mask_p):
+    """The fused op (BLAS GEMMs, or ATen's on a build without them) against one nn.Linear stack per expert:
+    outputs and every gradient, with dropped assignments and an expert without rows."""
+    from tests.moe.test_experts import _oracle_param_grads
+
+    ex, x, w, idx, mask, maps = _sparse_case(dtype, act, bias, mask_p)
+    ref = ex.to_module_experts().to(dtype)
+    prev = K.use_blas(blas)
+    try:
+        y = K.sparse_mlp(x, w, ex.w1, ex.b1, ex.w2, ex.b2, *maps, K.act_code(ex.activation))
+        g = torch.randn_like(y)
+        y.backward(g)
+    finally:
+        K.use_blas(prev)
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    y_ref = ref.forward_sparse(xr, idx, wr, mask)
+    y_ref.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    torch.testing.assert_close(w.grad, wr.grad, **tol)
+    for name, gref in _oracle_param_grads(ex, ref).items():
+        torch.testing.assert_close(getattr(ex, name).grad, gref, **tol)
+
+
+@pytest.mark.parametrize("blas", [True, False])
+@pytest.mark.parametrize("act,bias", [("gelu", True), ("silu", False), ("tanh", True)])
+def test_sparse_mlp_gradcheck(blas, act, bias):
+    ex, x, w, idx, mask, maps = _sparse_case(torch.float64, act, bias, mask_p=0.3, n=9, e=4)
+    params = (x, w, ex.w1, ex.b1, ex.w2, ex.b2) if bias else (x, w, ex.w1, ex.w2)
+
+    def f(*p):
+        x_, w_, w1, *rest = p
+        b1, w2, b2 = rest if bias else (None, rest[0], None)
+        return K.sparse_mlp(x_, w_, w1, b1, w2, b2, *maps, K.act_code(ex.activation))
+
+    prev = K.use_blas(blas)
+    try:
+        assert gradcheck(f, params)
+    finally:
+        K.use_blas(prev)
+
+
+def test_sparse_mlp_runs_without_autograd_and_refuses_bad_inputs():
+    ex, x, w, idx, mask, (rt, ar, ra, off) = _sparse_case(torch.float32)
+    args = (ex.w1, ex.b1, ex.w2, ex.b2, rt, ar, ra)
+    with torch.no_grad():
+        y = K.sparse_mlp(x, w, *args, off, 1)
+    assert not y.requires_grad and y.shape == (x.shape[0], 4)
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing end rows"):
+        K.sparse_mlp(x, w, *args, off.flip(0), 1)
+    with pytest.raises(RuntimeError, match="the last offset .* must be the row count"):
+        K.sparse_mlp(x, w, *args, off - 1, 1)
+    with pytest.raises(RuntimeError, match="weights and rows must share a dtype"):
+        K.sparse_mlp(x.double(), w.double(), *args, off, 1)
+    with pytest.raises(RuntimeError, match="unknown activation code 9"):
+        K.sparse_mlp(x, w, *args, off, 9)
+
+
+def test_the_fused_path_is_what_auto_runs_in_fp32_and_not_under_bf16_autocast():
+    from moelab.moe import MLPExperts
+
+    ex = MLPExperts(4, 8, 16)
+    x, idx, w = torch.randn(10, 8), torch.randint(0, 4, (10, 2)), torch.rand(10, 2)
+    assert ex._fused_ok(x, w, torch.float32)
+    assert not ex._fused_ok(x, w, torch.bfloat16)  # autocast to bf16: the bucketed / grouped paths
+    assert not MLPExperts(4, 8, 16, activation="softmax")._fused_ok(x, w, torch.float32)
+    assert not MLPExperts(4, 8, None, 4)._fused_ok(x, w, torch.float32)  # linear experts
+    with kernels.use(False):
+        assert not ex._fused_ok(x, w, torch.float32)
+    y = ex.forward_sparse(x, idx, w)
+    with kernels.use(False):
+        torch.testing.assert_close(y, ex.forward_sparse(x, idx, w), rtol=1e-5, atol=1e-6)

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -576,9 +577,11 @@ void fortran_gemm<double>(const char* ta, const char* tb, const int* m, const in
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+std::atomic<bool> blas_on{true};  // use_blas(false): the ATen path (tests of the fallback)
+
 template <typename T>
 bool have_blas() {
-  return std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+  return blas_on.load(std::memory_order_relaxed) && (std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr);
 }
 
 // Row-major C (m, n) = op(A) op(B) + beta C, op(A) (m, k), op(B) (k, n); A stored (m, k) (or (k, m) when ta),
@@ -789,18 +792,19 @@ using torch::autograd::variable_list;
 
 // The autograd of sparse_mlp and topk_softmax in C++: one node each, no Python between the kernels.
 struct SparseMLPFn : public torch::autograd::Function<SparseMLPFn> {
+  // (an absent bias is an empty optional: autograd then gives it no edge; x and weights are edges 0 and 1)
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weights, const Tensor& w1,
-                        const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& row_token,
-                        const Tensor& assign_row, const Tensor& row_assign, const Tensor& offsets, int64_t act) {
+                        const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
+                        const Tensor& row_token, const Tensor& assign_row, const Tensor& row_assign,
+                        const Tensor& offsets, int64_t act) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const Tensor xs = gather_rows(x, row_token, x.scalar_type());  // (R, in)
-    auto [ys, a, h] = grouped_mlp(xs, offsets, w1, b1.defined() ? std::optional<Tensor>(b1) : std::nullopt, w2,
-                                  b2.defined() ? std::optional<Tensor>(b2) : std::nullopt, act);
+    auto [ys, a, h] = grouped_mlp(xs, offsets, w1, b1, w2, b2, act);
     ctx->save_for_backward({xs, a, h, ys, weights, w1, w2, assign_row, row_assign, offsets});
     ctx->saved_data["act"] = act;
     ctx->saved_data["k"] = weights.size(1);
-    ctx->saved_data["b1"] = b1.defined();
-    ctx->saved_data["b2"] = b2.defined();
+    ctx->saved_data["b1"] = b1.has_value() && b1->defined();
+    ctx->saved_data["b2"] = b2.has_value() && b2->defined();
     return combine(ys, assign_row, weights);  // (N, out)
   }
 
@@ -824,8 +828,8 @@ struct SparseMLPFn : public torch::autograd::Function<SparseMLPFn> {
 Tensor sparse_mlp_autograd(const Tensor& x, const Tensor& weights, const Tensor& w1, const std::optional<Tensor>& b1,
                            const Tensor& w2, const std::optional<Tensor>& b2, const Tensor& row_token,
                            const Tensor& assign_row, const Tensor& row_assign, const Tensor& offsets, int64_t act) {
-  return SparseMLPFn::apply(x, weights, w1, b1.value_or(Tensor()), w2, b2.value_or(Tensor()), row_token, assign_row,
-                            row_assign, offsets, act);
+  auto some = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined() ? t : std::nullopt; };
+  return SparseMLPFn::apply(x, weights, w1, some(b1), w2, some(b2), row_token, assign_row, row_assign, offsets, act);
 }
 
 struct TopKSoftmaxFn : public torch::autograd::Function<TopKSoftmaxFn> {
@@ -876,6 +880,7 @@ TORCH_LIBRARY(moelab, m) {
   m.def("sparse_mlp(Tensor x, Tensor weights, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor row_token, "
         "Tensor assign_row, Tensor row_assign, Tensor offsets, int act) -> Tensor");
   m.def("blas() -> bool", [] { return have_blas<float>() && have_blas<double>(); });  // BLAS GEMMs, not ATen
+  m.def("use_blas(bool on) -> bool", [](bool on) { return blas_on.exchange(on); });  // -> the previous setting
 }
 
 TORCH_LIBRARY_IMPL(moelab, CPU, m) {

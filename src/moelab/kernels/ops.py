@@ -8,6 +8,8 @@ Callers check :func:`moelab.kernels.enabled` first; the PyTorch twins live in
     gather_rows(x (N, *f), row_token (R,), assign_row (N*k,), k, dtype) -> (R, *f)
     combine_rows(ye (R, *o), assign_row (N*k,), row_assign (R,), weights (N, k)) -> (N, *o)
     permute_cast(w (E, ...), perm (E,), dtype) -> w[perm] in dtype (autograd: dispatch.permute_experts)
+    sparse_mlp(x (N, in), weights (N, k), w1, b1, w2, b2, row_token, assign_row, row_assign, offsets (E,), act)
+        -> (N, out): the two-layer experts on their expert-sorted rows (fp32/fp64), gather -> GEMMs -> combine
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["topk_softmax", "gather_rows", "combine_rows", "permute_cast", "sort_plan", "bucket_rows", "sparse_mlp",
-           "act_code", "has_blas"]
+           "act_code", "has_blas", "use_blas"]
 
 
 def _ops():
@@ -111,3 +113,9 @@ def sparse_mlp(x: Tensor, weights: Tensor, w1: Tensor, b1: Tensor | None, w2: Te
 def has_blas() -> bool:
     """The grouped MLP kernel calls the BLAS torch links (else ATen's addmm on views)."""
     return bool(_ops().blas())
+
+
+def use_blas(on: bool) -> bool:
+    """Whether the grouped MLP kernel may call the BLAS directly (False: ATen's addmm, the path of a torch build
+    that exports no BLAS); returns the previous setting. For tests and benchmarks."""
+    return bool(_ops().use_blas(on))
