@@ -46,8 +46,9 @@ def test_topk_softmax_ties_pick_the_lower_expert():
 
 def test_topk_softmax_large_logits_stay_finite():
     logits = torch.tensor([[500.0, -500.0, 499.0], [-1e4, -1e4 + 1, -1e4 + 2]])
-    idx, w, lse, psum, ent = K.topk_softmax(logits, 2, True)
+    idx, w, lse, psum, ent, counts, bad = K.topk_softmax(logits, 2, True)
     want = _ref_topk_softmax(logits, 2, True)
+    assert int(bad) == 0 and counts.tolist() == [1, 1, 2]
     for g, r in zip((w, lse, psum, ent), want[1:]):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
@@ -57,14 +58,14 @@ def test_topk_softmax_large_logits_stay_finite():
 def test_topk_softmax_gradcheck(normalize, e, k):
     torch.manual_seed(0)
     logits = torch.randn(7, e, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda t: K.topk_softmax(t, k, normalize)[1:], (logits,))
+    assert gradcheck(lambda t: K.topk_softmax(t, k, normalize)[1:5], (logits,))
 
 
 def test_topk_softmax_backward_matches_autograd_of_reference():
     logits = torch.randn(50, 12, requires_grad=True)
     ref = logits.detach().clone().requires_grad_(True)
     gs = [torch.randn(50, 2), torch.randn(50), torch.randn(12), torch.randn(50)]
-    out = K.topk_softmax(logits, 2, True)[1:]
+    out = K.topk_softmax(logits, 2, True)[1:5]
     torch.autograd.backward(out, gs)
     want = _ref_topk_softmax(ref, 2, True)[1:]
     torch.autograd.backward(want, gs)
@@ -229,8 +230,9 @@ def test_ops_accept_empty_inputs():
     assert x.grad.shape == x.shape
     y = K.combine_rows(torch.randn(0, 4, requires_grad=True), idx, idx, torch.rand(0, 2, requires_grad=True))
     assert y.shape == (0, 4)
-    indices, w, lse, psum, ent = K.topk_softmax(torch.randn(0, 6), 2, True)
-    assert indices.shape == (0, 2) and torch.equal(psum, torch.zeros(6))
+    indices, w, lse, psum, ent, counts, bad = K.topk_softmax(torch.randn(0, 6), 2, True)
+    assert indices.shape == (0, 2) and torch.equal(psum, torch.zeros(6)) and counts.tolist() == [0] * 6
+    assert int(bad) == 0
     order, counts, inverse = K.sort_plan(idx, 3)
     assert order.numel() == 0 and counts.tolist() == [0, 0, 0, 0]
 
@@ -352,3 +354,37 @@ def test_the_fused_path_is_what_auto_runs_in_fp32_and_not_under_bf16_autocast():
     y = ex.forward_sparse(x, idx, w)
     with kernels.use(False):
         torch.testing.assert_close(y, ex.forward_sparse(x, idx, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_softmax_counts_the_loads_and_the_non_finite_logits(dtype):
+    logits = torch.randn(50, 7, dtype=dtype)
+    out = K.topk_softmax(logits, 3, True)
+    assert torch.equal(out[5], torch.bincount(out[0].reshape(-1), minlength=7)) and int(out[6]) == 0
+    logits[3, 1], logits[9, 0], logits[9, 6] = float("nan"), float("inf"), -float("inf")
+    assert int(K.topk_softmax(logits, 3, True)[6]) == 3
+
+
+def test_a_router_on_the_kernels_refuses_non_finite_logits_by_name():
+    from moelab.moe.routers import make_router
+
+    r = make_router("topk", 8, 4, k=2)
+    x = torch.randn(5, 8)
+    x[2, 3] = float("nan")
+    with pytest.raises(MoelabError, match=r"router 'topk' produced 4 non-finite logits"):
+        r(x)
+
+
+@pytest.mark.parametrize("n,e,k,mask_p", [(31, 5, 2, 0.0), (31, 5, 2, 0.4), (8, 3, 3, 0.0), (0, 4, 2, 0.0),
+                                          (6, 4, 1, 1.0)])
+def test_expert_rows_equal_the_sorted_plan_and_its_flat_layout(n, e, k, mask_p):
+    idx = torch.rand(n, e).topk(k, dim=-1).indices
+    mask = (torch.rand(n, k) >= mask_p) if mask_p else None
+    plan = D.sort_by_expert(idx, e, mask)
+    lay = D.flat_layout(plan)
+    flat = idx.reshape(-1) if mask is None else torch.where(mask.reshape(-1), idx.reshape(-1), e)
+    row_token, row_assign, assign_row, offsets = K.expert_rows(flat, k, e)
+    assert torch.equal(row_token, lay.row_token) and torch.equal(row_assign, lay.row_assign)
+    assert torch.equal(assign_row, lay.assign_row) and torch.equal(offsets, plan.offsets.long())
+    with pytest.raises(RuntimeError, match="expert_rows: expert id 9 at position 0 is outside"):
+        K.expert_rows(torch.tensor([9, 0]), 2, e)

@@ -3,9 +3,11 @@
 // Each op replaces a chain of small ATen calls whose per-call cost dominates at MoE shapes
 // (N*k rows of a few hundred features, (N, E) router logits with E = 8..64):
 //
-//   topk_softmax           logits (N, E) -> top-k ids, weights, logsumexp, sum_n p (E,), entropy (N,)
+//   topk_softmax           logits (N, E) -> top-k ids, weights, logsumexp, sum_n p (E,), entropy (N,), loads,
+//                          the count of non-finite logits
 //   topk_softmax_backward  one pass per row for every gradient that reaches the logits
 //   sort_plan              counting sort of (N*k,) expert ids (stable), counts, inverse permutation
+//   expert_rows            the flat layout's row maps and group ends straight from the expert ids
 //   bucket_rows            row maps of the padded bucketed layout
 //   gather_rows            x[row_token] with zero padding rows, cast to the compute dtype, one pass
 //   gather_sum             backward of gather_rows: sum of each token's k row gradients
@@ -130,8 +132,10 @@ void check_float(const Tensor& t, const char* op, const char* name) {
 
 // ------------------------------------------------------------------------------------------ router
 
-// logits (N, E) float/double -> indices (N, k), weights (N, k), lse (N,), psum (E,) = sum_n p_n, ent (N,)
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& logits_, int64_t k, bool normalize) {
+// logits (N, E) float/double -> indices (N, k), weights (N, k), lse (N,), psum (E,) = sum_n p_n, ent (N,),
+// counts (E,) int64 = assignments per expert, bad () int64 = non-finite logits (the router refuses them)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& logits_, int64_t k,
+                                                                                bool normalize) {
   TORCH_CHECK(logits_.dim() == 2, "topk_softmax: logits must be (N, E), got shape ", logits_.sizes());
   TORCH_CHECK(logits_.scalar_type() == at::kFloat || logits_.scalar_type() == at::kDouble,
               "topk_softmax: logits must be float32 or float64, got ", logits_.scalar_type());
@@ -142,6 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& lo
   Tensor indices = at::empty({n, k}, opt.dtype(at::kLong));
   Tensor weights = at::empty({n, k}, opt), lse = at::empty({n}, opt), ent = at::empty({n}, opt);
   Tensor psum = at::zeros({e}, opt);
+  Tensor counts = at::zeros({e}, opt.dtype(at::kLong)), bad = at::zeros({}, opt.dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "topk_softmax", [&] {
     using T = scalar_t;
     const T* L = logits.data_ptr<T>();
@@ -201,8 +206,15 @@ _Pragma("omp simd")
     T* P = psum.data_ptr<T>();
     for (int64_t t = 0; t < nt; ++t)
       for (int64_t i = 0; i < e; ++i) P[i] += part[t * e + i];
+    int64_t* C = counts.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n * k; ++i) ++C[I[i]];
+    int64_t nb = 0;  // non-finite logits: |l| <= max is false for inf and NaN
+    const T big = std::numeric_limits<T>::max();
+_Pragma("omp simd reduction(+ : nb)")
+    for (int64_t i = 0; i < n * e; ++i) nb += !(std::abs(L[i]) <= big);
+    bad.fill_(nb);
   });
-  return {indices, weights, lse, psum, ent};
+  return {indices, weights, lse, psum, ent, counts, bad};
 }
 
 // Gradient of the logits from the gradients of topk_softmax's outputs (each optional).
@@ -301,6 +313,43 @@ std::tuple<Tensor, Tensor, Tensor> sort_plan(const Tensor& flat_, int64_t num_ex
     inv[i] = p;
   }
   return {order, counts, inverse};
+}
+
+// The flat (unpadded, trimmed) layout of (A,) = (N*k,) expert ids in [0, E] (E: a dropped assignment) in one
+// pass: row_token (M,), row_assign (M,) of the M kept assignments sorted by expert (stable), assign_row (A,)
+// (M for a dropped one), offsets (E,) the end row of each expert's group.
+std::tuple<Tensor, Tensor, Tensor, Tensor> expert_rows(const Tensor& flat_, int64_t k, int64_t num_experts) {
+  check_index(flat_, "expert_rows", "expert ids");
+  TORCH_CHECK(k >= 1 && flat_.numel() % k == 0, "expert_rows: ", flat_.numel(), " ids is not a multiple of k=", k);
+  const Tensor flat = flat_.contiguous();
+  const int64_t a = flat.numel(), e = num_experts;
+  const int64_t* f = flat.data_ptr<int64_t>();
+  std::vector<int64_t> pos(static_cast<size_t>(e + 2), 0);
+  for (int64_t i = 0; i < a; ++i) {
+    TORCH_CHECK(f[i] >= 0 && f[i] <= e, "expert_rows: expert id ", f[i], " at position ", i, " is outside [0, ", e,
+                "]");
+    ++pos[f[i] + 1];
+  }
+  for (int64_t v = 1; v <= e + 1; ++v) pos[v] += pos[v - 1];  // pos[v]: first row of expert v
+  const int64_t m = pos[e];  // kept assignments
+  Tensor offsets = at::empty({e}, flat.options());
+  int64_t* off = offsets.data_ptr<int64_t>();
+  for (int64_t v = 0; v < e; ++v) off[v] = pos[v + 1];
+  Tensor row_token = at::empty({m}, flat.options()), row_assign = at::empty({m}, flat.options());
+  Tensor assign_row = at::empty({a}, flat.options());
+  int64_t *rt = row_token.data_ptr<int64_t>(), *ra = row_assign.data_ptr<int64_t>();
+  int64_t* ar = assign_row.data_ptr<int64_t>();
+  for (int64_t i = 0; i < a; ++i) {
+    if (f[i] == e) {
+      ar[i] = m;
+      continue;
+    }
+    const int64_t r = pos[f[i]]++;
+    rt[r] = i / k;
+    ra[r] = i;
+    ar[i] = r;
+  }
+  return {row_token, row_assign, assign_row, offsets};
 }
 
 // Sorted rows (order (M,), expert (M,) non-decreasing) -> padded layout maps given each expert's first
@@ -835,11 +884,11 @@ Tensor sparse_mlp_autograd(const Tensor& x, const Tensor& weights, const Tensor&
 struct TopKSoftmaxFn : public torch::autograd::Function<TopKSoftmaxFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, int64_t k, bool normalize) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [indices, weights, lse, psum, ent] = topk_softmax(logits, k, normalize);
+    auto [indices, weights, lse, psum, ent, counts, bad] = topk_softmax(logits, k, normalize);
     ctx->save_for_backward({logits, ent, indices, weights});
     ctx->saved_data["normalize"] = normalize;
-    ctx->mark_non_differentiable({indices});
-    return {indices, weights, lse, psum, ent};
+    ctx->mark_non_differentiable({indices, counts, bad});
+    return {indices, weights, lse, psum, ent, counts, bad};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list g) {
@@ -851,20 +900,22 @@ struct TopKSoftmaxFn : public torch::autograd::Function<TopKSoftmaxFn> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax_autograd(const Tensor& logits, int64_t k,
-                                                                        bool normalize) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax_autograd(const Tensor& logits,
+                                                                                         int64_t k, bool normalize) {
   auto out = TopKSoftmaxFn::apply(logits, k, normalize);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
 }
 
 
 }  // namespace
 
 TORCH_LIBRARY(moelab, m) {
-  m.def("topk_softmax(Tensor logits, int k, bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk_softmax(Tensor logits, int k, bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("topk_softmax_backward(Tensor logits, Tensor ent, Tensor indices, Tensor weights, "
         "bool normalize, Tensor? g_w, Tensor? g_lse, Tensor? g_psum, Tensor? g_ent) -> Tensor");
   m.def("sort_plan(Tensor flat, int num_experts) -> (Tensor, Tensor, Tensor)");
+  m.def("expert_rows(Tensor flat, int k, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bucket_rows(Tensor order, Tensor expert, Tensor start, int num_rows, int num_tokens, int k, "
         "int num_assign) -> (Tensor, Tensor, Tensor)");
   m.def("gather_rows(Tensor x, Tensor index, ScalarType dtype) -> Tensor");
@@ -887,6 +938,7 @@ TORCH_LIBRARY_IMPL(moelab, CPU, m) {
   m.impl("topk_softmax", &topk_softmax);
   m.impl("topk_softmax_backward", &topk_softmax_backward);
   m.impl("sort_plan", &sort_plan);
+  m.impl("expert_rows", &expert_rows);
   m.impl("bucket_rows", &bucket_rows);
   m.impl("gather_rows", &gather_rows);
   m.impl("gather_sum", &gather_sum);

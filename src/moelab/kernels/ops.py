@@ -4,7 +4,8 @@ Callers check :func:`moelab.kernels.enabled` first; the PyTorch twins live in
 ``moelab.moe.dispatch`` and ``moelab.moe.routers`` and are what the tests compare against.
 
     topk_softmax(logits (N, E), k, normalize) -> indices (N, k), weights (N, k), lse (N,),
-                                                 psum (E,) = sum_n softmax(logits)_n, entropy (N,)
+                 psum (E,) = sum_n softmax(logits)_n, entropy (N,), counts (E,), bad () (non-finite logits)
+    expert_rows(flat (N*k,) ids in [0, E], k, E) -> row_token (M,), row_assign (M,), assign_row (N*k,), offsets (E,)
     gather_rows(x (N, *f), row_token (R,), assign_row (N*k,), k, dtype) -> (R, *f)
     combine_rows(ye (R, *o), assign_row (N*k,), row_assign (R,), weights (N, k)) -> (N, *o)
     permute_cast(w (E, ...), perm (E,), dtype) -> w[perm] in dtype (autograd: dispatch.permute_experts)
@@ -17,19 +18,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["topk_softmax", "gather_rows", "combine_rows", "permute_cast", "sort_plan", "bucket_rows", "sparse_mlp",
-           "act_code", "has_blas", "use_blas"]
+__all__ = ["topk_softmax", "gather_rows", "combine_rows", "permute_cast", "sort_plan", "expert_rows", "bucket_rows",
+           "sparse_mlp", "act_code", "has_blas", "use_blas"]
 
 
 def _ops():
     return torch.ops.moelab
 
 
-def topk_softmax(logits: Tensor, k: int, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Router epilogue in one pass per row (float32/float64 logits).
+def topk_softmax(logits: Tensor, k: int, normalize: bool = True) -> tuple[Tensor, ...]:
+    """Router epilogue in one pass per row (float32/float64 logits) -> indices, weights, lse, psum, entropy,
+    counts (E,) int64 (assignments per expert), bad () int64 (non-finite logits).
 
     weights: softmax over the k selected logits (``normalize``) or their full-softmax probabilities;
-    ties pick the lower expert id. All outputs but ``indices`` are differentiable."""
+    ties pick the lower expert id. weights, lse, psum and entropy are differentiable."""
     return _ops().topk_softmax(logits, k, normalize)  # autograd in C++ (moe_cpu.cpp)
 
 
@@ -78,6 +80,12 @@ def permute_cast(w: Tensor, perm: Tensor, dtype: torch.dtype) -> Tensor:
 def sort_plan(flat: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Stable counting sort of (A,) expert ids in [0, E]: order (A,), counts (E+1,), inverse (A,)."""
     return _ops().sort_plan(flat, num_experts)
+
+
+def expert_rows(flat: Tensor, k: int, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The trimmed flat layout of (N*k,) expert ids (E: dropped) in one pass: row_token (M,), row_assign (M,),
+    assign_row (N*k,) (M: dropped), offsets (E,) int64 end rows (what ``sort_by_expert`` + ``flat_layout`` give)."""
+    return _ops().expert_rows(flat, k, num_experts)
 
 
 def bucket_rows(order: Tensor, expert: Tensor, start: Tensor, num_rows: int, num_tokens: int, k: int,

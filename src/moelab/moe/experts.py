@@ -249,11 +249,12 @@ class MLPExperts(Experts):
             layout = D.flat_layout(plan)
             return D.combine_rows(self._rows_exact(D.gather_rows(x, layout, dt), plan), layout, weights)
         if self.sparse_impl in ("auto", "fused") and x.shape[0] and self._fused_ok(x, weights, dt):
-            plan = D.sort_by_expert(indices, self.num_experts, mask)  # trimmed: rows = kept assignments
-            layout = D.flat_layout(plan)
-            return kernel_ops.sparse_mlp(x, weights, self.w1, self.b1, self.w2, self.b2, layout.row_token,
-                                         layout.assign_row, layout.row_assign, plan.offsets,
-                                         kernel_ops.act_code(self.activation))
+            flat = indices.reshape(-1)  # (N*k,); a dropped assignment: expert E
+            if mask is not None:
+                flat = torch.where(mask.reshape(-1), flat, self.num_experts)
+            row_token, row_assign, assign_row, offsets = kernel_ops.expert_rows(flat, indices.shape[1], self.num_experts)
+            return kernel_ops.sparse_mlp(x, weights, self.w1, self.b1, self.w2, self.b2, row_token, assign_row,
+                                         row_assign, offsets, kernel_ops.act_code(self.activation))
         path = self._impl(dt, x.device.type, indices.numel())
         if path == "static" and capacity is None and self.sparse_impl == "auto" and x.shape[0] \
                 and x.device.type != "meta":  # no capacity to bound the batch: one host read of the counts

@@ -180,14 +180,16 @@ class Router(nn.Module):
         self.expert_bias.add_(delta, alpha=self.bias_rate)
         self.expert_load.zero_()
 
-    def logits(self, x: Tensor) -> Tensor:
-        """x (..., d) -> float32 (float64 for float64 x) logits (..., num_logits); non-finite logits raise MoelabError."""
+    def logits(self, x: Tensor, check: bool = True) -> Tensor:
+        """x (..., d) -> float32 (float64 for float64 x) logits (..., num_logits); non-finite logits raise MoelabError
+        (``check=False``: the caller checks them, e.g. the fused top-k kernel, which counts them as it goes)."""
         logits = project(self.gate, x)
         if logits.shape[:-1] != x.shape[: logits.dim() - 1] or logits.shape[-1] != self.num_logits:
             raise MoelabError(f"router {self.name!r}: gate must map x {tuple(x.shape)} to logits "
                               f"(..., {self.num_logits}), got {tuple(logits.shape)}")
         logits = to_float(logits)
-        check_finite(logits, self.name)
+        if check:
+            check_finite(logits, self.name)
         return logits
 
     def route(self, x: Tensor) -> Routing:
@@ -254,9 +256,12 @@ def check_finite(logits: Tensor, name: str) -> None:
         return  # no data-dependent branch under torch.compile, vmap or grad transforms
     # host sync (CPU: free; accelerators: only with $MOELAB_CHECK_FINITE=1)
     if not bool(torch.isfinite(logits.sum())) and not bool(torch.isfinite(logits).all()):
-        bad = int((~torch.isfinite(logits)).sum())
-        raise MoelabError(f"router {name!r} produced {bad} non-finite logits (NaN/inf): check the input and "
-                          f"the gate's weights (learning rate too high?)")
+        raise_nonfinite(name, int((~torch.isfinite(logits)).sum()))
+
+
+def raise_nonfinite(name: str, bad: int) -> None:
+    raise MoelabError(f"router {name!r} produced {bad} non-finite logits (NaN/inf): check the input and "
+                      f"the gate's weights (learning rate too high?)")
 
 
 def zero_gate(name: str, gate: nn.Module | None) -> None:

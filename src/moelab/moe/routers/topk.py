@@ -37,11 +37,14 @@ from moelab.moe.routers.base import (
     Routing,
     capacity_mask,
     check_bool,
+    check_finite,
     check_capacity_factor,
     check_k,
     counts_of,
     default_k,
     expert_capacity,
+    finite_checks_on,
+    raise_nonfinite,
     topk,
     warn_top1_softmax,
     zero_long,
@@ -51,18 +54,19 @@ from moelab.moe.routers.base import (
 def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weights: Tensor,
                    capacity_factor: float | None, extra: dict[str, Tensor] | None = None,
                    lse: Tensor | None = None, mean_probs: Tensor | None = None,
-                   entropy: Tensor | None = None) -> Routing:
+                   entropy: Tensor | None = None, counts: Tensor | None = None) -> Routing:
     """Build a "sparse" Routing (applying capacity) from (N, E) logits/probs and (N, k) choices.
 
     Losses, each a few passes over (N, E) at most, computed when read (:class:`LazyLosses`): balance (f before
     capacity), z, importance (sum of kept gate values per expert), entropy of ``probs``. lse: optional (N,) logsumexp(logits).
-    The fused router passes ``probs=None`` with ``lse``, ``mean_probs`` (E,) and ``entropy`` (N,) instead.
+    The fused router passes ``probs=None`` with ``lse``, ``mean_probs`` (E,), ``entropy`` (N,) and ``counts`` (E,)
+    (assignments per expert) instead.
     """
     n, e = logits.shape
     k = indices.shape[1]
     mask = capacity = None
     dropped = zero_long(logits.device)
-    counts_all = counts_of(indices, e)  # (E,) before capacity: Switch's f_i
+    counts_all = counts_of(indices, e) if counts is None else counts  # (E,) before capacity: Switch's f_i
     counts = counts_all
     if capacity_factor is not None:
         capacity = expert_capacity(n, e, k, capacity_factor)
@@ -88,12 +92,16 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
                    expert_counts=counts, dropped=dropped, losses=losses, capacity=capacity)
 
 
-def fused_sparse_routing(logits: Tensor, k: int, normalize: bool, capacity_factor: float | None) -> Routing:
+def fused_sparse_routing(logits: Tensor, k: int, normalize: bool, capacity_factor: float | None,
+                         name: str = "topk") -> Routing:
     """:func:`sparse_routing` of top-k softmax gating with the fused CPU kernel: softmax, top-k,
-    weights, logsumexp, mean probabilities and entropy in one pass over the logits (the same values)."""
-    indices, weights, lse, psum, ent = kernel_ops.topk_softmax(logits, k, normalize)
+    weights, logsumexp, mean probabilities, entropy, loads and the finite check (the router ``name``'s, see
+    :func:`check_finite`) in one pass over the logits (the same values)."""
+    indices, weights, lse, psum, ent, counts, bad = kernel_ops.topk_softmax(logits, k, normalize)
+    if finite_checks_on(logits.device) and int(bad):
+        raise_nonfinite(name, int(bad))
     return sparse_routing(logits, None, indices, weights, capacity_factor, lse=lse,
-                          mean_probs=psum / max(logits.shape[0], 1), entropy=ent)
+                          mean_probs=psum / max(logits.shape[0], 1), entropy=ent, counts=counts)
 
 
 class TopKRouter(Router):
@@ -123,10 +131,11 @@ class TopKRouter(Router):
         return torch.softmax(top, dim=-1) if self.normalize else probs.gather(1, indices)
 
     def route(self, x: Tensor) -> Routing:
-        logits = self.logits(x)  # (N, E)
+        logits = self.logits(x, check=False)  # (N, E)
         sel = self.selection_scores(logits)  # (N, E) or None: choose on the logits
-        if sel is None and self.softmax_weights and kernels.enabled(logits):
-            return fused_sparse_routing(logits, self.k, self.normalize, self.capacity_factor)
+        if sel is None and self.softmax_weights and kernels.enabled(logits):  # it checks the logits
+            return fused_sparse_routing(logits, self.k, self.normalize, self.capacity_factor, self.name)
+        check_finite(logits, self.name)
         probs = torch.softmax(logits, dim=-1)  # (N, E)
         top, indices = topk(logits if sel is None else sel, self.k)  # (N, k)
         if sel is not None:
