@@ -169,14 +169,31 @@ def test_a_run_directory_written_with_old_keys_resumes(tmp_path, capsys):
 
 def test_a_family_is_registered_in_its_own_module():
     assert family_names() == sorted(BUILTIN)
-    with pytest.raises(ValueError, match=r"register it in the module moelab.experiments.nope"):
-        def run(cfg, ctx):
-            return {}
-        run.__module__ = "moelab.experiments.jacobs"
-        experiments.family("nope", {"a": True})(run)
+    def run(cfg, ctx):
+        return {}
+
+    for elsewhere in ("moelab.experiments.jacobs", "moelab.experiments.jacobs.experiment", "moelab.experiments.digits",
+                      "moelab.experiments.nopeish.experiment"):
+        run.__module__ = elsewhere
+        with pytest.raises(ValueError, match=r"register it in the package moelab.experiments.nope "):
+            experiments.family("nope", {"a": True})(run)
+    assert "nope" not in experiments._FAMILIES
     with pytest.raises(ConfigError, match=r"unknown experiment family 'runner'. Known families: "
                                           r"cifar_experts, cifar_moe, jacobs, sparse_mlp\."):
         get_family("runner")  # a module of the package, but no family
+
+
+def test_a_family_registers_from_a_module_of_its_package(monkeypatch):
+    """The package moelab.experiments.<name> (what get_family imports) or any module of it may declare the family."""
+    monkeypatch.setattr(experiments, "_FAMILIES", dict(experiments._FAMILIES))
+
+    def run(cfg, ctx):
+        return {}
+
+    for home in ("moelab.experiments.nope", "moelab.experiments.nope.experiment"):
+        run.__module__ = home
+        experiments.family("nope", {"a": True})(run)
+        assert experiments._FAMILIES["nope"].module == home
 
 
 def test_import_stays_lazy():

@@ -5,6 +5,10 @@
 * only the experiment families and the benchmarks import the seed layer (the rest of the package is library);
 * ``moelab.bench`` imports nothing from ``moelab.experiments`` (the CLI hands the benchmarks the families'
   networks, :mod:`moelab.experiments.bench_models`);
+* each experiment family is a package of ``moelab.experiments`` that imports no other family's package; the modules
+  beside them (shared: ``digits``, ``cifar``, ``baselines``, ...) import no family package, except
+  ``bench_models`` (which builds the families' networks for the benchmarks); outside ``moelab.experiments`` only
+  the CLI imports a family package (``moelab gradcheck``);
 * there is no import cycle among moelab's modules (top-level imports: the ones that run at import time).
 """
 
@@ -124,6 +128,35 @@ def test_only_the_experiments_and_benchmarks_import_the_seed_layer():
 def test_bench_imports_no_experiment_family():
     bench = [m for m in MODULES if _within(m, "moelab.bench")]
     assert len(bench) > 5 and _offenders(bench, ("moelab.experiments",)) == {}
+
+
+#: the packages of moelab.experiments: one per experiment family
+FAMILY_PACKAGES = sorted(m for m, (_, is_pkg) in MODULES.items() if is_pkg and m.count(".") == 2
+                         and m.startswith("moelab.experiments."))
+#: the modules of moelab.experiments that are no family's: what the families share
+SHARED = sorted(m for m in MODULES if m.startswith("moelab.experiments.") and m.count(".") == 2
+                and m not in FAMILY_PACKAGES)
+#: who may import a family package besides the family itself
+FAMILY_USERS = ("moelab.experiments.bench_models", "moelab.cli")
+
+
+def test_every_family_is_a_package():
+    assert FAMILY_PACKAGES == [f"moelab.experiments.{f}" for f in ("cifar_experts", "cifar_moe", "jacobs", "sparse_mlp")]
+    assert {"moelab.experiments.digits", "moelab.experiments.cifar", "moelab.experiments.runner"} <= set(SHARED)
+
+
+def test_no_family_imports_another_family():
+    for fam in FAMILY_PACKAGES:
+        own = [m for m in MODULES if _within(m, fam)]
+        others = tuple(f for f in FAMILY_PACKAGES if f != fam)
+        assert _offenders(own, others) == {}, f"{fam} imports another family's package"
+
+
+def test_only_the_cli_and_the_bench_models_import_a_family():
+    outside = [m for m in MODULES if not any(_within(m, f) for f in (*FAMILY_PACKAGES, *FAMILY_USERS))]
+    assert "moelab.experiments.digits" in outside and "moelab.experiments" in outside
+    assert _offenders(outside, tuple(FAMILY_PACKAGES)) == {}, \
+        "shared modules (and the rest of moelab) must not import an experiment family's package"
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -113,7 +113,7 @@ def _cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_gradcheck(a: argparse.Namespace) -> int:
-    from moelab.experiments.jacobs_gradcheck import gradcheck_main
+    from moelab.experiments.jacobs.gradcheck import gradcheck_main
 
     return gradcheck_main(a.experiment, a.set, data_dir=a.data_dir, seed=a.seed)
 

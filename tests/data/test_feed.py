@@ -86,7 +86,7 @@ def test_residency_is_decided_by_size(monkeypatch):
 
 
 def _images(resident, n=50, device="cpu", channels_last=True):
-    from moelab.experiments.cifar_common import Images
+    from moelab.experiments.cifar import Images
 
     rng = np.random.default_rng(0)
     return Images(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), channels_last,
@@ -95,7 +95,7 @@ def _images(resident, n=50, device="cpu", channels_last=True):
 
 def _reference_batch(images, idx, flip, shift, gen):
     """What ``Images.batch`` computed before the feed (host gather, then the same transforms)."""
-    from moelab.experiments.cifar_common import MEAN, STD
+    from moelab.experiments.cifar import MEAN, STD
 
     x = images.x[idx].permute(0, 3, 1, 2).float().div_(255.0)
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -107,7 +107,7 @@ def _reference_batch(images, idx, flip, shift, gen):
 
 
 def _epoch(images, hflip=True, shift=2, seed=3, max_steps=None):
-    from moelab.experiments.cifar_common import image_batches
+    from moelab.experiments.cifar import image_batches
 
     g = _gen(seed)
     out = [(x.clone(), y.clone(), w) for x, y, w in image_batches(images, 16, g, hflip, shift, max_steps)]
@@ -121,7 +121,7 @@ def test_cifar_batches_resident_equal_host_equal_before(hflip, shift):
     got_h, g_h = _epoch(host, hflip, shift)
     got_r, g_r = _epoch(res, hflip, shift)
     # the reference: the loop as it was, on the host path's images
-    from moelab.experiments.cifar_common import index_batches
+    from moelab.experiments.cifar import index_batches
 
     g = _gen(3)
     want = [(_reference_batch(host, idx, flip, shift, g), host.y[idx]) for idx, flip in
@@ -147,7 +147,7 @@ def test_cifar_batch_without_generator_and_eval_batches():
 
 
 def test_images_of_keeps_the_path():
-    from moelab.experiments.cifar_common import images_of
+    from moelab.experiments.cifar import images_of
 
     for resident in (False, True):
         imgs = _images(resident)
@@ -190,7 +190,7 @@ class _Run:
 
 @pytest.mark.parametrize("augmented", [False, True])
 def test_digit_batches_resident_equal_host(augmented):
-    from moelab.experiments.digit_common import DigitFeed, Splits, minibatches
+    from moelab.experiments.digits import DigitFeed, Splits, minibatches
 
     data = _digit_data(60)
     raw = data["train_raw"]
@@ -233,7 +233,7 @@ def test_cifar_batches_on_cuda_match_the_cpu_without_syncs(resident):
 @needs_cuda
 @pytest.mark.parametrize("augmented", [False, True])
 def test_digit_batches_on_cuda_match_the_cpu(augmented):
-    from moelab.experiments.digit_common import Splits
+    from moelab.experiments.digits import Splits
 
     data = _digit_data(60)
     raw = data["train_raw"]

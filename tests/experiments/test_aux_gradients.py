@@ -156,7 +156,7 @@ def _cifar_step(tmp_path, name: str, m, aux_scale: float) -> None:
     """One epoch of one step of the cifar_moe recipe (:func:`moelab.experiments.cifar_moe.fit`: its
     optimiser, schedule, augmentation, loss and the trainer's minibatch epoch) on 8 random images."""
     import moelab.experiments.cifar_moe as cm
-    from moelab.experiments.cifar_common import Images
+    from moelab.experiments.cifar import Images
     from moelab.train.run import Run
 
     rng = np.random.default_rng(0)

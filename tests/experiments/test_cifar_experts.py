@@ -235,7 +235,8 @@ def test_the_generalist_starts_from_weights_the_seed_fixes(monkeypatch, tmp_path
     """train_generalist's initial weights depend on the run seed only (they were drawn before seeding once)."""
     from types import SimpleNamespace
 
-    from moelab.experiments import cifar_pretrain, get_family
+    from moelab.experiments import get_family
+    from moelab.experiments.cifar_experts import pretrain
     from moelab.schema import typed
     from moelab.train.run import seeded_generator
 
@@ -249,13 +250,13 @@ def test_the_generalist_starts_from_weights_the_seed_fixes(monkeypatch, tmp_path
         starts.append({k: v.clone() for k, v in model.state_dict().items()})
         return {"train_img_per_s": 1.0}
 
-    monkeypatch.setattr(cifar_pretrain, "train_classifier", fake_train)
-    monkeypatch.setattr(cifar_pretrain, "full_classes", lambda d: None)
+    monkeypatch.setattr(pretrain, "train_classifier", fake_train)
+    monkeypatch.setattr(pretrain, "full_classes", lambda d: None)
     for seed, noise in ((0, 1), (0, 2), (1, 1)):
         torch.manual_seed(noise)  # whatever the global RNG held before
         run = SimpleNamespace(seed=seed, generator=lambda *salt, seed=seed: seeded_generator(seed, *salt),
                               phase_times={"generalist": {"elapsed_s": 0.0}}, log=lambda *a: None)
-        cifar_pretrain.train_generalist(cfg, run, data)
+        pretrain.train_generalist(cfg, run, data)
     same, other = starts[0], starts[2]
     assert all(torch.equal(same[k], starts[1][k]) for k in same)  # same seed: same start
     assert not all(torch.equal(same[k], other[k]) for k in same)  # another seed: another start
@@ -267,7 +268,7 @@ def test_the_specialists_cache_key_follows_the_generalist_and_a_scratch_experts_
     from types import SimpleNamespace
 
     from moelab.experiments import get_family
-    from moelab.experiments.cifar_pretrain import expert_key, generalist_key
+    from moelab.experiments.cifar_experts.pretrain import expert_key, generalist_key
     from moelab.schema import typed
 
     def cfg(name, *sets):

@@ -13,7 +13,7 @@ from equal_cost_checks import assert_closest_width
 from moelab.cost import count_params, flops_per_example
 from moelab.errors import MoelabError
 from moelab.experiments.baselines import EQUAL_COST
-from moelab.experiments.cifar_common import Images
+from moelab.experiments.cifar import Images
 from moelab.experiments.cifar_moe import (
     Model,
     Train,

@@ -167,7 +167,7 @@ def test_mnist_faithful_train_on_test(tmp_path):
 
 
 def test_gradcheck_faithful(capsys):
-    from moelab.experiments.jacobs_gradcheck import gradcheck_main
+    from moelab.experiments.jacobs.gradcheck import gradcheck_main
 
     data_dir = _mnist_dir()
     code = gradcheck_main("mnist-jacobs-faithful", ["data.train_limit=50", "data.test_limit=10"],
@@ -179,7 +179,7 @@ def test_gradcheck_faithful(capsys):
 
 
 def test_gradcheck_modern_digits(capsys):
-    from moelab.experiments.jacobs_gradcheck import gradcheck_main
+    from moelab.experiments.jacobs.gradcheck import gradcheck_main
 
     assert gradcheck_main("digits-jacobs", [], max_coords=40) == 0, capsys.readouterr().out
 
@@ -189,7 +189,7 @@ def test_augment_is_shift_then_the_seed_preprocessing(name):
     """Augment's matrix form equals translating the original images, then the seed's zoom and scaling."""
     from moelab.data.augment import Augment
     from moelab.data.transforms import resize_cubic_half_like_seed, translate
-    from moelab.experiments.digit_common import load_data
+    from moelab.experiments.digits import load_data
     from moelab.experiments.jacobs import Config
     from moelab.schema import typed
 

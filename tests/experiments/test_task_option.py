@@ -108,7 +108,7 @@ def test_digit_task_classes_is_unchanged_and_odd_crops_halve(real_data_dir):
     cubic zoom (to 10 px) and the augmentation at that size."""
     from moelab.data.augment import Augment
     from moelab.data.transforms import train_val_split
-    from moelab.experiments.digit_common import Splits, load_data
+    from moelab.experiments.digits import Splits, load_data
     from moelab.experiments.sparse_mlp import Data
 
     d = Data(train_limit=300, test_limit=100, val_size=100)

@@ -314,6 +314,7 @@ def test_dense_router_is_the_per_sample_soft_mixture():
 def test_cifar_moe_recipe_keys():
     import moelab.experiments.cifar_moe as cm
     from moelab.errors import ConfigError
+    from moelab.moe import CondConv2d
 
     recipe = {"router_init": "zeros", "router_noise": "uniform", "balance": "bias", "bias_rate": 0.01}
     net = cm.build_model(cm.Model(moe="blocks", router="topk", **recipe), aux_scale=2.0)
@@ -323,7 +324,7 @@ def test_cifar_moe_recipe_keys():
     tokens = cm.build_model(cm.Model(moe="tokens", router="switch", balance="bias"))
     assert [m.balance for m in tokens.modules() if hasattr(m, "route")] == ["bias"]
     cc = cm.build_model(cm.Model(moe="condconv", router_init="zeros"))
-    assert all(_zero(m.routing_fn.weight) for m in cc.modules() if isinstance(m, cm.CondConv2d))
+    assert all(_zero(m.routing_fn.weight) for m in cc.modules() if isinstance(m, CondConv2d))
     dense = cm.build_model(cm.Model(moe="blocks", router="dense", num_experts=3))
     assert type(dense.blocks[2].router).__name__ == "DenseRouter"
     cm.check_config(cm.Config(model=cm.Model(moe="blocks", router="switch", **recipe)))

@@ -11,7 +11,7 @@ import killhook
 import pytest
 import torch
 
-import moelab.experiments.cifar_moe as cifar_moe
+import moelab.experiments.cifar_moe.experiment as cifar_moe  # the module whose _run seeds each phase
 import moelab.train.trainer as trainer
 from moelab.cli import main
 from moelab.experiments.runner import run_experiment

@@ -1,6 +1,6 @@
-"""Experiments: one module per family, built-in TOML configs in ``configs/``.
+"""Experiments: one package per family, shared modules beside them, built-in TOML configs in ``configs/``.
 
-A family module registers itself with :func:`family`, giving its default config
+A family package registers itself with :func:`family`, giving its default config
 (the schema of every key it reads, with its type), the rules saying which values each key
 accepts (:mod:`moelab.config`: ``Int``, ``Float``, ``Choice``, ...), an optional cross-key
 check, the keys a resumed run may change, and a ``run(cfg, run)`` function that trains,
@@ -8,10 +8,16 @@ evaluates and returns the summary dict (``test_accuracy`` and, when it trains se
 ``models: {name: {"test_accuracy": ...}}``). :func:`resolve_config` returns only configs
 that pass every rule, so a bad value is refused before a run directory exists.
 
-A family is registered in one place: the module of this package named after it (``moelab.experiments.jacobs``
-registers ``@family("jacobs", ...)``). Modules are imported lazily, the first time their family is asked for
-(:func:`get_family`), so ``import moelab.experiments`` and ``moelab list`` stay fast; :func:`family_names`
-imports the package's modules to list them all (error messages, tests).
+A family is registered in one place: its package, named after it (``moelab.experiments.jacobs``), whose
+``__init__`` imports the module that declares ``@family("jacobs", ...)`` (the package's ``experiment`` module).
+Each family package holds its typed config (``config``), its networks or recipe and its entry (``experiment``);
+what several families share are the modules beside them (``digits``: jacobs and sparse_mlp; ``cifar``: cifar_moe
+and cifar_experts; ``baselines``, ``router_recipe``, ``sections``, ``folder_data``; ``runner`` and ``seeds`` run
+any family). A family package imports no other family package.
+
+Packages are imported lazily, the first time their family is asked for (:func:`get_family`), so
+``import moelab.experiments`` and ``moelab list`` stay fast; :func:`family_names` imports the package's modules to
+list them all (error messages, tests).
 """
 
 from __future__ import annotations
@@ -82,9 +88,9 @@ def family(name: str, defaults: dict | None = None, rules: dict[str, Rule] | Non
         raise ValueError(f"family {name}: rules name keys that are not in its defaults: {', '.join(unknown)}")
 
     def deco(fn: Callable) -> Callable:
-        module = getattr(fn, "__module__", "") or ""
-        if module.startswith(__name__ + ".") and module != f"{__name__}.{name}":
-            raise ValueError(f"family {name}: register it in the module {__name__}.{name} (get_family imports it "
+        module, home = getattr(fn, "__module__", "") or "", f"{__name__}.{name}"
+        if module.startswith(__name__ + ".") and module != home and not module.startswith(home + "."):
+            raise ValueError(f"family {name}: register it in the package {home} (get_family imports it "
                              f"from there), not in {module}")
         run, chk = fn, check
         if schema is not None:
@@ -106,7 +112,7 @@ def keys_without_rules(fam: Family) -> list[str]:
 
 
 def get_family(name: str) -> Family:
-    """The family ``name``, importing its module (``moelab.experiments.<name>``) the first time."""
+    """The family ``name``, importing its package (``moelab.experiments.<name>``) the first time."""
     if name not in _FAMILIES and isinstance(name, str) and name.isidentifier() and \
             importlib.util.find_spec(f"{__name__}.{name}") is not None:
         importlib.import_module(f"{__name__}.{name}")

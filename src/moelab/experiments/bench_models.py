@@ -67,7 +67,7 @@ def _with_dense_twin(moe: nn.Module, dense_at, probe: torch.Tensor, hi: int) -> 
 def parse_variant(spec: str, width: int):
     """``"condconv:E=4:blocks=2,3"`` / ``"blocks:E=8:k=1:router=switch"`` / ``"tokens:E=8:k=2:hidden=8w"`` -> the
     cifar_moe model section (``hidden``: the token experts' hidden width, ``Nw`` = N x ``width``)."""
-    from moelab.experiments.cifar_moe_config import Model
+    from moelab.experiments.cifar_moe.config import Model
 
     kind, *opts = spec.split(":")
     if kind not in ("condconv", "blocks", "tokens"):

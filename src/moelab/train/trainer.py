@@ -327,7 +327,7 @@ def check_finite_row(row: dict, phase: str, epoch: int) -> None:
 
 
 class Batches(Protocol):
-    """Examples that build their own batches on their device (:class:`moelab.experiments.cifar_common.Images`)."""
+    """Examples that build their own batches on their device (:class:`moelab.experiments.cifar.Images`)."""
 
     def __len__(self) -> int: ...
 

@@ -15,16 +15,10 @@ from moelab.data.feed import fits_on_device
 from moelab.device import to_device
 from moelab.errors import ConfigError
 from moelab.experiments.baselines import dense_widths
-from moelab.experiments.cifar_common import (
-    Data,
-    Images,
-    autocast_for,
-    image_batches,
-    index_batches,
-    to_memory_format,
-)
-from moelab.experiments.cifar_experts_config import Config
-from moelab.experiments.cifar_pretrain import expert_fn
+from moelab.experiments.cifar import Images, image_batches, index_batches
+from moelab.experiments.cifar_experts.common import Data, autocast_for, to_memory_format
+from moelab.experiments.cifar_experts.config import Config
+from moelab.experiments.cifar_experts.pretrain import expert_fn
 from moelab.models.cifar_cnn import Seed1CNN, conv_l2_penalty
 from moelab.moe.losses import oracle_routing_loss
 from moelab.reproductions.conv_experts import ConvExperts

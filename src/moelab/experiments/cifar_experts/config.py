@@ -26,7 +26,7 @@ def _valid_pairs(pairs) -> bool:
 
 
 @dataclass(frozen=True)
-class DataConfig:  # (Data is the loaded data set, cifar_common.Data)
+class DataConfig:  # (Data is the loaded data set, cifar_experts.common.Data)
     dataset: Literal["cifar10"] = "cifar10"
     val_size: Annotated[int, Int(ge=1)] = 5000  # validation images carved (stratified) from the training set
     train_per_class: Annotated[int, Int(ge=0)] = 0  # >0: keep only this many training images per class (test slices)
@@ -116,7 +116,7 @@ class Baseline:
 @dataclass(frozen=True)
 class Config:
     """The ``cifar_experts`` family's config (``cifar10-experts`` and friends); sizes that must fit the data
-    are checked in :class:`moelab.experiments.cifar_common.Data`."""
+    are checked in :class:`moelab.experiments.cifar_experts.common.Data`."""
 
     data: DataConfig = field(default_factory=DataConfig)
     augment: Augment = field(default_factory=Augment)

@@ -1,6 +1,6 @@
-"""The CIFAR seed pipeline's data and training helpers (``cifar10-experts`` and friends; ``Images`` and
-``limit_per_class`` also serve ``cifar10-moe``): normalised, augmented batches; the data splits; one
-classifier trained with the seed's recipe."""
+"""The CIFAR seed pipeline's data and training helpers (``cifar10-experts`` and friends): the content keys of its
+caches, the data splits, one classifier trained with the seed's recipe. The batches themselves come from
+:mod:`moelab.experiments.cifar` (shared with ``cifar10-moe``)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import refuse
-from moelab.data.feed import Rows, send
-from moelab.data.transforms import random_translate, train_val_split, translate, translate_offsets
-from moelab.experiments.cifar_experts_config import Config
+from moelab.data.transforms import train_val_split
+from moelab.experiments.cifar import Images, Mirrored, image_batches, images_of, limit_per_class
+from moelab.experiments.cifar_experts.config import Config
 from moelab.models.cifar_cnn import conv_l2_penalty
 from moelab.precision import resolve_bf16
 from moelab.reproductions.hierarchical import pair_cover
@@ -29,8 +28,6 @@ from moelab.train.optim import onecycle_or_plateau
 from moelab.train.run import Run
 from moelab.train.trainer import Trainer, predict
 
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
 
 def config_hash(obj) -> str:
     """A content key for the caches: config sections (typed dataclasses) hash as their dicts, so keys made
@@ -52,65 +49,6 @@ def _as_dict(obj):
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return section_dict(obj)
     raise TypeError(f"config_hash: cannot hash a {type(obj).__name__}")
-
-
-class Images:
-    """uint8 NHWC images -> normalised float NCHW (channels_last) batches on ``device``, augmented on the whole
-    batch at once (no per-image Python work), on that device. ``x`` and ``y`` (the labels metrics read) stay
-    on the host; batches come through :class:`moelab.data.feed.Rows`: gathered on a CUDA device that the
-    images fit on (``resident``; None: decided by their size), else gathered on the host, into pinned memory
-    and copied asynchronously; on the CPU, plain indexing (the same batches on every path)."""
-
-    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, channels_last: bool,
-                 device: torch.device | str = "cpu", resident: bool | None = None):
-        self.x = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))  # (N, 32, 32, 3) uint8
-        self.y = y if torch.is_tensor(y) else torch.from_numpy(np.asarray(y, dtype=np.int64))
-        self.channels_last = channels_last
-        self.device = torch.device(device)
-        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
-        self.rows = Rows(self.x, self.device, resident)
-        self.labels = Rows(self.y, self.device, self.rows.resident)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    @property
-    def resident(self) -> bool:
-        """Whether the images live on the device (and batches are gathered there)."""
-        return self.rows.resident
-
-    def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None, shift: int = 0,
-              gen: torch.Generator | None = None) -> torch.Tensor:
-        """Images ``idx`` on the device, normalised, then mirrored where ``flip``, then shifted by a random
-        offset in [-shift, shift] per axis (edge fill) drawn from ``gen``."""
-        return self._take(idx, flip, shift, gen, labels=False)[0]
-
-    def take(self, idx: torch.Tensor, flip: torch.Tensor | None = None, shift: int = 0,
-             gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(batch(idx, flip, shift, gen), labels of idx)``, both on the device."""
-        return self._take(idx, flip, shift, gen, labels=True)
-
-    def _take(self, idx, flip, shift, gen, labels: bool):
-        # the shift offsets are drawn here, on the host, as random_translate draws them (dy, then dx)
-        dy = dx = None
-        if shift > 0 and gen is not None:
-            dy, dx = translate_offsets(len(idx), shift, self.x.shape[1], self.x.shape[2], gen)
-        y = self.y[idx] if labels and not self.resident else None
-        idx_d, flip, dy, dx, y = send([idx if self.resident else None, flip, dy, dx, y], self.device)  # one copy
-        x = self.rows.take(idx_d if self.resident else idx)  # uint8 on the device: 4x less to copy than float
-        if labels and self.resident:
-            y = self.labels.take(idx_d)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # NCHW view of NHWC = channels_last
-        x = (x - self.mean) / self.std
-        if flip is not None:
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        if dy is not None:
-            x = translate(x, dy, dx, fill="edge")
-        elif shift > 0:  # no generator: torch's global one, on the device (as random_translate does)
-            x = random_translate(x, shift, gen, fill="edge")
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        return x, y
 
 
 def load_average() -> float:
@@ -138,14 +76,6 @@ def to_memory_format(model: nn.Module, cfg: Config, device: torch.device | str =
     return model.to(memory_format=torch.channels_last) if cfg.compute.channels_last else model
 
 
-def limit_per_class(y: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
-    keep = []
-    for c in classes:
-        idx = np.flatnonzero(y == c)
-        keep.append(idx[:per_class] if per_class > 0 else idx)
-    return np.sort(np.concatenate(keep))
-
-
 def check_sizes(cfg: Config, train_per_class: dict[int, int], test_per_class: dict[int, int]) -> None:
     """The sizes that must fit the data set (images per used class), before anything trains."""
     d = cfg.data
@@ -162,8 +92,6 @@ def check_sizes(cfg: Config, train_per_class: dict[int, int], test_per_class: di
         value = getattr(getattr(cfg, sec), name)
         if value > n_fit:
             raise refuse(key, value, f"at most the {n_fit} training images left after data.val_size")
-
-
 
 
 class Data:
@@ -187,44 +115,6 @@ class Data:
         self.test = Images(ds.test_x[te_keep], ds.test_y[te_keep], cl, run.device)
         self.cover = pair_cover(self.pairs, len(self.classes))  # (K, E): class k is in expert e's pair
         self.key = {"checksum": self.checksum, "data": cfg.data, "train": len(self.train), "val": len(self.val)}
-
-
-
-
-def index_batches(n: int, batch: int, gen: torch.Generator, hflip: bool, max_steps: int | None = None):
-    """An epoch's shuffled batches (at most ``max_steps``): yields ``(indices, flip)`` (``flip`` a random
-    half of the batch when ``hflip``, else None), drawn lazily from ``gen`` so the augmentation that
-    follows each batch draws from it in the same order."""
-    perm = torch.randperm(n, generator=gen)
-    for step, i in enumerate(range(0, n, batch)):
-        if max_steps is not None and step >= max_steps:
-            return
-        idx = perm[i : i + batch]
-        yield idx, (torch.rand(len(idx), generator=gen) < 0.5 if hflip else None)
-
-
-def image_batches(images: Images, batch: int, gen: torch.Generator, hflip: bool, shift: int,
-                  max_steps: int | None = None, summed: bool = False):
-    """:func:`index_batches` as augmented images: yields ``(x, y, loss weight)`` for
-    :func:`moelab.train.trainer.minibatch_epoch`; the weight is 1 (a mean loss), or the batch size when
-    ``summed`` (a loss summed over the batch, as airbench's recipe has it)."""
-    for idx, flip in index_batches(len(images), batch, gen, hflip, max_steps):
-        x, y = images.take(idx, flip, shift, gen)  # both on images.device
-        yield x, y, (len(idx) if summed else 1.0)
-
-
-class Mirrored:
-    """``images``, every one mirrored, as :class:`moelab.train.trainer.Batches` (the experts' outputs on the
-    flipped training images)."""
-
-    def __init__(self, images: Images):
-        self.images, self.device = images, images.device
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.images.batch(idx, flip=torch.ones(len(idx), dtype=torch.bool))
 
 
 def outputs(fn, images: Images | Mirrored, cfg: Config) -> list[torch.Tensor]:
@@ -309,11 +199,6 @@ def train_classifier(run: Run, phase: str, model: nn.Module, images: Images, val
     model.eval()
     return {"last": last, "best_val": state["best"], "best_epoch": state["best_epoch"] + 1,
             "train_img_per_s": trainer.img_per_s, "train_s": run.phase_times[phase]["train_s"]}
-
-
-def images_of(images: Images, classes: list[int]) -> Images:
-    keep = torch.isin(images.y, torch.tensor(classes))
-    return Images(images.x[keep], images.y[keep], images.channels_last, images.device, resident=images.resident)
 
 
 def full_classes(data: Data) -> Images:

@@ -3,20 +3,19 @@ full-batch gradient descent with its hand-written gradient (see :mod:`moelab.exp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.cost import cost_row
-from moelab.experiments.digit_common import (
+from moelab.experiments.digits import (
     dense_baselines,
     format_lead,
     label_single,
     lead_share,
     model_report,
 )
+from moelab.experiments.jacobs.config import Config, Faithful, Model
 from moelab.models.mlp_mixture import (
     SeedMixture,
     SeedMLP,
@@ -27,9 +26,6 @@ from moelab.models.mlp_mixture import (
 from moelab.train.evaluation import routing_stats, save_eval
 from moelab.train.run import Run
 from moelab.train.trainer import Trainer, predict
-
-if TYPE_CHECKING:  # jacobs imports this module
-    from moelab.experiments.jacobs import Config, Faithful, Model
 
 
 def _dtype(name: str) -> torch.dtype:

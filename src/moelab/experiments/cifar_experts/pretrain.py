@@ -9,19 +9,18 @@ import torch
 from torch import nn
 
 from moelab.data.location import cache_dir
-from moelab.experiments.cifar_common import (
+from moelab.experiments.cifar import Mirrored, images_of
+from moelab.experiments.cifar_experts.common import (
     Data,
-    Mirrored,
     config_hash,
     full_classes,
-    images_of,
     outputs,
     section_dict,
     to_memory_format,
     train_classifier,
     use_bf16,
 )
-from moelab.experiments.cifar_experts_config import Config
+from moelab.experiments.cifar_experts.config import Config
 from moelab.models.cifar_cnn import Seed1CNN
 from moelab.reproductions.conv_experts import ConvExperts
 from moelab.reproductions.gating import HIERARCHICAL
@@ -30,6 +29,7 @@ from moelab.train.evaluation import accuracy
 from moelab.train.run import Run
 
 CACHE_VERSION = 1
+
 
 def generalist_key(cfg: Config, data: Data, seed: int) -> str:
     return config_hash({"v": CACHE_VERSION, "generalist": cfg.generalist, "l2": cfg.experts.l2,

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.errors import MoelabError
-from moelab.experiments.digit_common import load_data
-from moelab.experiments.jacobs import Config, mixture_loss
+from moelab.experiments.digits import load_data
+from moelab.experiments.jacobs.config import Config
+from moelab.experiments.jacobs.modern import mixture_loss
 from moelab.models.mlp_mixture import (
     SeedMixture,
     add_bias_column,

@@ -1,39 +1,5 @@
-"""Seed experiment 1: ten CNN experts pretrained on pairs of similar CIFAR-10 classes, frozen, and a
-CNN gate trained on top (four gating variants of the seed + ``expert-aware``), with baselines.
-
-Pipeline (one ``moelab run cifar10-experts``):
-
-0. Warm start (``cifar10-experts-warm``: ``experts.init`` / ``gate.init = "generalist"``): one CNN of
-   the expert architecture is trained on all classes first (phase ``generalist``, cached by content);
-   each expert then starts as a copy of it and is trained on its pair only (a specialist), and the
-   gate's trunk starts from its trunk. ``baseline.epochs = 0`` gives the single-CNN baseline the
-   mixture's whole measured training budget (``timings.mixture_budget_s``: generalist + experts +
-   expert outputs + gate, cached phases at the time they took), converted to epochs at the
-   generalist's measured speed: the comparison at equal wall-clock.
-1. Data: CIFAR-10, ``data.val_size`` validation images carved from train (stratified).
-2. Experts (phase ``expert<i>``): each a :class:`Seed1CNN` trained on its pair's images only (10-way
-   softmax head, as in the seed), random shift + horizontal flip, Adam, learning rate halved on a
-   validation plateau, early stopping, best checkpoint by validation accuracy. The ten trained experts
-   are stacked into one :class:`ConvExperts` and cached by content (expert config + data checksum +
-   seed) as ``<cache>/experts/<key>.safetensors``; a later run with the same key reuses them.
-3. Expert outputs (softmax probabilities + pooled trunk features) for the plain and the flipped
-   training images, the validation and the test images are computed once (bf16, channels_last) and
-   cached too (``<cache>/expert-outputs/<key>.safetensors``): the gate phase never runs an expert.
-4. Gate (phase ``gate``): the experts are frozen, so a gate step is one gate forward/backward. The
-   gate sees a randomly flipped (and, with ``gate.shift``, shifted) image; the experts' outputs are
-   the cached ones of the same image flipped the same way but not shifted (a shift moves an object
-   by at most 3 pixels; it regularises the gate without running the experts).
-   ``gate.kind = "hierarchical"`` (``cifar10-hierarchical``) trains no gate: the generalist's class
-   probabilities weigh the experts by their pairs' mass and each expert decides within its pair
-   (:func:`moelab.reproductions.hierarchical.combine_hierarchical`), so only the val/test outputs are computed.
-5. Optional joint fine-tuning of experts + gate (``gate.finetune_epochs``).
-6. Baselines (``baselines = true``): the uniform average of the experts (always reported: it is
-   free), the gate trunk alone as a 10-way classifier (gate recipe), one CNN of the expert
-   architecture trained on all ten classes (``baseline.*``).
-
-``summary.json`` ``models``: every trained model's test accuracy, each expert's accuracy on its own
-pair's test images, and the oracle-pair upper bound (each image routed to the experts of its class).
-"""
+"""The cifar_experts family's entry: the seed-1 pipeline's phases in order (see
+:mod:`moelab.experiments.cifar_experts`)."""
 
 from __future__ import annotations
 
@@ -45,7 +11,7 @@ import torch
 from moelab.cost import cost_row
 from moelab.experiments import family
 from moelab.experiments.baselines import equal_cost_rows
-from moelab.experiments.cifar_common import (
+from moelab.experiments.cifar_experts.common import (
     Data,
     full_classes,
     load_average,
@@ -54,15 +20,8 @@ from moelab.experiments.cifar_common import (
     train_classifier,
     use_bf16,
 )
-from moelab.experiments.cifar_experts_config import (  # noqa: F401 (re-exported)
-    DEFAULTS,
-    RESUMABLE,
-    RULES,
-    SEED_PAIRS,
-    Config,
-    check_config,
-)
-from moelab.experiments.cifar_gate import (
+from moelab.experiments.cifar_experts.config import RESUMABLE, Config, check_config
+from moelab.experiments.cifar_experts.gate import (
     cost_probe,
     finetune,
     gate_predict,
@@ -71,7 +30,7 @@ from moelab.experiments.cifar_gate import (
     seed_cnn_widths,
     train_gate,
 )
-from moelab.experiments.cifar_pretrain import (
+from moelab.experiments.cifar_experts.pretrain import (
     expert_outputs,
     expert_reports,
     needs_generalist,
@@ -291,6 +250,3 @@ class Pipeline:
                                           target))
         if self.kind == "none":
             self.summary["test_accuracy"] = single["test_accuracy"]
-
-
-__all__ = ["Config", "DEFAULTS", "SEED_PAIRS", "run_cifar_experts"]
