@@ -178,19 +178,24 @@ _Pragma("omp simd reduction(+ : s, sl)")
         const T inv = T(1) / s;
 _Pragma("omp simd")
         for (int64_t i = 0; i < e; ++i) acc[i] += buf[i] * inv;
-        // top-k by value, descending; ties keep the lower index (as argmax / torch.topk on CPU)
-        int64_t filled = 0;
+        // top-k by value, descending; ties keep the lower index (as argmax / torch.topk on CPU). Branch-free
+        // insertion: each logit is carried down the k slots, swapping with every smaller one (selects, no jumps)
+        std::fill(tv.begin(), tv.end(), -std::numeric_limits<T>::infinity());
+        std::fill(ti.begin(), ti.end(), int64_t(0));
+        T* __restrict tvp = tv.data();
+        int64_t* __restrict tip = ti.data();
         for (int64_t i = 0; i < e; ++i) {
-          const T v = l[i];
-          if (filled == k && !(v > tv[k - 1])) continue;
-          int64_t j = filled < k ? filled++ : k - 1;
-          while (j > 0 && v > tv[j - 1]) {
-            tv[j] = tv[j - 1];
-            ti[j] = ti[j - 1];
-            --j;
+          T v = l[i];
+          int64_t id = i;
+          for (int64_t j = 0; j < k; ++j) {
+            const bool g = v > tvp[j];
+            const T tj = tvp[j];
+            const int64_t ij = tip[j];
+            tvp[j] = g ? v : tj;
+            tip[j] = g ? id : ij;
+            v = g ? tj : v;
+            id = g ? ij : id;
           }
-          tv[j] = v;
-          ti[j] = i;
         }
         T ws = 0;
         for (int64_t j = 0; j < k; ++j) {

@@ -421,15 +421,15 @@ class SparseMoEMLP(nn.Module):
     def forward_with_aux(self, x: Tensor) -> tuple[Tensor, Tensor, list]:
         """-> (logits, summed auxiliary loss, the MoEAux of each MoE block)."""
         z = self.embed(x)
-        aux, auxes = z.new_zeros((), dtype=torch.float32), []
+        aux, auxes = None, []
         for norm, block in zip(self.norms, self.blocks):
             out = block(norm(z))
             if isinstance(out, tuple):  # MoE: (y, MoEAux)
                 out, a = out
-                aux = aux + a.loss
+                aux = a.loss if aux is None else aux + a.loss
                 auxes.append(a)
             z = z + out if self.arch == "residual" else out
-        return self.head(z), aux, auxes
+        return self.head(z), z.new_zeros((), dtype=torch.float32) if aux is None else aux, auxes
 
     def moe_aux(self, x: Tensor) -> list:
         """The MoEAux of each MoE block on ``x`` (for routing statistics)."""

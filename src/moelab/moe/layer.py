@@ -199,9 +199,12 @@ class MoE(nn.Module):
         else:  # pragma: no cover - a Router subclass with an unknown kind
             raise MoelabError(f"router {self.router.name!r} returned unknown routing kind {r.kind!r}")
 
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        loss = None  # the weighted sum, without a zero to start from (one op less per step and in backward)
         for name, w in self.aux_loss_weights.items():
-            loss = loss + w * r.losses[name]
+            term = w * r.losses[name]
+            loss = term if loss is None else loss + term
+        if loss is None:
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
         aux = MoEAux(loss=loss, losses=r.losses, logits=r.logits, expert_counts=r.expert_counts,
                      dropped=r.dropped, indices=r.indices, expert_outputs=expert_outputs, routing=r)
         return y.reshape(*lead, *y.shape[1:]), aux

@@ -219,9 +219,17 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 def linear_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., d) @ weight (o, d)^T (+ bias) in float32 (float64 if x or weight is) with autocast off: a routing
     projection whose top-k must not change with the compute precision (bf16 autocast would round x and W)."""
-    dt = fp32_of(x, weight)
+    dt = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    if x.dtype != dt:
+        x = x.to(dt)
+    if weight.dtype != dt:
+        weight = weight.to(dt)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    if x.device.type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)  # (entering a disabled autocast costs more than this GEMM at router sizes)
     with autocast_off(x.device):
-        return F.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+        return F.linear(x, weight, bias)
 
 
 def project(gate: nn.Module, x: Tensor) -> Tensor:

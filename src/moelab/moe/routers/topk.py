@@ -54,13 +54,14 @@ from moelab.moe.routers.base import (
 def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weights: Tensor,
                    capacity_factor: float | None, extra: dict[str, Tensor] | None = None,
                    lse: Tensor | None = None, mean_probs: Tensor | None = None,
-                   entropy: Tensor | None = None, counts: Tensor | None = None) -> Routing:
+                   entropy: Tensor | None = None, counts: Tensor | None = None,
+                   balance: Tensor | None = None) -> Routing:
     """Build a "sparse" Routing (applying capacity) from (N, E) logits/probs and (N, k) choices.
 
     Losses, each a few passes over (N, E) at most, computed when read (:class:`LazyLosses`): balance (f before
     capacity), z, importance (sum of kept gate values per expert), entropy of ``probs``. lse: optional (N,) logsumexp(logits).
-    The fused router passes ``probs=None`` with ``lse``, ``mean_probs`` (E,), ``entropy`` (N,) and ``counts`` (E,)
-    (assignments per expert) instead.
+    The fused router passes ``probs=None`` with ``lse``, ``mean_probs`` (E,), ``entropy`` (N,), ``counts`` (E,)
+    (assignments per expert) and the ``balance`` loss instead.
     """
     n, e = logits.shape
     k = indices.shape[1]
@@ -84,8 +85,8 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
     def gate_entropy() -> Tensor:  # mean_n -sum p log p with log p = logits - lse
         return L.mean_or_zero(log_z() - (probs * logits).sum(-1) if entropy is None else entropy)
 
-    losses = LazyLosses({"balance": lambda: L.switch_balance_loss(probs if mean_probs is None else mean_probs,
-                                                                   counts_all),
+    losses = LazyLosses({"balance": balance if balance is not None else
+                         lambda: L.switch_balance_loss(probs if mean_probs is None else mean_probs, counts_all),
                          "z": lambda: L.mean_or_zero(log_z().square()), "importance": importance,
                          "entropy": gate_entropy, **(extra or {})})
     return Routing("sparse", gates=None, logits=logits, indices=indices, weights=weights, mask=mask,
@@ -100,8 +101,12 @@ def fused_sparse_routing(logits: Tensor, k: int, normalize: bool, capacity_facto
     indices, weights, lse, psum, ent, counts, bad = kernel_ops.topk_softmax(logits, k, normalize)
     if finite_checks_on(logits.device) and int(bad):
         raise_nonfinite(name, int(bad))
-    return sparse_routing(logits, None, indices, weights, capacity_factor, lse=lse,
-                          mean_probs=psum / max(logits.shape[0], 1), entropy=ent, counts=counts)
+    n, e = logits.shape
+    # Switch balance E sum_i f_i P_i with f_i = counts_i / (N k) (every token makes k assignments) and
+    # P_i = psum_i / N: one dot product (L.switch_balance_loss computes the same in more steps)
+    balance = torch.dot(counts.to(psum.dtype), psum) * (e / max(n * n * k, 1))
+    return sparse_routing(logits, None, indices, weights, capacity_factor, lse=lse, mean_probs=psum / max(n, 1),
+                          entropy=ent, counts=counts, balance=balance)
 
 
 class TopKRouter(Router):
