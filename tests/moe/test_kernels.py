@@ -388,3 +388,15 @@ def test_expert_rows_equal_the_sorted_plan_and_its_flat_layout(n, e, k, mask_p):
     assert torch.equal(assign_row, lay.assign_row) and torch.equal(offsets, plan.offsets.long())
     with pytest.raises(RuntimeError, match="expert_rows: expert id 9 at position 0 is outside"):
         K.expert_rows(torch.tensor([9, 0]), 2, e)
+
+
+def test_topk_softmax_gives_k_distinct_experts_with_minus_infinite_logits():
+    """The kernel's slots fill with the first k experts whatever their logits, so a row with fewer than k finite
+    logits (possible with the finite check off) still routes to k distinct, valid experts."""
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 1.0, -inf, -inf], [-inf, -inf, -inf, -inf], [0.5, -inf, 2.0, -inf]])
+    idx = K.topk_softmax(logits, 2, True)[0]
+    assert idx.tolist() == [[1, 0], [0, 1], [2, 0]]
+    rows = torch.randn(300, 12)
+    for k in (1, 3, 12):  # against torch.topk across many rows (lanes and a partial last block)
+        assert torch.equal(K.topk_softmax(rows, k, False)[0], rows.topk(k, dim=-1).indices)

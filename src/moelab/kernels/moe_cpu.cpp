@@ -154,58 +154,101 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(
     T *W = weights.data_ptr<T>(), *S = lse.data_ptr<T>(), *H = ent.data_ptr<T>();
     const int64_t nt = at::get_num_threads();
     std::vector<T> part(static_cast<size_t>(nt * e), T(0));  // per-thread sum_n p_n
-    at::parallel_for(0, n, 256, [&, e, k](int64_t b, int64_t end) {  // sizes by value: the int64 index stores
-      T* acc = part.data() + at::get_thread_num() * e;                 // below cannot alias them (vectorises)
-      std::vector<T> tv(k), buf(e);
-      std::vector<int64_t> ti(k);
-      for (int64_t r = b; r < end; ++r) {
-        const T* l = L + r * e;
-        T m = l[0];
-_Pragma("omp simd reduction(max : m)")
-        for (int64_t i = 1; i < e; ++i) m = std::max(m, l[i]);
-        T* __restrict bp = buf.data();
-_Pragma("omp simd")
-        for (int64_t i = 0; i < e; ++i) bp[i] = exp_(l[i] - m);
-        T s = 0, sl = 0;
-_Pragma("omp simd reduction(+ : s, sl)")
-        for (int64_t i = 0; i < e; ++i) {
-          s += bp[i];
-          sl += bp[i] * (l[i] - m);
+    // Rows in blocks of B, one row per SIMD lane: every step below is the same for all B rows (max, exp, sums,
+    // the top-k insertion as compares and selects), so the compiler vectorises across rows instead of along a
+    // row of E = 8..64 logits, where the top-k's branches and the per-row log cost more than the arithmetic.
+    constexpr int64_t B = 32 / sizeof(T);  // lanes of a 256-bit vector
+    at::parallel_for(0, n, 256, [&, e, k](int64_t b, int64_t end) {
+      T* acc = part.data() + at::get_thread_num() * e;
+      std::vector<T> tb(static_cast<size_t>(e * B)), pb(static_cast<size_t>(e * B));  // (E, B) logits, exp
+      std::vector<T> tvb(static_cast<size_t>(k * B));                                  // (k, B) top values
+      std::vector<int32_t> tib(static_cast<size_t>(k * B));                            // (k, B) their ids
+      for (int64_t r0 = b; r0 < end; r0 += B) {
+        const int64_t nb = std::min(B, end - r0);
+        T* __restrict t = tb.data();
+        T* __restrict pe = pb.data();
+        T* __restrict tv = tvb.data();
+        int32_t* __restrict ti = tib.data();
+        for (int64_t q = 0; q < B; ++q) {  // transpose; lanes past the last row repeat it (never stored)
+          const T* l = L + (r0 + std::min(q, nb - 1)) * e;
+          for (int64_t i = 0; i < e; ++i) t[i * B + q] = l[i];
         }
-        const T ls = std::log(s), lz = m + ls;
-        S[r] = lz;
-        H[r] = ls - sl / s;  // -sum p log p with log p = (l - m) - log s
-        const T inv = T(1) / s;
+        T m[B], sum[B], sl[B], lz[B], inv[B];
 _Pragma("omp simd")
-        for (int64_t i = 0; i < e; ++i) acc[i] += buf[i] * inv;
-        // top-k by value, descending; ties keep the lower index (as argmax / torch.topk on CPU). Branch-free
-        // insertion: each logit is carried down the k slots, swapping with every smaller one (selects, no jumps)
-        std::fill(tv.begin(), tv.end(), -std::numeric_limits<T>::infinity());
-        std::fill(ti.begin(), ti.end(), int64_t(0));
-        T* __restrict tvp = tv.data();
-        int64_t* __restrict tip = ti.data();
+        for (int64_t q = 0; q < B; ++q) m[q] = t[q];
+        for (int64_t i = 1; i < e; ++i)
+_Pragma("omp simd")
+          for (int64_t q = 0; q < B; ++q) m[q] = t[i * B + q] > m[q] ? t[i * B + q] : m[q];
+_Pragma("omp simd")
+        for (int64_t q = 0; q < B; ++q) sum[q] = sl[q] = T(0);
+        for (int64_t i = 0; i < e; ++i)
+_Pragma("omp simd")
+          for (int64_t q = 0; q < B; ++q) {
+            const T d = t[i * B + q] - m[q], p = exp_(d);
+            pe[i * B + q] = p;
+            sum[q] += p;
+            sl[q] += p * d;
+          }
+        for (int64_t q = 0; q < nb; ++q) {
+          const T ls = std::log(sum[q]);
+          lz[q] = m[q] + ls;
+          inv[q] = T(1) / sum[q];
+          S[r0 + q] = lz[q];
+          H[r0 + q] = ls - sl[q] * inv[q];  // -sum p log p with log p = (l - m) - log s
+        }
         for (int64_t i = 0; i < e; ++i) {
-          T v = l[i];
-          int64_t id = i;
+          T a = 0;
+          for (int64_t q = 0; q < nb; ++q) a += pe[i * B + q] * inv[q];
+          acc[i] += a;
+        }
+        // top-k by value, descending; ties keep the lower id (as torch.topk on CPU); the first k ids fill the
+        // empty slots (id -1) whatever their values, so a row of -inf still gets k distinct experts
+        for (int64_t j = 0; j < k; ++j)
+_Pragma("omp simd")
+          for (int64_t q = 0; q < B; ++q) {
+            tv[j * B + q] = T(0);
+            ti[j * B + q] = -1;
+          }
+        for (int64_t i = 0; i < e; ++i) {
+          // the value (and id) carried down the slots, one per lane; every array below is written whole from
+          // two others (selects into fresh arrays: "x = g ? y : x" compiles to masked stores, slow on AMD)
+          T v[2][B];
+          int32_t id[2][B];
+_Pragma("omp simd")
+          for (int64_t q = 0; q < B; ++q) {
+            v[0][q] = t[i * B + q];
+            id[0][q] = static_cast<int32_t>(i);
+          }
           for (int64_t j = 0; j < k; ++j) {
-            const bool g = v > tvp[j];
-            const T tj = tvp[j];
-            const int64_t ij = tip[j];
-            tvp[j] = g ? v : tj;
-            tip[j] = g ? id : ij;
-            v = g ? tj : v;
-            id = g ? ij : id;
+            const int64_t c = j & 1;
+            T nv[B];
+            int32_t ni[B];
+_Pragma("omp simd")
+            for (int64_t q = 0; q < B; ++q) {  // innermost: the lanes (a loop inside would keep it scalar)
+              const T tj = tv[j * B + q];
+              const int32_t ij = ti[j * B + q];
+              const bool g = ij < 0 || v[c][q] > tj;
+              nv[q] = g ? v[c][q] : tj;
+              ni[q] = g ? id[c][q] : ij;
+              v[c ^ 1][q] = g ? tj : v[c][q];
+              id[c ^ 1][q] = g ? ij : id[c][q];
+            }
+            std::memcpy(tv + j * B, nv, sizeof(nv));
+            std::memcpy(ti + j * B, ni, sizeof(ni));
           }
         }
-        T ws = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          I[r * k + j] = ti[j];
-          const T w = normalize ? exp_(tv[j] - tv[0]) : exp_(tv[j] - lz);
-          W[r * k + j] = w;
-          ws += w;
+        for (int64_t q = 0; q < nb; ++q) {
+          const int64_t r = r0 + q;
+          T ws = 0;
+          for (int64_t j = 0; j < k; ++j) {
+            I[r * k + j] = ti[j * B + q];
+            const T w = normalize ? exp_(tv[j * B + q] - tv[q]) : exp_(tv[j * B + q] - lz[q]);
+            W[r * k + j] = w;
+            ws += w;
+          }
+          if (normalize)
+            for (int64_t j = 0; j < k; ++j) W[r * k + j] /= ws;
         }
-        if (normalize)
-          for (int64_t j = 0; j < k; ++j) W[r * k + j] /= ws;
       }
     });
     T* P = psum.data_ptr<T>();
