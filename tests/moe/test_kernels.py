@@ -46,7 +46,7 @@ def test_topk_softmax_ties_pick_the_lower_expert():
 
 def test_topk_softmax_large_logits_stay_finite():
     logits = torch.tensor([[500.0, -500.0, 499.0], [-1e4, -1e4 + 1, -1e4 + 2]])
-    idx, w, lse, psum, ent, counts, bad = K.topk_softmax(logits, 2, True)
+    idx, w, lse, psum, ent, counts, bad, balance = K.topk_softmax(logits, 2, True)
     want = _ref_topk_softmax(logits, 2, True)
     assert int(bad) == 0 and counts.tolist() == [1, 1, 2]
     for g, r in zip((w, lse, psum, ent), want[1:]):
@@ -230,7 +230,7 @@ def test_ops_accept_empty_inputs():
     assert x.grad.shape == x.shape
     y = K.combine_rows(torch.randn(0, 4, requires_grad=True), idx, idx, torch.rand(0, 2, requires_grad=True))
     assert y.shape == (0, 4)
-    indices, w, lse, psum, ent, counts, bad = K.topk_softmax(torch.randn(0, 6), 2, True)
+    indices, w, lse, psum, ent, counts, bad, balance = K.topk_softmax(torch.randn(0, 6), 2, True)
     assert indices.shape == (0, 2) and torch.equal(psum, torch.zeros(6)) and counts.tolist() == [0] * 6
     assert int(bad) == 0
     order, counts, inverse = K.sort_plan(idx, 3)
@@ -400,3 +400,20 @@ def test_topk_softmax_gives_k_distinct_experts_with_minus_infinite_logits():
     rows = torch.randn(300, 12)
     for k in (1, 3, 12):  # against torch.topk across many rows (lanes and a partial last block)
         assert torch.equal(K.topk_softmax(rows, k, False)[0], rows.topk(k, dim=-1).indices)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_topk_softmax_balance_is_the_switch_loss_with_its_gradient(normalize):
+    """The kernel's balance output equals L.switch_balance_loss(psum / N, counts), value and gradient (float64)."""
+    from moelab.moe import losses as L
+
+    torch.manual_seed(1)
+    logits = torch.randn(23, 6, dtype=torch.float64, requires_grad=True)
+    idx, w, lse, psum, ent, counts, bad, balance = K.topk_softmax(logits, 2, normalize)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = L.switch_balance_loss(torch.softmax(ref_logits, -1), torch.bincount(idx.reshape(-1), minlength=6))
+    torch.testing.assert_close(balance, ref, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(balance + w.sum() * 0.3, logits)
+    (g_ref,) = torch.autograd.grad(ref + _ref_topk_softmax(ref_logits, 2, normalize)[1].sum() * 0.3, ref_logits)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert gradcheck(lambda t: K.topk_softmax(t, 2, normalize)[7], (logits,))

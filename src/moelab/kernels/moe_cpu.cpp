@@ -4,7 +4,7 @@
 // (N*k rows of a few hundred features, (N, E) router logits with E = 8..64):
 //
 //   topk_softmax           logits (N, E) -> top-k ids, weights, logsumexp, sum_n p (E,), entropy (N,), loads,
-//                          the count of non-finite logits
+//                          the count of non-finite logits, the Switch balance loss
 //   topk_softmax_backward  one pass per row for every gradient that reaches the logits
 //   sort_plan              counting sort of (N*k,) expert ids (stable), counts, inverse permutation
 //   expert_rows            the flat layout's row maps and group ends straight from the expert ids
@@ -133,9 +133,10 @@ void check_float(const Tensor& t, const char* op, const char* name) {
 // ------------------------------------------------------------------------------------------ router
 
 // logits (N, E) float/double -> indices (N, k), weights (N, k), lse (N,), psum (E,) = sum_n p_n, ent (N,),
-// counts (E,) int64 = assignments per expert, bad () int64 = non-finite logits (the router refuses them)
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& logits_, int64_t k,
-                                                                                bool normalize) {
+// counts (E,) int64 = assignments per expert, bad () int64 = non-finite logits (the router refuses them),
+// balance () = the Switch balance loss E sum_i f_i P_i, f_i = counts_i / (N k), P_i = psum_i / N
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(const Tensor& logits_, int64_t k,
+                                                                                        bool normalize) {
   TORCH_CHECK(logits_.dim() == 2, "topk_softmax: logits must be (N, E), got shape ", logits_.sizes());
   TORCH_CHECK(logits_.scalar_type() == at::kFloat || logits_.scalar_type() == at::kDouble,
               "topk_softmax: logits must be float32 or float64, got ", logits_.scalar_type());
@@ -147,6 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax(
   Tensor weights = at::empty({n, k}, opt), lse = at::empty({n}, opt), ent = at::empty({n}, opt);
   Tensor psum = at::zeros({e}, opt);
   Tensor counts = at::zeros({e}, opt.dtype(at::kLong)), bad = at::zeros({}, opt.dtype(at::kLong));
+  Tensor balance = at::empty({}, opt);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "topk_softmax", [&] {
     using T = scalar_t;
     const T* L = logits.data_ptr<T>();
@@ -261,8 +263,11 @@ _Pragma("omp simd")
 _Pragma("omp simd reduction(+ : nb)")
     for (int64_t i = 0; i < n * e; ++i) nb += !(std::abs(L[i]) <= big);
     bad.fill_(nb);
+    T bal = 0;
+    for (int64_t i = 0; i < e; ++i) bal += static_cast<T>(C[i]) * P[i];
+    balance.fill_(n ? bal * static_cast<T>(e) / (static_cast<T>(n) * static_cast<T>(n) * static_cast<T>(k)) : T(0));
   });
-  return {indices, weights, lse, psum, ent, counts, bad};
+  return {indices, weights, lse, psum, ent, counts, bad, balance};
 }
 
 // Gradient of the logits from the gradients of topk_softmax's outputs (each optional).
@@ -932,26 +937,34 @@ Tensor sparse_mlp_autograd(const Tensor& x, const Tensor& weights, const Tensor&
 struct TopKSoftmaxFn : public torch::autograd::Function<TopKSoftmaxFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, int64_t k, bool normalize) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [indices, weights, lse, psum, ent, counts, bad] = topk_softmax(logits, k, normalize);
-    ctx->save_for_backward({logits, ent, indices, weights});
+    auto [indices, weights, lse, psum, ent, counts, bad, balance] = topk_softmax(logits, k, normalize);
+    ctx->save_for_backward({logits, ent, indices, weights, counts});
     ctx->saved_data["normalize"] = normalize;
+    ctx->saved_data["k"] = k;
     ctx->mark_non_differentiable({indices, counts, bad});
-    return {indices, weights, lse, psum, ent, counts, bad};
+    return {indices, weights, lse, psum, ent, counts, bad, balance};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     const auto s = ctx->get_saved_variables();
     auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+    Tensor g_psum = g[3];
+    if (g[7].defined()) {  // d balance / d psum_i = E counts_i / (N^2 k): into psum's gradient
+      const int64_t n = s[0].size(0), e = s[0].size(1), k = ctx->saved_data["k"].toInt();
+      const double c = n ? static_cast<double>(e) / (static_cast<double>(n) * n * k) : 0.0;
+      Tensor from_balance = s[4].to(s[0].scalar_type()) * (g[7].to(s[0].scalar_type()) * c);
+      g_psum = g_psum.defined() ? g_psum + from_balance : from_balance;
+    }
     Tensor grad = topk_softmax_backward(s[0], s[1], s[2], s[3], ctx->saved_data["normalize"].toBool(), opt(g[1]),
-                                        opt(g[2]), opt(g[3]), opt(g[4]));
+                                        opt(g[2]), opt(g_psum), opt(g[4]));
     return {grad, Tensor(), Tensor()};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax_autograd(const Tensor& logits,
-                                                                                         int64_t k, bool normalize) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax_autograd(const Tensor& logits, int64_t k,
+                                                                                 bool normalize) {
   auto out = TopKSoftmaxFn::apply(logits, k, normalize);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
 }
 
 
@@ -959,7 +972,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_softmax_
 
 TORCH_LIBRARY(moelab, m) {
   m.def("topk_softmax(Tensor logits, int k, bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-        "Tensor)");
+        "Tensor, Tensor)");
   m.def("topk_softmax_backward(Tensor logits, Tensor ent, Tensor indices, Tensor weights, "
         "bool normalize, Tensor? g_w, Tensor? g_lse, Tensor? g_psum, Tensor? g_ent) -> Tensor");
   m.def("sort_plan(Tensor flat, int num_experts) -> (Tensor, Tensor, Tensor)");

@@ -4,7 +4,8 @@ Callers check :func:`moelab.kernels.enabled` first; the PyTorch twins live in
 ``moelab.moe.dispatch`` and ``moelab.moe.routers`` and are what the tests compare against.
 
     topk_softmax(logits (N, E), k, normalize) -> indices (N, k), weights (N, k), lse (N,),
-                 psum (E,) = sum_n softmax(logits)_n, entropy (N,), counts (E,), bad () (non-finite logits)
+                 psum (E,) = sum_n softmax(logits)_n, entropy (N,), counts (E,), bad () (non-finite logits),
+                 balance () (Switch balance loss)
     expert_rows(flat (N*k,) ids in [0, E], k, E) -> row_token (M,), row_assign (M,), assign_row (N*k,), offsets (E,)
     gather_rows(x (N, *f), row_token (R,), assign_row (N*k,), k, dtype) -> (R, *f)
     combine_rows(ye (R, *o), assign_row (N*k,), row_assign (R,), weights (N, k)) -> (N, *o)
@@ -28,10 +29,11 @@ def _ops():
 
 def topk_softmax(logits: Tensor, k: int, normalize: bool = True) -> tuple[Tensor, ...]:
     """Router epilogue in one pass per row (float32/float64 logits) -> indices, weights, lse, psum, entropy,
-    counts (E,) int64 (assignments per expert), bad () int64 (non-finite logits).
+    counts (E,) int64 (assignments per expert), bad () int64 (non-finite logits), balance () (the Switch
+    balance loss E sum_i f_i P_i, f_i = counts_i / (N k), P_i = psum_i / N).
 
     weights: softmax over the k selected logits (``normalize``) or their full-softmax probabilities;
-    ties pick the lower expert id. weights, lse, psum and entropy are differentiable."""
+    ties pick the lower expert id. weights, lse, psum, entropy and balance are differentiable."""
     return _ops().topk_softmax(logits, k, normalize)  # autograd in C++ (moe_cpu.cpp)
 
 

@@ -60,8 +60,8 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
 
     Losses, each a few passes over (N, E) at most, computed when read (:class:`LazyLosses`): balance (f before
     capacity), z, importance (sum of kept gate values per expert), entropy of ``probs``. lse: optional (N,) logsumexp(logits).
-    The fused router passes ``probs=None`` with ``lse``, ``mean_probs`` (E,), ``entropy`` (N,), ``counts`` (E,)
-    (assignments per expert) and the ``balance`` loss instead.
+    The fused router passes ``probs=None`` with ``lse``, ``entropy`` (N,), ``counts`` (E,) (assignments per
+    expert) and the ``balance`` loss instead.
     """
     n, e = logits.shape
     k = indices.shape[1]
@@ -98,15 +98,12 @@ def fused_sparse_routing(logits: Tensor, k: int, normalize: bool, capacity_facto
     """:func:`sparse_routing` of top-k softmax gating with the fused CPU kernel: softmax, top-k,
     weights, logsumexp, mean probabilities, entropy, loads and the finite check (the router ``name``'s, see
     :func:`check_finite`) in one pass over the logits (the same values)."""
-    indices, weights, lse, psum, ent, counts, bad = kernel_ops.topk_softmax(logits, k, normalize)
+    indices, weights, lse, psum, ent, counts, bad, balance = kernel_ops.topk_softmax(logits, k, normalize)
     if finite_checks_on(logits.device) and int(bad):
         raise_nonfinite(name, int(bad))
-    n, e = logits.shape
-    # Switch balance E sum_i f_i P_i with f_i = counts_i / (N k) (every token makes k assignments) and
-    # P_i = psum_i / N: one dot product (L.switch_balance_loss computes the same in more steps)
-    balance = torch.dot(counts.to(psum.dtype), psum) * (e / max(n * n * k, 1))
-    return sparse_routing(logits, None, indices, weights, capacity_factor, lse=lse, mean_probs=psum / max(n, 1),
-                          entropy=ent, counts=counts, balance=balance)
+    # the kernel's balance is L.switch_balance_loss(psum / N, counts) (f_i = counts_i / (N k): k per token)
+    return sparse_routing(logits, None, indices, weights, capacity_factor, lse=lse, entropy=ent, counts=counts,
+                          balance=balance)
 
 
 class TopKRouter(Router):
