@@ -158,7 +158,10 @@ def load() -> bool:
 
 def enabled(*tensors: torch.Tensor) -> bool:
     """Use the fused kernels for these tensors: all on CPU, not under torch.compile, kernels loaded."""
-    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
+    for t in tensors:
+        if t.device.type != "cpu":
+            return False
+    if torch.compiler.is_compiling():
         return False
     if not getattr(_override, "on", True):
         return False

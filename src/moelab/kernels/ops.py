@@ -98,16 +98,14 @@ def bucket_rows(order: Tensor, expert: Tensor, start: Tensor, num_rows: int, num
 
 
 #: hidden activations the grouped MLP kernel runs (the ATen op of the reference path), by function
-def _act_codes() -> dict:
-    import torch.nn.functional as F
-
-    return {None: 0, F.gelu: 1, F.relu: 2, F.silu: 3, torch.tanh: 4, torch.sigmoid: 5}
+_ACT_CODES = {None: 0, torch.nn.functional.gelu: 1, torch.nn.functional.relu: 2, torch.nn.functional.silu: 3,
+              torch.tanh: 4, torch.sigmoid: 5}
 
 
 def act_code(fn) -> int | None:
     """The kernel's code for a hidden activation (None: identity), or None if the kernel has no such one."""
     try:
-        return _act_codes().get(fn)
+        return _ACT_CODES.get(fn)
     except TypeError:  # unhashable callable
         return None
 

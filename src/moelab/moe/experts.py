@@ -277,9 +277,12 @@ class MLPExperts(Experts):
         """The fused CPU kernel (:func:`moelab.kernels.ops.sparse_mlp`) runs this call: two-layer experts with a
         hidden activation it knows and no output activation, x, weights and parameters all in fp32 or fp64
         (no autocast to another dtype), on the CPU with the kernels loaded."""
-        return (self.w2 is not None and self.output_activation is None and dt in (torch.float32, torch.float64)
-                and x.dtype == dt and weights.dtype == dt and all(p.dtype == dt for p in self._params() if p is not None)
-                and kernel_ops.act_code(self.activation) is not None and kernels.enabled(x, weights, self.w1))
+        if dt not in (torch.float32, torch.float64) or x.dtype != dt or weights.dtype != dt \
+                or self.w2 is None or self.output_activation is not None:
+            return False
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        return (w1.dtype == dt and w2.dtype == dt and (b1 is None or b1.dtype == dt) and (b2 is None or b2.dtype == dt)
+                and kernel_ops.act_code(self.activation) is not None and kernels.enabled(x, weights, w1))
 
     def _acts(self) -> list:
         return [self.activation, self.output_activation] if self.w2 is not None else [self.output_activation]

@@ -178,7 +178,7 @@ class MoE(nn.Module):
                 xr = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], self.dim) if x.dim() >= 3 \
                     else x.reshape(math.prod(lead), 1, self.dim)
             else:
-                xr = x.reshape(math.prod(lead), self.dim)
+                xr = x if x.dim() == 2 else x.reshape(math.prod(lead), self.dim)
         else:
             lead, xr = x.shape[:1], x
         r = self.router(xr)
@@ -207,7 +207,7 @@ class MoE(nn.Module):
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
         aux = MoEAux(loss=loss, losses=r.losses, logits=r.logits, expert_counts=r.expert_counts,
                      dropped=r.dropped, indices=r.indices, expert_outputs=expert_outputs, routing=r)
-        return y.reshape(*lead, *y.shape[1:]), aux
+        return (y if x.dim() == 2 and self.dim is not None else y.reshape(*lead, *y.shape[1:])), aux
 
     def _expert_choice(self, x: Tensor, r: Routing) -> Tensor:
         e, c = r.expert_tokens.shape
