@@ -1,7 +1,7 @@
 """MoE CNNs on CIFAR-10 against the dense CNN of equal cost (``cifar10-moe``, issue #16).
 
 The dense reference is :class:`moelab.models.fast_cnn.FastCNN` (airbench-style) trained with airbench's
-recipe (:class:`Recipe`: summed label-smoothed cross-entropy, Nesterov SGD with airbench's lr / wd
+recipe (:mod:`.recipe`: summed label-smoothed cross-entropy, Nesterov SGD with airbench's lr / wd
 scaling, BN biases at ``bias_scaler`` x lr, a triangle schedule, flips and translations, flip +
 translation TTA; no look-ahead averaging). ``model.moe`` puts a mixture in the blocks ``model.moe_blocks``:
 ``condconv`` (every 3x3 conv a :class:`moelab.moe.CondConv2d`) or ``blocks`` (each block a

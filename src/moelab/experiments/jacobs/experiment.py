@@ -12,6 +12,7 @@ from moelab.experiments.jacobs.config import RESUMABLE, Config, check_config
 from moelab.experiments.jacobs.faithful import run_faithful
 from moelab.experiments.jacobs.modern import run_modern
 from moelab.parallel import ddp
+from moelab.runtime import torch_threads
 from moelab.train.run import Run
 
 
@@ -19,10 +20,7 @@ from moelab.train.run import Run
 def run(c: Config, run_ctx: Run) -> dict:
     if c.mode == "faithful":
         ddp.require_single_process(f"{run_ctx.name} (mode = \"faithful\": full-batch gradient descent)")
-    threads = torch.get_num_threads()
-    try:
-        if c.compute.threads > 0:
-            torch.set_num_threads(c.compute.threads)
+    with torch_threads(c.compute.threads):
         t0 = time.perf_counter()
         data = load_data(c.data, run_ctx.seed, run_ctx.data_dir, shuffle_split=c.seed_protocol.shuffle_split,
                          batch_size=c.train.batch_size if c.mode == "modern" else None)
@@ -35,5 +33,3 @@ def run(c: Config, run_ctx: Run) -> dict:
         if c.data.folder:
             out.setdefault("protocol", {})["dataset"] = data["dataset"]
         return out
-    finally:
-        torch.set_num_threads(threads)
