@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.errors import MoelabError
 from moelab import kernels
+from moelab.errors import MoelabError
 from moelab.kernels import ops as kernel_ops
 from moelab.moe import dispatch as D
 from moelab.moe.bucketed_mlp import bucketed_mlp
