@@ -45,6 +45,7 @@ __all__ = [
     "DispatchPlan",
     "RowLayout",
     "sort_by_expert",
+    "flat_expert_ids",
     "flat_layout",
     "capacity_layout",
     "bucket_layout",
@@ -95,6 +96,12 @@ class DispatchPlan:
         return self.num_rows < self.inverse.shape[0]
 
 
+def flat_expert_ids(indices: Tensor, num_experts: int, mask: Tensor | None = None) -> Tensor:
+    """(N, k) expert ids -> (N*k,) with the dropped assignments (``mask`` False) set to the sentinel E."""
+    flat = indices.reshape(-1)
+    return flat if mask is None else torch.where(mask.reshape(-1), flat, torch.full_like(flat, num_experts))
+
+
 def sort_by_expert(indices: Tensor, num_experts: int, mask: Tensor | None = None, *,
                    trim: bool = True) -> DispatchPlan:
     """Sort the (N, k) expert assignments by expert id (stable: token order kept within an expert).
@@ -105,9 +112,7 @@ def sort_by_expert(indices: Tensor, num_experts: int, mask: Tensor | None = None
     """
     n, k = indices.shape
     e = num_experts
-    flat = indices.reshape(-1)  # (N*k,)
-    if mask is not None:
-        flat = torch.where(mask.reshape(-1), flat, torch.full_like(flat, e))
+    flat = flat_expert_ids(indices, e, mask)  # (N*k,)
     if kernels.enabled(flat):  # one counting-sort pass
         order, counts, inverse = kernel_ops.sort_plan(flat, e)
         counts = counts[:e]

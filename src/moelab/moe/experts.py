@@ -252,9 +252,7 @@ class MLPExperts(Experts):
             layout = D.flat_layout(plan)
             return D.combine_rows(self._rows_exact(D.gather_rows(x, layout, dt), plan), layout, weights)
         if self.sparse_impl in ("auto", "fused") and x.shape[0] and self._fused_ok(x, weights, dt):
-            flat = indices.reshape(-1)  # (N*k,); a dropped assignment: expert E
-            if mask is not None:
-                flat = torch.where(mask.reshape(-1), flat, self.num_experts)
+            flat = D.flat_expert_ids(indices, self.num_experts, mask)  # (N*k,); a dropped assignment: expert E
             row_token, row_assign, assign_row, offsets = kernel_ops.expert_rows(flat, indices.shape[1], self.num_experts)
             return kernel_ops.sparse_mlp(x, weights, self.w1, self.b1, self.w2, self.b2, row_token, assign_row,
                                          row_assign, offsets, kernel_ops.act_code(self.activation))

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
-from moelab.moe.dispatch import AUTOCAST_DEVICES
+from moelab.moe.dispatch import AUTOCAST_DEVICES, flat_expert_ids
 
 
 class LazyLosses(MutableMapping):
@@ -206,7 +206,10 @@ def to_float(t: Tensor) -> Tensor:
 
 def fp32_of(*ts: Tensor) -> torch.dtype:
     """float64 if any of ``ts`` is float64, else float32: the dtype routing projections run in."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    for t in ts:  # a loop, not any(generator): this runs in every router call
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -219,7 +222,7 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 def linear_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., d) @ weight (o, d)^T (+ bias) in float32 (float64 if x or weight is) with autocast off: a routing
     projection whose top-k must not change with the compute precision (bf16 autocast would round x and W)."""
-    dt = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    dt = fp32_of(x, weight)
     if x.dtype != dt:
         x = x.to(dt)
     if weight.dtype != dt:
@@ -396,9 +399,7 @@ def counts_of(indices: Tensor, num_experts: int, mask: Tensor | None = None) -> 
 
     A scatter_add, not ``torch.bincount``: bincount reads the ids' max back to the host (a sync on an
     accelerator, a graph break under torch.compile) and has no meta kernel."""
-    flat = indices.reshape(-1)
-    if mask is not None:  # dropped assignments go to a sentinel bin E
-        flat = torch.where(mask.reshape(-1), flat, torch.full_like(flat, num_experts))
+    flat = flat_expert_ids(indices, num_experts, mask)  # dropped assignments go to a sentinel bin E
     bins = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     return bins.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 

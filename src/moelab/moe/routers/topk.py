@@ -53,8 +53,7 @@ from moelab.moe.routers.base import (
 
 def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weights: Tensor,
                    capacity_factor: float | None, extra: dict[str, Tensor] | None = None,
-                   lse: Tensor | None = None, mean_probs: Tensor | None = None,
-                   entropy: Tensor | None = None, counts: Tensor | None = None,
+                   lse: Tensor | None = None, entropy: Tensor | None = None, counts: Tensor | None = None,
                    balance: Tensor | None = None) -> Routing:
     """Build a "sparse" Routing (applying capacity) from (N, E) logits/probs and (N, k) choices.
 
@@ -86,7 +85,7 @@ def sparse_routing(logits: Tensor, probs: Tensor | None, indices: Tensor, weight
         return L.mean_or_zero(log_z() - (probs * logits).sum(-1) if entropy is None else entropy)
 
     losses = LazyLosses({"balance": balance if balance is not None else
-                         lambda: L.switch_balance_loss(probs if mean_probs is None else mean_probs, counts_all),
+                         lambda: L.switch_balance_loss(probs, counts_all),
                          "z": lambda: L.mean_or_zero(log_z().square()), "importance": importance,
                          "entropy": gate_entropy, **(extra or {})})
     return Routing("sparse", gates=None, logits=logits, indices=indices, weights=weights, mask=mask,
