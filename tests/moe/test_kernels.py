@@ -1,5 +1,6 @@
 """The fused CPU kernels (moelab.kernels) against their PyTorch twins, op by op and through the layer."""
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -261,12 +262,30 @@ def test_the_kernel_cache_key_covers_the_torch_install_the_flags_and_the_source(
 ACTS = ["gelu", "relu", "silu", "tanh", "sigmoid", "identity"]
 
 
-def _sparse_case(dtype, act="gelu", bias=True, mask_p=0.0, n=29, e=5, k=2, seed=0):
+#: the grouped MLP kernel's GEMMs: its own small-GEMM kernel, the BLAS torch links, ATen's addmm (a torch build
+#: without an exported BLAS)
+GEMMS = ["small", "blas", "aten"]
+
+
+@contextlib.contextmanager
+def gemm_backend(name):
+    blas = K.use_blas(name != "aten")
+    limit = K.small_gemm_limit(1 << 40 if name == "small" else 0)
+    try:
+        yield
+    finally:
+        K.use_blas(blas)
+        K.small_gemm_limit(limit)
+
+
+def _sparse_case(dtype, act="gelu", bias=True, mask_p=0.0, n=29, e=5, k=2, seed=0, dims=(6, 10, 4)):
+    """dims (in, hidden, out): the default's widths are narrower than one SIMD vector; (24, 45, 16) takes every
+    tile of the small-GEMM kernel (two-vector and one-vector column panels, single columns, 1..6 rows)."""
     from moelab.moe import MLPExperts
 
     torch.manual_seed(seed)
-    ex = MLPExperts(e, 6, 10, 4, activation=act, bias=bias, sparse_impl="bucketed").to(dtype)
-    x = torch.randn(n, 6, dtype=dtype, requires_grad=True)
+    ex = MLPExperts(e, *dims, activation=act, bias=bias, sparse_impl="bucketed").to(dtype)
+    x = torch.randn(n, dims[0], dtype=dtype, requires_grad=True)
     idx = torch.rand(n, e).topk(k, dim=-1).indices
     idx[: n // 3] = torch.arange(k)  # uneven loads; expert e-1 may get none
     w = torch.rand(n, k, dtype=dtype, requires_grad=True)
@@ -277,24 +296,23 @@ def _sparse_case(dtype, act="gelu", bias=True, mask_p=0.0, n=29, e=5, k=2, seed=
     return ex, x, w, idx, mask, maps
 
 
-@pytest.mark.parametrize("blas", [True, False])
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype,bias,mask_p", [(torch.float32, True, 0.0), (torch.float64, False, 0.0),
-                                               (torch.float32, True, 0.4)])
-def test_sparse_mlp_equals_the_module_experts(blas, act, dtype, bias, mask_p):
-    """The fused op (BLAS GEMMs, or ATen's on a build without them) against one nn.Linear stack per expert:
-    outputs and every gradient, with dropped assignments and an expert without rows."""
+@pytest.mark.parametrize("dtype,bias,mask_p,dims", [(torch.float32, True, 0.0, (6, 10, 4)),
+                                                    (torch.float64, False, 0.0, (6, 10, 4)),
+                                                    (torch.float32, True, 0.4, (24, 45, 16)),
+                                                    (torch.float64, True, 0.0, (24, 45, 16))])
+def test_sparse_mlp_equals_the_module_experts(gemm, act, dtype, bias, mask_p, dims):
+    """The fused op (its own small GEMMs, the BLAS's, or ATen's on a build without them) against one nn.Linear
+    stack per expert: outputs and every gradient, with dropped assignments and an expert without rows."""
     from tests.moe.test_experts import _oracle_param_grads
 
-    ex, x, w, idx, mask, maps = _sparse_case(dtype, act, bias, mask_p)
+    ex, x, w, idx, mask, maps = _sparse_case(dtype, act, bias, mask_p, dims=dims)
     ref = ex.to_module_experts().to(dtype)
-    prev = K.use_blas(blas)
-    try:
+    with gemm_backend(gemm):
         y = K.sparse_mlp(x, w, ex.w1, ex.b1, ex.w2, ex.b2, *maps, K.act_code(ex.activation))
         g = torch.randn_like(y)
         y.backward(g)
-    finally:
-        K.use_blas(prev)
     xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     y_ref = ref.forward_sparse(xr, idx, wr, mask)
     y_ref.backward(g)
@@ -306,10 +324,11 @@ def test_sparse_mlp_equals_the_module_experts(blas, act, dtype, bias, mask_p):
         torch.testing.assert_close(getattr(ex, name).grad, gref, **tol)
 
 
-@pytest.mark.parametrize("blas", [True, False])
-@pytest.mark.parametrize("act,bias", [("gelu", True), ("silu", False), ("tanh", True)])
-def test_sparse_mlp_gradcheck(blas, act, bias):
-    ex, x, w, idx, mask, maps = _sparse_case(torch.float64, act, bias, mask_p=0.3, n=9, e=4)
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("act,bias,dims", [("gelu", True, (6, 10, 4)), ("silu", False, (6, 10, 4)),
+                                           ("tanh", True, (5, 9, 8))])
+def test_sparse_mlp_gradcheck(gemm, act, bias, dims):
+    ex, x, w, idx, mask, maps = _sparse_case(torch.float64, act, bias, mask_p=0.3, n=9, e=4, dims=dims)
     params = (x, w, ex.w1, ex.b1, ex.w2, ex.b2) if bias else (x, w, ex.w1, ex.w2)
 
     def f(*p):
@@ -317,11 +336,8 @@ def test_sparse_mlp_gradcheck(blas, act, bias):
         b1, w2, b2 = rest if bias else (None, rest[0], None)
         return K.sparse_mlp(x_, w_, w1, b1, w2, b2, *maps, K.act_code(ex.activation))
 
-    prev = K.use_blas(blas)
-    try:
+    with gemm_backend(gemm):
         assert gradcheck(f, params)
-    finally:
-        K.use_blas(prev)
 
 
 def test_sparse_mlp_runs_without_autograd_and_refuses_bad_inputs():

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -130,6 +131,76 @@ void check_float(const Tensor& t, const char* op, const char* name) {
               op, ": ", name, " must be a floating-point CPU tensor, got ", t.scalar_type());
 }
 
+// ---- SIMD. GCC/Clang vector types: a 256-bit vector of T (two 128-bit ones on SSE or NEON) and an integer
+// vector of the same lane width (what a comparison gives, and the type of a select's mask).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+};
+template <typename T>
+using vec_t = typename Simd<T>::V;
+template <typename T>
+using ivec_t = typename Simd<T>::I;
+template <typename T>
+constexpr int64_t kLanes = 32 / sizeof(T);
+
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, const vec_t<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// e^x lane by lane: exp_'s polynomial on whole vectors (float), std::exp per lane (double)
+inline vec_t<float> vexp(vec_t<float> x) {
+  using V = vec_t<float>;
+  using I = ivec_t<float>;
+  x = x < -87.0f ? V{} - 87.0f : x;
+  x = x > 88.0f ? V{} + 88.0f : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  return p * reinterpret_cast<const V&>(bits);
+}
+inline vec_t<double> vexp(vec_t<double> x) {
+  for (int64_t q = 0; q < kLanes<double>; ++q) x[q] = std::exp(x[q]);
+  return x;
+}
+
+template <typename T>
+inline vec_t<T> vmax(const vec_t<T>& a, const vec_t<T>& b) {
+  return a > b ? a : b;
+}
+
+// lane q = p[q * stride] (lane loads of a row block: one row per lane)
+template <typename T, size_t... Q>
+inline vec_t<T> lanes_of(const T* p, int64_t stride, std::index_sequence<Q...>) {
+  return vec_t<T>{p[static_cast<int64_t>(Q) * stride]...};
+}
+template <typename T>
+inline vec_t<T> lanes_of(const T* p, int64_t stride) {
+  return lanes_of<T>(p, stride, std::make_index_sequence<kLanes<T>>{});
+}
+
 // ------------------------------------------------------------------------------------------ router
 
 // logits (N, E) float/double -> indices (N, k), weights (N, k), lse (N,), psum (E,) = sum_n p_n, ent (N,),
@@ -146,9 +217,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_
   auto opt = logits.options();
   Tensor indices = at::empty({n, k}, opt.dtype(at::kLong));
   Tensor weights = at::empty({n, k}, opt), lse = at::empty({n}, opt), ent = at::empty({n}, opt);
-  Tensor psum = at::zeros({e}, opt);
-  Tensor counts = at::zeros({e}, opt.dtype(at::kLong)), bad = at::zeros({}, opt.dtype(at::kLong));
-  Tensor balance = at::empty({}, opt);
+  Tensor psum = at::empty({e}, opt), balance = at::empty({}, opt);  // written whole below (no zero_ / fill_ ops)
+  Tensor counts = at::empty({e}, opt.dtype(at::kLong)), bad = at::empty({}, opt.dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "topk_softmax", [&] {
     using T = scalar_t;
     const T* L = logits.data_ptr<T>();
@@ -157,115 +227,90 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_
     const int64_t nt = at::get_num_threads();
     std::vector<T> part(static_cast<size_t>(nt * e), T(0));  // per-thread sum_n p_n
     // Rows in blocks of B, one row per SIMD lane: every step below is the same for all B rows (max, exp, sums,
-    // the top-k insertion as compares and selects), so the compiler vectorises across rows instead of along a
-    // row of E = 8..64 logits, where the top-k's branches and the per-row log cost more than the arithmetic.
-    constexpr int64_t B = 32 / sizeof(T);  // lanes of a 256-bit vector
+    // the top-k insertion as compares and selects) and runs on whole vectors (vec_t) held in registers or
+    // written and read whole, instead of along a row of E = 8..64 logits, where the top-k's branches and the
+    // per-row log cost more than the arithmetic.
+    using V = vec_t<T>;
+    using VI = ivec_t<T>;
+    constexpr int64_t B = kLanes<T>;
     at::parallel_for(0, n, 256, [&, e, k](int64_t b, int64_t end) {
-      T* acc = part.data() + at::get_thread_num() * e;
-      std::vector<T> tb(static_cast<size_t>(e * B)), pb(static_cast<size_t>(e * B));  // (E, B) logits, exp
-      std::vector<T> tvb(static_cast<size_t>(k * B));                                  // (k, B) top values
-      std::vector<int32_t> tib(static_cast<size_t>(k * B));                            // (k, B) their ids
+      std::vector<V> t(e), pe(e), acc(e, V{});  // (E,) vectors: the block's logits, their e^(l - max), sum of p
+      std::vector<V> tv(k), wv(k);       // (k,) the top values so far, then the weights
+      std::vector<VI> ti(k);             // (k,) their ids
+      std::vector<T> pad(static_cast<size_t>(B * e));  // a last, partial block: its rows, the last one repeated
       for (int64_t r0 = b; r0 < end; r0 += B) {
         const int64_t nb = std::min(B, end - r0);
-        T* __restrict t = tb.data();
-        T* __restrict pe = pb.data();
-        T* __restrict tv = tvb.data();
-        int32_t* __restrict ti = tib.data();
-        for (int64_t q = 0; q < B; ++q) {  // transpose; lanes past the last row repeat it (never stored)
-          const T* l = L + (r0 + std::min(q, nb - 1)) * e;
-          for (int64_t i = 0; i < e; ++i) t[i * B + q] = l[i];
+        const T* rows = L + r0 * e;
+        if (nb < B) {
+          for (int64_t q = 0; q < B; ++q) std::memcpy(pad.data() + q * e, L + (r0 + std::min(q, nb - 1)) * e, sizeof(T) * e);
+          rows = pad.data();
         }
-        T m[B], sum[B], sl[B], lz[B], inv[B];
-_Pragma("omp simd")
-        for (int64_t q = 0; q < B; ++q) m[q] = t[q];
-        for (int64_t i = 1; i < e; ++i)
-_Pragma("omp simd")
-          for (int64_t q = 0; q < B; ++q) m[q] = t[i * B + q] > m[q] ? t[i * B + q] : m[q];
-_Pragma("omp simd")
-        for (int64_t q = 0; q < B; ++q) sum[q] = sl[q] = T(0);
-        for (int64_t i = 0; i < e; ++i)
-_Pragma("omp simd")
-          for (int64_t q = 0; q < B; ++q) {
-            const T d = t[i * B + q] - m[q], p = exp_(d);
-            pe[i * B + q] = p;
-            sum[q] += p;
-            sl[q] += p * d;
-          }
-        for (int64_t q = 0; q < nb; ++q) {
-          const T ls = std::log(sum[q]);
-          lz[q] = m[q] + ls;
-          inv[q] = T(1) / sum[q];
-          S[r0 + q] = lz[q];
-          H[r0 + q] = ls - sl[q] * inv[q];  // -sum p log p with log p = (l - m) - log s
-        }
+        V m = t[0] = lanes_of<T>(rows, e);
+        for (int64_t i = 1; i < e; ++i) m = vmax<T>(m, t[i] = lanes_of<T>(rows + i, e));
+        V sum{}, sl{};
         for (int64_t i = 0; i < e; ++i) {
-          T a = 0;
-          for (int64_t q = 0; q < nb; ++q) a += pe[i * B + q] * inv[q];
-          acc[i] += a;
+          const V d = t[i] - m;
+          sum += (pe[i] = vexp(d));
+          sl += pe[i] * d;
         }
+        V ls, valid;  // log sum; 1 in the lanes of real rows
+        for (int64_t q = 0; q < B; ++q) {
+          ls[q] = std::log(sum[q]);
+          valid[q] = q < nb ? T(1) : T(0);
+        }
+        const V inv = valid / sum, lz = m + ls;
+        for (int64_t i = 0; i < e; ++i) acc[i] += pe[i] * inv;  // p, 0 in the lanes past the rows
+        const V h = ls - sl / sum;  // -sum p log p with log p = (l - m) - log s
         // top-k by value, descending; ties keep the lower id (as torch.topk on CPU); the first k ids fill the
         // empty slots (id -1) whatever their values, so a row of -inf still gets k distinct experts
-        for (int64_t j = 0; j < k; ++j)
-_Pragma("omp simd")
-          for (int64_t q = 0; q < B; ++q) {
-            tv[j * B + q] = T(0);
-            ti[j * B + q] = -1;
-          }
+        for (int64_t j = 0; j < k; ++j) {
+          tv[j] = V{};
+          ti[j] = VI{} - 1;
+        }
         for (int64_t i = 0; i < e; ++i) {
-          // the value (and id) carried down the slots, one per lane; every array below is written whole from
-          // two others (selects into fresh arrays: "x = g ? y : x" compiles to masked stores, slow on AMD)
-          T v[2][B];
-          int32_t id[2][B];
-_Pragma("omp simd")
-          for (int64_t q = 0; q < B; ++q) {
-            v[0][q] = t[i * B + q];
-            id[0][q] = static_cast<int32_t>(i);
-          }
+          V v = t[i];  // the value and id carried down the slots
+          VI id = VI{} + static_cast<int32_t>(i);
           for (int64_t j = 0; j < k; ++j) {
-            const int64_t c = j & 1;
-            T nv[B];
-            int32_t ni[B];
-_Pragma("omp simd")
-            for (int64_t q = 0; q < B; ++q) {  // innermost: the lanes (a loop inside would keep it scalar)
-              const T tj = tv[j * B + q];
-              const int32_t ij = ti[j * B + q];
-              const bool g = ij < 0 || v[c][q] > tj;
-              nv[q] = g ? v[c][q] : tj;
-              ni[q] = g ? id[c][q] : ij;
-              v[c ^ 1][q] = g ? tj : v[c][q];
-              id[c ^ 1][q] = g ? ij : id[c][q];
-            }
-            std::memcpy(tv + j * B, nv, sizeof(nv));
-            std::memcpy(ti + j * B, ni, sizeof(ni));
+            const V tj = tv[j];
+            const VI ij = ti[j], g = (ij < 0) | (v > tj);
+            tv[j] = g ? v : tj;
+            ti[j] = g ? id : ij;
+            v = g ? tj : v;
+            id = g ? ij : id;
           }
         }
+        V ws{};
+        for (int64_t j = 0; j < k; ++j) ws += (wv[j] = vexp(tv[j] - (normalize ? tv[0] : lz)));
+        const V winv = normalize ? T(1) / ws : V{} + T(1);
         for (int64_t q = 0; q < nb; ++q) {
           const int64_t r = r0 + q;
-          T ws = 0;
+          S[r] = lz[q];
+          H[r] = h[q];
           for (int64_t j = 0; j < k; ++j) {
-            I[r * k + j] = ti[j * B + q];
-            const T w = normalize ? exp_(tv[j * B + q] - tv[q]) : exp_(tv[j * B + q] - lz[q]);
-            W[r * k + j] = w;
-            ws += w;
+            I[r * k + j] = ti[j][q];
+            W[r * k + j] = wv[j][q] * winv[q];
           }
-          if (normalize)
-            for (int64_t j = 0; j < k; ++j) W[r * k + j] /= ws;
         }
       }
+      T* part_t = part.data() + at::get_thread_num() * e;
+      for (int64_t i = 0; i < e; ++i)
+        for (int64_t q = 0; q < B; ++q) part_t[i] += acc[i][q];
     });
     T* P = psum.data_ptr<T>();
+    std::fill(P, P + e, T(0));
     for (int64_t t = 0; t < nt; ++t)
       for (int64_t i = 0; i < e; ++i) P[i] += part[t * e + i];
     int64_t* C = counts.data_ptr<int64_t>();
+    std::fill(C, C + e, int64_t(0));
     for (int64_t i = 0; i < n * k; ++i) ++C[I[i]];
     int64_t nb = 0;  // non-finite logits: |l| <= max is false for inf and NaN
     const T big = std::numeric_limits<T>::max();
 _Pragma("omp simd reduction(+ : nb)")
     for (int64_t i = 0; i < n * e; ++i) nb += !(std::abs(L[i]) <= big);
-    bad.fill_(nb);
+    *bad.data_ptr<int64_t>() = nb;
     T bal = 0;
     for (int64_t i = 0; i < e; ++i) bal += static_cast<T>(C[i]) * P[i];
-    balance.fill_(n ? bal * static_cast<T>(e) / (static_cast<T>(n) * static_cast<T>(n) * static_cast<T>(k)) : T(0));
+    *balance.data_ptr<T>() = n ? bal * static_cast<T>(e) / (static_cast<T>(n) * static_cast<T>(n) * static_cast<T>(k)) : T(0);
   });
   return {indices, weights, lse, psum, ent, counts, bad, balance};
 }
@@ -292,48 +337,55 @@ Tensor topk_softmax_backward(const Tensor& logits_, const Tensor& ent_, const Te
     const T* GP = gp.defined() ? gp.data_ptr<T>() : nullptr;
     const T* GE = ge.defined() ? ge.data_ptr<T>() : nullptr;
     T* G = grad.data_ptr<T>();
+    // rows in blocks of B, one per SIMD lane, as in the forward
+    using V = vec_t<T>;
+    constexpr int64_t B = kLanes<T>;
     at::parallel_for(0, n, 256, [&, e, k](int64_t b, int64_t end) {
-      std::vector<T> p(e), zeros(e, T(0));
-      for (int64_t r = b; r < end; ++r) {
-        const T* l = L + r * e;
-        T* g = G + r * e;
-        // p and log p from the row max (as the forward), not from the stored lse: exact for large logits
-        T m = l[0];
-_Pragma("omp simd reduction(max : m)")
-        for (int64_t i = 1; i < e; ++i) m = std::max(m, l[i]);
-        T* __restrict pp = p.data();
-_Pragma("omp simd")
-        for (int64_t i = 0; i < e; ++i) pp[i] = exp_(l[i] - m);
-        T s = 0;
-_Pragma("omp simd reduction(+ : s)")
-        for (int64_t i = 0; i < e; ++i) s += pp[i];
-        const T ls = std::log(s), inv = T(1) / s;
-_Pragma("omp simd")
-        for (int64_t i = 0; i < e; ++i) p[i] *= inv;
-        T cp = 0;  // sum_i p_i g_psum_i
-        if (GP) {
-_Pragma("omp simd reduction(+ : cp)")
-          for (int64_t i = 0; i < e; ++i) cp += p[i] * GP[i];
+      std::vector<V> t(e), p(e);  // (E,) vectors: the block's logits, then p
+      std::vector<T> pad(static_cast<size_t>(B * e)), out(static_cast<size_t>(B * e));  // out: (B, E) gradient rows
+      for (int64_t r0 = b; r0 < end; r0 += B) {
+        const int64_t nb = std::min(B, end - r0);
+        const T* rows = L + r0 * e;
+        if (nb < B) {
+          for (int64_t q = 0; q < B; ++q) std::memcpy(pad.data() + q * e, L + (r0 + std::min(q, nb - 1)) * e, sizeof(T) * e);
+          rows = pad.data();
         }
-        const T a = GL ? GL[r] : T(0);
-        const T he = GE ? GE[r] : T(0);
-        const T hr = H[r];
-        const T* gp = GP ? GP : zeros.data();
-        const T c0 = a - cp, ce = he, cl = m + ls - hr;  // d(-sum p log p)/dl_i = -p_i (log p_i + H)
-_Pragma("omp simd")
-        for (int64_t i = 0; i < e; ++i) g[i] = p[i] * (c0 + gp[i] - ce * (l[i] - cl));
-        if (GW) {
-          const T* gwr = GW + r * k;
-          const T* wr = W + r * k;
-          T s = 0;
-          for (int64_t j = 0; j < k; ++j) s += wr[j] * gwr[j];
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t i = I[r * k + j];
-            g[i] += wr[j] * gwr[j];
-            if (normalize) g[i] -= wr[j] * s;  // softmax over the selected logits
-          }
-          if (!normalize)  // w_j = p_{idx_j}: dw_j / dl_i = w_j ([i = idx_j] - p_i)
-            for (int64_t i = 0; i < e; ++i) g[i] -= p[i] * s;
+        // p and log p from the row max (as the forward), not from the stored lse: exact for large logits
+        V m = t[0] = lanes_of<T>(rows, e);
+        for (int64_t i = 1; i < e; ++i) m = vmax<T>(m, t[i] = lanes_of<T>(rows + i, e));
+        V sum{};
+        for (int64_t i = 0; i < e; ++i) sum += (p[i] = vexp(t[i] - m));
+        const V inv = T(1) / sum;
+        V cp{}, ls, a{}, he{}, hr{}, sw{};  // sum_i p_i g_psum_i; log sum; the row gradients of lse and entropy
+        for (int64_t i = 0; i < e; ++i) {
+          p[i] *= inv;
+          if (GP) cp += p[i] * GP[i];
+        }
+        for (int64_t q = 0; q < nb; ++q) {
+          const int64_t r = r0 + q;
+          ls[q] = std::log(sum[q]);
+          if (GL) a[q] = GL[r];
+          if (GE) he[q] = GE[r];
+          hr[q] = H[r];
+          if (GW)
+            for (int64_t j = 0; j < k; ++j) sw[q] += W[r * k + j] * GW[r * k + j];
+        }
+        for (int64_t q = nb; q < B; ++q) ls[q] = T(0);
+        const V c0 = a - cp, cl = m + ls - hr;  // d(-sum p log p)/dl_i = -p_i (log p_i + H)
+        for (int64_t i = 0; i < e; ++i) {
+          V g = p[i] * (c0 - he * (t[i] - cl) + (GP ? GP[i] : T(0)));
+          if (GW && !normalize) g -= p[i] * sw;  // w_j = p_{idx_j}: dw_j / dl_i = w_j ([i = idx_j] - p_i)
+          for (int64_t q = 0; q < B; ++q) out[q * e + i] = g[q];
+        }
+        for (int64_t q = 0; q < nb; ++q) {
+          const int64_t r = r0 + q;
+          T* g = G + r * e;
+          std::memcpy(g, out.data() + q * e, sizeof(T) * e);
+          if (GW)
+            for (int64_t j = 0; j < k; ++j) {
+              const T wg = W[r * k + j] * GW[r * k + j];
+              g[I[r * k + j]] += normalize ? wg - W[r * k + j] * sw[q] : wg;  // normalize: a softmax over the k
+            }
         }
       }
     });
@@ -686,6 +738,78 @@ bool have_blas() {
   return blas_on.load(std::memory_order_relaxed) && (std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr);
 }
 
+// ---- small GEMMs. At the sizes of small experts (tens of rows, widths of 32..256) a BLAS call spends more on
+// its fixed costs (argument checks, packing both operands into panels) than on the arithmetic: MKL reaches
+// 25-50 GFLOP/s on a 64 x 32 x 64 product on one core that gives it 75 at 512 rows. These operands fit in
+// the L1/L2 caches as they are, so a register-blocked kernel reads them in place: a tile of MR rows x two
+// 256-bit vectors of C is kept in 2 MR registers while the k products are summed into it (B's row
+// segment loaded once per p, A's MR values broadcast), the classic BLIS micro-kernel without the packing.
+// GCC/Clang vector types keep it portable (a 256-bit vector is two 128-bit ones on SSE or NEON).
+
+// C[:MR, :NV lanes] = A (MR, k) B (k, NV lanes) (+ C when acc); A(i, p) = A[i ras + p cas], B row-major.
+template <typename T, int MR, int NV>
+inline void gemm_tile(int64_t k, const T* A, int64_t ras, int64_t cas, const T* B, int64_t ldb, bool acc, T* C,
+                      int64_t ldc) {
+  using V = vec_t<T>;
+  constexpr int L = sizeof(V) / sizeof(T);
+  V c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = V{};
+  for (int64_t p = 0; p < k; ++p) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + p * ldb + v * L);
+    const T* a = A + p * cas;
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i * ras];
+      for (int v = 0; v < NV; ++v) c[i][v] += ai * b[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      T* o = C + i * ldc + v * L;
+      vstore(o, acc ? c[i][v] + vload(o) : c[i][v]);
+    }
+}
+
+// every row block of one column panel of NV vectors
+template <typename T, int NV>
+void gemm_panel(int64_t m, int64_t k, const T* A, int64_t ras, int64_t cas, const T* B, int64_t ldb, bool acc, T* C,
+                int64_t ldc) {
+  constexpr int MR = 6;  // 2 x 6 accumulators + 2 of B + 1 broadcast: the 16 registers of AVX2
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) gemm_tile<T, MR, NV>(k, A + i * ras, ras, cas, B, ldb, acc, C + i * ldc, ldc);
+  const T* a = A + i * ras;
+  T* c = C + i * ldc;
+  switch (m - i) {
+    case 5: gemm_tile<T, 5, NV>(k, a, ras, cas, B, ldb, acc, c, ldc); break;
+    case 4: gemm_tile<T, 4, NV>(k, a, ras, cas, B, ldb, acc, c, ldc); break;
+    case 3: gemm_tile<T, 3, NV>(k, a, ras, cas, B, ldb, acc, c, ldc); break;
+    case 2: gemm_tile<T, 2, NV>(k, a, ras, cas, B, ldb, acc, c, ldc); break;
+    case 1: gemm_tile<T, 1, NV>(k, a, ras, cas, B, ldb, acc, c, ldc); break;
+    default: break;
+  }
+}
+
+// C (m, n) = A (m, k) B (k, n) (+ C when acc), B and C row-major, A(i, p) = A[i ras + p cas]
+template <typename T>
+void small_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t ras, int64_t cas, const T* B, int64_t ldb,
+                bool acc, T* C, int64_t ldc) {
+  constexpr int64_t L = sizeof(vec_t<T>) / sizeof(T);
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) gemm_panel<T, 2>(m, k, A, ras, cas, B + j, ldb, acc, C + j, ldc);
+  for (; j + L <= n; j += L) gemm_panel<T, 1>(m, k, A, ras, cas, B + j, ldb, acc, C + j, ldc);
+  for (; j < n; ++j)  // the last n mod L columns
+    for (int64_t i = 0; i < m; ++i) {
+      T s = acc ? C[i * ldc + j] : T(0);
+      for (int64_t p = 0; p < k; ++p) s += A[i * ras + p * cas] * B[p * ldb + j];
+      C[i * ldc + j] = s;
+    }
+}
+
+// Operands up to this many bytes take small_gemm (B: its (k, n) panel, read once per row block; A: re-read
+// once per column panel); 0: never. Set by the small_gemm_limit op (tests, benchmarks).
+std::atomic<int64_t> small_limit{64 * 1024};
+
 // Row-major C (m, n) = op(A) op(B) + beta C, op(A) (m, k), op(B) (k, n); A stored (m, k) (or (k, m) when ta),
 // B stored (k, n) (or (n, k) when tb), leading dimensions in elements. beta is 0 or 1.
 template <typename T>
@@ -695,6 +819,19 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int6
   if (k == 0) {
     if (beta == T(0))
       for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, T(0));
+    return;
+  }
+  const int64_t lim = small_limit.load(std::memory_order_relaxed);
+  if (static_cast<int64_t>(sizeof(T)) * std::max(k * n, m * k) <= lim) {
+    if (tb) {  // op(B) = B^T: a row-major copy of it (a few KB) for the kernel's vector loads along n
+      thread_local std::vector<T> bt;
+      bt.resize(static_cast<size_t>(k * n));
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t p = 0; p < k; ++p) bt[p * n + j] = B[j * ldb + p];
+      small_gemm<T>(m, n, k, A, ta ? 1 : lda, ta ? lda : 1, bt.data(), n, beta != T(0), C, ldc);
+    } else {
+      small_gemm<T>(m, n, k, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, beta != T(0), C, ldc);
+    }
     return;
   }
   if (have_blas<T>() && std::max({m, n, k, lda, ldb, ldc}) < std::numeric_limits<int>::max()) {
@@ -942,6 +1079,7 @@ struct TopKSoftmaxFn : public torch::autograd::Function<TopKSoftmaxFn> {
     ctx->saved_data["normalize"] = normalize;
     ctx->saved_data["k"] = k;
     ctx->mark_non_differentiable({indices, counts, bad});
+    ctx->set_materialize_grads(false);  // an output nothing reads gets no zero gradient (6 tensors a step)
     return {indices, weights, lse, psum, ent, counts, bad, balance};
   }
 
@@ -949,11 +1087,18 @@ struct TopKSoftmaxFn : public torch::autograd::Function<TopKSoftmaxFn> {
     const auto s = ctx->get_saved_variables();
     auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
     Tensor g_psum = g[3];
-    if (g[7].defined()) {  // d balance / d psum_i = E counts_i / (N^2 k): into psum's gradient
+    if (g[7].defined()) {  // d balance / d psum_i = E counts_i / (N^2 k): into psum's gradient, one small pass
       const int64_t n = s[0].size(0), e = s[0].size(1), k = ctx->saved_data["k"].toInt();
       const double c = n ? static_cast<double>(e) / (static_cast<double>(n) * n * k) : 0.0;
-      Tensor from_balance = s[4].to(s[0].scalar_type()) * (g[7].to(s[0].scalar_type()) * c);
-      g_psum = g_psum.defined() ? g_psum + from_balance : from_balance;
+      const double gb = g[7].item<double>() * c;
+      const Tensor counts = s[4].contiguous(), prev = g_psum.defined() ? g_psum.to(at::kDouble).contiguous() : Tensor();
+      g_psum = at::empty({e}, s[0].options());
+      AT_DISPATCH_FLOATING_TYPES(s[0].scalar_type(), "topk_softmax_balance_grad", [&] {
+        scalar_t* o = g_psum.data_ptr<scalar_t>();
+        const int64_t* cn = counts.data_ptr<int64_t>();
+        const double* pv = prev.defined() ? prev.data_ptr<double>() : nullptr;
+        for (int64_t i = 0; i < e; ++i) o[i] = static_cast<scalar_t>((pv ? pv[i] : 0.0) + static_cast<double>(cn[i]) * gb);
+      });
     }
     Tensor grad = topk_softmax_backward(s[0], s[1], s[2], s[3], ctx->saved_data["normalize"].toBool(), opt(g[1]),
                                         opt(g[2]), opt(g_psum), opt(g[4]));
@@ -993,6 +1138,7 @@ TORCH_LIBRARY(moelab, m) {
         "Tensor assign_row, Tensor row_assign, Tensor offsets, int act) -> Tensor");
   m.def("blas() -> bool", [] { return have_blas<float>() && have_blas<double>(); });  // BLAS GEMMs, not ATen
   m.def("use_blas(bool on) -> bool", [](bool on) { return blas_on.exchange(on); });  // -> the previous setting
+  m.def("small_gemm_limit(int bytes) -> int", [](int64_t b) { return small_limit.exchange(b); });  // -> previous
 }
 
 TORCH_LIBRARY_IMPL(moelab, CPU, m) {

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["topk_softmax", "gather_rows", "combine_rows", "permute_cast", "sort_plan", "expert_rows", "bucket_rows",
-           "sparse_mlp", "act_code", "has_blas", "use_blas"]
+           "sparse_mlp", "act_code", "has_blas", "use_blas", "small_gemm_limit"]
 
 
 def _ops():
@@ -127,3 +127,10 @@ def use_blas(on: bool) -> bool:
     """Whether the grouped MLP kernel may call the BLAS directly (False: ATen's addmm, the path of a torch build
     that exports no BLAS); returns the previous setting. For tests and benchmarks."""
     return bool(_ops().use_blas(on))
+
+
+def small_gemm_limit(nbytes: int) -> int:
+    """The largest operand (bytes) for which the grouped MLP kernel runs its own register-blocked GEMM instead
+    of the BLAS (default 64 KiB: small experts, where a BLAS call's fixed costs outweigh the arithmetic; 0:
+    never); returns the previous limit. For tests and benchmarks."""
+    return int(_ops().small_gemm_limit(int(nbytes)))
