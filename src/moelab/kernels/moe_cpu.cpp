@@ -15,7 +15,7 @@
 //   permute_cast           w[perm] cast to a dtype in one pass (stacked expert weights)
 //   sparse_mlp             gather -> grouped_mlp -> combine, with its autograd in C++ (as topk_softmax's)
 //   grouped_mlp / _backward     every expert's two-layer MLP on its expert-sorted rows (fp32/fp64), one
-//                          BLAS GEMM per expert and layer, and its gradients
+//                          GEMM per expert and layer (small_gemm or the BLAS), and its gradients
 //
 // Index conventions follow moelab/moe/dispatch.py: a padding row has token N (reads zero), a dropped
 // assignment has row R (reads zero), a padding row has assignment N*k. Accumulation is in float
@@ -698,9 +698,9 @@ _Pragma("omp simd")
 // ------------------------------------------------------------------------------------- grouped MLP
 
 // Expert e's rows of the expert-sorted (R, in) input are [offsets[e-1], offsets[e]) (offsets[-1] = R). The
-// two layers of every expert run as one row-major GEMM per expert and layer, issued straight to the BLAS
-// that torch links (MKL's or OpenBLAS's sgemm_/dgemm_, about 0.3 us a call) or, where the library exports
-// none, through at::addmm_ on views. The hidden activation is the ATen op of the reference path, so both
+// two layers of every expert run as one row-major GEMM per expert and layer: small operands on small_gemm
+// below, the others issued straight to the BLAS that torch links (MKL's or OpenBLAS's sgemm_/dgemm_, about
+// 0.3 us a call) or, where the library exports none, through at::addmm_ on views. The hidden activation is the ATen op of the reference path, so both
 // paths compute the same function.
 
 }  // namespace

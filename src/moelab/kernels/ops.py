@@ -114,7 +114,8 @@ def sparse_mlp(x: Tensor, weights: Tensor, w1: Tensor, b1: Tensor | None, w2: Te
                row_token: Tensor, assign_row: Tensor, row_assign: Tensor, offsets: Tensor, act: int) -> Tensor:
     """y[n] = sum_j weights[n, j] * mlp_{e(n, j)}(x[n]) for the two-layer experts ``act(x W1_e + b1_e) W2_e + b2_e``
     (fp32/fp64), on a flat expert-sorted layout (``row_token`` (R,), ``assign_row`` (N*k,), ``row_assign`` (R,),
-    ``offsets`` (E,) end rows): gather, one BLAS GEMM per expert and layer, combine; three kernel calls each way."""
+    ``offsets`` (E,) end rows): gather, one GEMM per expert and layer (its own kernel for small operands, else
+    the BLAS), combine; three kernel calls each way."""
     return _ops().sparse_mlp(x, weights, w1, b1, w2, b2, row_token, assign_row, row_assign, offsets, act)
 
 

@@ -11,7 +11,7 @@ Shapes (E experts, N tokens, M routed rows, C slots per expert):
 :class:`MLPExperts` keeps stacked weights ``(E, in, hidden)`` / ``(E, hidden, out)``: the dense
 path is one GEMM for the first layer and one ``baddbmm`` for the second; the sparse path is
 sort -> gather once -> batched GEMMs -> weighted combine (:mod:`moelab.moe.dispatch`): on the CPU in
-fp32/fp64 one fused kernel op (:func:`moelab.kernels.ops.sparse_mlp`, one BLAS GEMM per expert and layer),
+fp32/fp64 one fused kernel op (:func:`moelab.kernels.ops.sparse_mlp`, one GEMM per expert and layer),
 else ``torch._grouped_mm`` over the unpadded expert-sorted rows, one ``baddbmm`` per load bucket
 (:mod:`moelab.moe.bucketed_mlp`) or one fixed-capacity ``baddbmm`` (:func:`sparse_path` chooses).
 :class:`ModuleExperts` wraps any list of modules and loops over them: the slow reference.
@@ -132,7 +132,7 @@ class MLPExperts(Experts):
     w1: (E, in_dim, hidden_dim), b1: (E, hidden_dim), w2: (E, hidden_dim, out_dim), b2: (E, out_dim).
     ``hidden_dim=None`` gives linear experts ``out_act(x W1_e + b1_e)`` with w1: (E, in_dim, out_dim).
     ``sparse_impl`` (the top-k path, :meth:`forward_sparse`): "fused" (the CPU kernel
-    :func:`moelab.kernels.ops.sparse_mlp`: gather, one BLAS GEMM per expert and layer, combine, autograd in
+    :func:`moelab.kernels.ops.sparse_mlp`: gather, one GEMM per expert and layer, combine, autograd in
     C++; fp32/fp64, a hidden activation it knows, no output activation; elsewhere as "auto"), "grouped"
     (``torch._grouped_mm`` over the expert-sorted rows, no padding), "bucketed" (experts sorted by load into <= 8 padded batches, one
     ``baddbmm`` each), "padded" (one batch padded to the busiest expert), "static" (no host sync: one
