@@ -201,6 +201,21 @@ inline vec_t<T> lanes_of(const T* p, int64_t stride) {
   return lanes_of<T>(p, stride, std::make_index_sequence<kLanes<T>>{});
 }
 
+// The logits of rows [r0, r0 + nb) of L (N, E), nb <= lanes, one row per lane: t[i] = logit i of every row
+// (a partial block repeats its last row in the spare lanes, through pad (lanes * E)); returns the row maxima.
+template <typename T>
+inline vec_t<T> load_row_block(const T* L, int64_t r0, int64_t nb, int64_t e, T* pad, vec_t<T>* t) {
+  constexpr int64_t B = kLanes<T>;
+  const T* rows = L + r0 * e;
+  if (nb < B) {
+    for (int64_t q = 0; q < B; ++q) std::memcpy(pad + q * e, L + (r0 + std::min(q, nb - 1)) * e, sizeof(T) * e);
+    rows = pad;
+  }
+  vec_t<T> m = t[0] = lanes_of<T>(rows, e);
+  for (int64_t i = 1; i < e; ++i) m = vmax<T>(m, t[i] = lanes_of<T>(rows + i, e));
+  return m;
+}
+
 // ------------------------------------------------------------------------------------------ router
 
 // logits (N, E) float/double -> indices (N, k), weights (N, k), lse (N,), psum (E,) = sum_n p_n, ent (N,),
@@ -240,13 +255,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_
       std::vector<T> pad(static_cast<size_t>(B * e));  // a last, partial block: its rows, the last one repeated
       for (int64_t r0 = b; r0 < end; r0 += B) {
         const int64_t nb = std::min(B, end - r0);
-        const T* rows = L + r0 * e;
-        if (nb < B) {
-          for (int64_t q = 0; q < B; ++q) std::memcpy(pad.data() + q * e, L + (r0 + std::min(q, nb - 1)) * e, sizeof(T) * e);
-          rows = pad.data();
-        }
-        V m = t[0] = lanes_of<T>(rows, e);
-        for (int64_t i = 1; i < e; ++i) m = vmax<T>(m, t[i] = lanes_of<T>(rows + i, e));
+        const V m = load_row_block<T>(L, r0, nb, e, pad.data(), t.data());
         V sum{}, sl{};
         for (int64_t i = 0; i < e; ++i) {
           const V d = t[i] - m;
@@ -345,14 +354,8 @@ Tensor topk_softmax_backward(const Tensor& logits_, const Tensor& ent_, const Te
       std::vector<T> pad(static_cast<size_t>(B * e)), out(static_cast<size_t>(B * e));  // out: (B, E) gradient rows
       for (int64_t r0 = b; r0 < end; r0 += B) {
         const int64_t nb = std::min(B, end - r0);
-        const T* rows = L + r0 * e;
-        if (nb < B) {
-          for (int64_t q = 0; q < B; ++q) std::memcpy(pad.data() + q * e, L + (r0 + std::min(q, nb - 1)) * e, sizeof(T) * e);
-          rows = pad.data();
-        }
         // p and log p from the row max (as the forward), not from the stored lse: exact for large logits
-        V m = t[0] = lanes_of<T>(rows, e);
-        for (int64_t i = 1; i < e; ++i) m = vmax<T>(m, t[i] = lanes_of<T>(rows + i, e));
+        const V m = load_row_block<T>(L, r0, nb, e, pad.data(), t.data());
         V sum{};
         for (int64_t i = 0; i < e; ++i) sum += (p[i] = vexp(t[i] - m));
         const V inv = T(1) / sum;
