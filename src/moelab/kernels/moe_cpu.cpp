@@ -179,7 +179,7 @@ inline vec_t<float> vexp(vec_t<float> x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  return p * reinterpret_cast<const V&>(bits);
+  return p * (V)bits;  // a same-size vector cast reinterprets the bits
 }
 inline vec_t<double> vexp(vec_t<double> x) {
   for (int64_t q = 0; q < kLanes<double>; ++q) x[q] = std::exp(x[q]);
