@@ -138,3 +138,14 @@ def test_mnist_sparse_router_recipe_run(real_data_dir, tmp_path):
     groups = meta["optim"]["param_groups"]
     assert [g["name"] for g in groups] == ["weights", "routing"]
     assert groups[1]["initial_lr"] == pytest.approx(0.1 * groups[0]["initial_lr"])
+
+
+def test_a_colour_data_set_is_refused_naming_both_digit_families():
+    import numpy as np
+
+    from moelab.experiments.digits import grayscale
+
+    with pytest.raises(ConfigError, match=r"digit experiments \(jacobs, sparse_mlp\) need grayscale images; "
+                                          r"data set 'rgb' has 3 channels"):
+        grayscale(np.zeros((2, 4, 4, 3), np.float32), "rgb")
+    assert grayscale(np.ones((2, 4, 4, 1), np.float32), "grey").shape == (2, 4, 4)

@@ -63,7 +63,8 @@ def check_sizes(d: DigitData, name: str, n_train: int, n_test: int, batch_size: 
 
 def grayscale(x: np.ndarray, name: str) -> np.ndarray:
     if x.shape[-1] != 1:
-        raise ConfigError(f"jacobs experiments need grayscale images; data set '{name}' has {x.shape[-1]} channels.")
+        raise ConfigError(f"the digit experiments (jacobs, sparse_mlp) need grayscale images; data set '{name}' has "
+                          f"{x.shape[-1]} channels (cifar10-moe takes colour images)")
     return x[..., 0]
 
 
