@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+from moelab.analysis.rundir import read_summary
 from moelab.config import flatten, read_toml, renamed_key
 from moelab.errors import ConfigError
 from moelab.experiments import experiment_file, resolve_config, resolve_file
@@ -30,6 +32,15 @@ class Cell:
     def slug(self) -> str:
         """A folder name for the cell: ``model.num_experts=8,train.lr=0.01`` made file-system safe."""
         return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(self.sets)) or "base"
+
+    def run_dir(self, out: Path, seed: int) -> Path:
+        """The run folder of this cell's ``seed`` in the study folder ``out``."""
+        return out / self.slug / f"seed-{seed}"
+
+
+def cell_runs(out: Path, cells: list[Cell], seeds: list[int]) -> list[tuple[Cell, int, Path, dict | None]]:
+    """(cell, seed, run folder, summary or None) for every run of the study in ``out``."""
+    return [(c, s, c.run_dir(out, s), read_summary(c.run_dir(out, s))) for c in cells for s in seeds]
 
 
 def split_values(text: str) -> list[str]:

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from moelab.analysis.routing import entropy_bits, mutual_information
 from moelab.io import atomic_write_bytes, atomic_write_text
-from moelab.study.grid import Cell
+from moelab.study.grid import Cell, cell_runs
 
 CSV_FIELDS = ["cell", "model", "seed", "params", "flops_per_example", "rho", "train_time_s", "val_accuracy",
               "test_accuracy", "class_expert_info", "latent_expert_info", "reused_from", "run_dir"]
@@ -34,8 +34,6 @@ AXES = (("flops_per_example", "counted inference FLOPs / example", True),
 
 def study_rows(out: Path, cells: list[Cell], seeds: list[int]) -> list[dict]:
     """One dict per finished run x model row (grid values as their own columns)."""
-    from moelab.study.run import cell_runs
-
     rows = []
     for cell, seed, run_dir, summary in cell_runs(out, cells, seeds):
         if summary is None:

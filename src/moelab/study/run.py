@@ -17,12 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from moelab.analysis.rundir import read_summary
 from moelab.errors import MoelabError
 from moelab.experiments.baselines import SharedRows
 from moelab.experiments.runner import run_experiment
 from moelab.io import atomic_write_json
-from moelab.study.grid import Cell, make_cells, parse_grid
+from moelab.study.grid import make_cells, parse_grid
 
 
 def default_study_dir(name: str) -> Path:
@@ -56,7 +55,7 @@ def run_study(experiment: str | None, grid_options: list[str], *, sets: list[str
     todo, started, done_s = [(cell, s) for cell in cells for s in spec["seeds"]], time.perf_counter(), []
     pending = []
     for i, (cell, s) in enumerate(todo, 1):
-        run_dir = out / cell.slug / f"seed-{s}"
+        run_dir = cell.run_dir(out, s)
         head = f"[study {i}/{len(todo)}] {', '.join(cell.sets)} seed {s}"
         if (run_dir / "summary.json").is_file():
             _say(quiet, f"{head}: finished earlier ({run_dir})")
@@ -113,12 +112,6 @@ def _run_parallel(pending: list, jobs: int, quiet: bool, finished) -> None:
             for f in left:
                 f.cancel()
             raise
-
-
-def cell_runs(out: Path, cells: list[Cell], seeds: list[int]) -> list[tuple[Cell, int, Path, dict | None]]:
-    """(cell, seed, run folder, summary or None) for every run of the study."""
-    return [(c, s, out / c.slug / f"seed-{s}", read_summary(out / c.slug / f"seed-{s}")) for c in cells
-            for s in seeds]
 
 
 def _claim(out: Path, spec: dict) -> None:
