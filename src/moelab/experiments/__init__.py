@@ -41,6 +41,7 @@ from moelab.config import (
     upgrade_keys,
 )
 from moelab.errors import ConfigError
+from moelab.runtime import torch_threads
 from moelab.schema import defaults_of, rules_of, typed
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -76,7 +77,9 @@ def family(name: str, defaults: dict | None = None, rules: dict[str, Rule] | Non
     ``schema``: the family's typed config (frozen dataclasses, :mod:`moelab.schema`): its defaults and
     rules come from the field types, and ``run`` and ``check`` receive the config as that dataclass.
     Without one, ``defaults`` (nested dict) and ``rules`` (flattened key -> :class:`moelab.config.Rule`;
-    every key that is not a boolean needs one) declare it and they receive the dict. ``check(cfg)``:
+    every key that is not a boolean needs one) declare it and they receive the dict. ``compute.threads``
+    (:mod:`moelab.experiments.sections`) is set here, for every family: torch's thread count inside ``run``,
+    restored after, also when it fails. ``check(cfg)``:
     cross-key rules (raise ConfigError); ``resumable``: keys ``--resume`` may change."""
     if schema is not None:
         defaults, rules = defaults_of(schema), {**rules_of(schema), **(rules or {})}
@@ -92,10 +95,13 @@ def family(name: str, defaults: dict | None = None, rules: dict[str, Rule] | Non
         if module.startswith(__name__ + ".") and module != home and not module.startswith(home + "."):
             raise ValueError(f"family {name}: register it in the package {home} (get_family imports it "
                              f"from there), not in {module}")
-        run, chk = fn, check
+        chk = check
+
+        def run(cfg: dict, ctx: Any) -> dict:  # compute.threads holds for the run only, restored after
+            with torch_threads(int((cfg.get("compute") or {}).get("threads", 0))):
+                return fn(typed(schema, cfg) if schema is not None else cfg, ctx)
+
         if schema is not None:
-            def run(cfg: dict, ctx: Any) -> dict:
-                return fn(typed(schema, cfg), ctx)
 
             if check is not None:
                 def chk(cfg: dict) -> None:

@@ -41,7 +41,6 @@ from moelab.models.cifar_cnn import Seed1CNN
 from moelab.parallel import ddp
 from moelab.precision import cpu_bf16_isa
 from moelab.reproductions.gating import HIERARCHICAL, SEED_LR, GateNet
-from moelab.runtime import torch_threads
 from moelab.train.evaluation import accuracy, routing_stats, save_eval
 from moelab.train.run import Run
 
@@ -51,11 +50,6 @@ from moelab.train.run import Run
 @family("cifar_experts", check=check_config, resumable=RESUMABLE, schema=Config)
 def run_cifar_experts(cfg: Config, run: Run) -> dict:
     ddp.require_single_process(run.name)
-    with torch_threads(cfg.compute.threads):  # restored after, as in every family
-        return _run(cfg, run)
-
-
-def _run(cfg: Config, run: Run) -> dict:
     p = Pipeline(cfg, run)
     p.experts_and_outputs()
     p.count_costs()

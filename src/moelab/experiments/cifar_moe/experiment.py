@@ -18,18 +18,12 @@ from moelab.experiments.cifar_moe.recipe import probe, train_model
 from moelab.models.fast_cnn import FastCNN
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
-from moelab.runtime import torch_threads
 from moelab.train.run import Run
 from moelab.train.trainer import seed_module_init
 
 
 @family("cifar_moe", check=check_config, resumable=RESUMABLE, schema=Config)
-def run(cfg: Config, run_ctx: Run) -> dict:
-    with torch_threads(cfg.compute.threads):
-        return _run(cfg, run_ctx)
-
-
-def _run(cfg: Config, run: Run) -> dict:
+def run(cfg: Config, run: Run) -> dict:
     ddp.require_single_process(f"{run.name} (family cifar_moe)")
     t, m = cfg.train, cfg.model
     t0 = time.perf_counter()

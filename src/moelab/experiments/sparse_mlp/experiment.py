@@ -16,18 +16,12 @@ from moelab.experiments.sparse_mlp.recipe import train_model
 from moelab.models.mlp_mixture import SparseMoEMLP
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
-from moelab.runtime import torch_threads
 from moelab.train.run import Run
 from moelab.train.trainer import seed_module_init
 
 
 @family("sparse_mlp", check=check_config, resumable=RESUMABLE, schema=Config)
-def run(c: Config, run_ctx: Run) -> dict:
-    with torch_threads(c.compute.threads):
-        return _run(c, run_ctx)
-
-
-def _run(c: Config, run: Run) -> dict:
+def run(c: Config, run: Run) -> dict:
     t, m, d = c.train, c.model, c.data
     ddp.require_single_process(f"{run.name} (family sparse_mlp)")
     t0 = time.perf_counter()
