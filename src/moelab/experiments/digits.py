@@ -1,26 +1,30 @@
 """What the digit experiments share (the jacobs and sparse_mlp families): the grayscale data sets loaded the
-seed's way, shuffled (and augmented) minibatches, model rows with routing statistics, the equal-cost
-dense baselines."""
+seed's way, shuffled (and augmented) minibatches, one network trained with a family's recipe and its model row
+with routing statistics (:func:`fit_model`), the equal-cost dense baselines."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moelab.config import Float, Int, refuse
-from moelab.cost import count_params, flops_per_example
+from moelab.cost import cost_row, count_params, flops_per_example
 from moelab.data.augment import Augment
 from moelab.errors import ConfigError
 from moelab.experiments.baselines import EQUAL_COST, dense_widths, equal_cost_rows
 from moelab.experiments.folder_data import FolderPath
 from moelab.parallel import ddp
-from moelab.train.evaluation import accuracy, routing_stats
+from moelab.train.evaluation import accuracy, error_pct, routing_stats, save_eval
+from moelab.train.optim import Optim
 from moelab.train.run import Run
+from moelab.train.trainer import Trainer, predict
 
 Dataset = Literal["digits", "mnist", "fashion-mnist"]
 Activation = Literal["gelu", "relu", "silu", "tanh", "sigmoid"]
@@ -160,6 +164,52 @@ def model_report(labels: Tensor, probs: Tensor, gates: Tensor | None, num_classe
         out["lead_share_pct"] = [round(100 * s, 2) for s in stats["lead_share"]]
         out.update(latent_routing(latent, gates, num_latent))
     return out
+
+
+def fit_model(run: Run, phase: str, model: nn.Module, loss: Callable, t: Optim, sp: Splits, bf16: bool,
+              outputs: Callable, *, epochs: int, lr: float, eval_batch: int, probe: Tensor,
+              routing_lr_scale: float = 1.0) -> dict:
+    """Train one network of a digit family (the mixture or a dense one) with the family's recipe -> its model row.
+
+    The trainer (:class:`~moelab.train.trainer.Trainer`) takes ``t``'s optimiser and schedule at ``lr`` (the routing
+    parameters at ``routing_lr_scale`` times it) for ``epochs`` epochs of ``sp``'s minibatches (``t.batch_size``),
+    ``loss(out, y) -> (loss, aux or None)`` on the model's forward (DDP-wrapped under torchrun). ``outputs(x)`` is
+    one evaluation forward -> class probabilities (N, C), and a mixture's gates (N, E) after them; it gives the
+    after-epoch metrics (error on the validation split, on the test split without one, and the experts' lead
+    shares) and the row: the test split's accuracy and routing (:func:`model_report`, its predictions saved as
+    ``eval/<phase>``), the validation error, the training time and the counted cost on ``probe``
+    (:func:`moelab.cost.cost_row`). ``eval_batch``: rows per evaluation forward."""
+    model.to(run.device)
+    trainer = Trainer.from_recipe(run, phase, model, t, epochs=epochs, lr=lr, routing_lr_scale=routing_lr_scale,
+                                  steps_per_epoch=math.ceil(len(sp.train_y) / t.batch_size), bf16=bf16,
+                                  device=run.device, log_every=t.log_every)
+
+    def probs_gates(x: Tensor) -> tuple[Tensor, Tensor | None]:  # on the host
+        model.eval()
+        probs, *gates = predict(outputs, x, batch=eval_batch, device=run.device, bf16=bf16)
+        return probs, (gates[0] if gates else None)
+
+    def evaluate(epoch: int) -> dict:
+        x, y, name = sp.eval_split
+        probs, gates = probs_gates(x)
+        row = {name: error_pct(probs, y)}
+        if gates is not None:
+            row["lead_share"] = lead_share(torch.bincount(gates.argmax(1), minlength=gates.shape[1]))
+            row["lead_max"] = max(row["lead_share"])
+        return row
+
+    trainer.fit(lambda epoch: sp.batches(run, phase, epoch, t.batch_size), ddp.wrap_model(model), loss,
+                evaluate=evaluate)
+    probs, gates = probs_gates(sp.test_x)
+    save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes, latent=sp.test_latent)
+    rep = model_report(sp.test_y, probs, gates, probs.shape[1], sp.test_latent, len(sp.latent_classes))
+    if sp.val_x is not None:
+        rep["val_error_pct"] = error_pct(probs_gates(sp.val_x)[0], sp.val_y)
+    rep.update(epochs=epochs, train_time_s=run.train_time(phase), **cost_row(model, probe.to(run.device)))
+    val = f", val err {rep['val_error_pct']:.2f}%" if "val_error_pct" in rep else ""
+    run.log(f"[{phase}] test err {rep['test_error_pct']:.2f}%{val}, {rep['params']} params, "
+            f"{rep['flops_per_example']:.0f} FLOPs/example, {rep['train_time_s']} s")
+    return rep
 
 
 def format_lead(share: list[float]) -> str:

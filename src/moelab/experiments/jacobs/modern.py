@@ -4,32 +4,22 @@ network and the equal-cost baselines trained with minibatches and a modern recip
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.cost import cost_row
 from moelab.data.augment import Augment
 from moelab.errors import ConfigError
-from moelab.experiments.digits import (
-    Splits,
-    dense_baselines,
-    format_lead,
-    label_single,
-    lead_share,
-    model_report,
-)
+from moelab.experiments.digits import Splits, dense_baselines, fit_model, format_lead, label_single
 from moelab.experiments.jacobs.config import BALANCES, LOSSES, Config, Train
 from moelab.models.mlp_mixture import mixture_log_gates, mixture_predict, mlp, mlp_mixture
 from moelab.moe import MoE
 from moelab.parallel import ddp
 from moelab.precision import resolve_bf16
-from moelab.train.evaluation import error_pct, save_eval
 from moelab.train.run import Run
-from moelab.train.trainer import Trainer, predict, seed_module_init
+from moelab.train.trainer import seed_module_init
 
 
 def _smooth_nll(logp: Tensor, y: Tensor, eps: float) -> Tensor:
@@ -76,42 +66,17 @@ def balance_loss(kind: str, gate_logits: Tensor, gates: Tensor) -> Tensor:
     raise ConfigError(f"train.balance must be one of {', '.join(BALANCES)}, got {kind!r}.")
 
 
-def _predict(model, x: Tensor, bf16: bool, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """-> (probabilities (N, C), the mixture's gates (N, E) or None), on the host."""
-    model.eval()
+def _outputs(model, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    """x -> class probabilities (N, C), and the mixture's gates (N, E) for a mixture."""
     if isinstance(model, MoE):
-        return tuple(predict(partial(mixture_predict, model), x, batch=8192, device=device, bf16=bf16))
-    return predict(lambda xb: torch.softmax(model(xb).float(), -1), x, batch=8192, device=device, bf16=bf16)[0], None
-
-
-def _evaluator(model, sp: Splits, bf16: bool, device: torch.device):
-    """After-epoch metrics: error on the validation split (test without one), and lead shares for a mixture."""
-    x, y, name = sp.eval_split
-
-    def evaluate(epoch: int) -> dict:
-        probs, gates = _predict(model, x, bf16, device)
-        row = {name: error_pct(probs, y)}
-        if gates is not None:
-            row["lead_share"] = lead_share(torch.bincount(gates.argmax(1), minlength=gates.shape[1]))
-            row["lead_max"] = max(row["lead_share"])
-        return row
-    return evaluate
+        return mixture_predict(model, x)
+    return torch.softmax(model(x).float(), -1)
 
 
 def _fit(run: Run, phase: str, model, loss_fn, t: Train, sp: Splits, bf16: bool, epochs: int, lr: float) -> dict:
-    """Train ``model`` (DDP-wrapped under torchrun) with the family's recipe, then its row on the test split."""
-    model.to(run.device)
-    trainer = Trainer.from_recipe(run, phase, model, t, epochs=epochs, lr=lr, bf16=bf16, device=run.device,
-                                  steps_per_epoch=math.ceil(sp.train_x.shape[0] / t.batch_size), log_every=t.log_every)
-    trainer.fit(lambda epoch: sp.batches(run, phase, epoch, t.batch_size), ddp.wrap_model(model), loss_fn,
-                evaluate=_evaluator(model, sp, bf16, run.device))
-    probs, gates = _predict(model, sp.test_x, bf16, run.device)
-    save_eval(run, phase, sp.test_y, probs, gates, class_names=sp.classes, latent=sp.test_latent)
-    rep = model_report(sp.test_y, probs, gates, probs.shape[1], sp.test_latent, len(sp.latent_classes))
-    rep.update(epochs=epochs, train_time_s=run.train_time(phase), **cost_row(model, sp.test_x[:256].to(run.device)))
-    if sp.val_x is not None:
-        rep["val_error_pct"] = error_pct(_predict(model, sp.val_x, bf16, run.device)[0], sp.val_y)
-    return rep
+    """Train ``model`` with the family's recipe -> its row on the test split (cost counted on 256 test images)."""
+    return fit_model(run, phase, model, loss_fn, t, sp, bf16, partial(_outputs, model), epochs=epochs, lr=lr,
+                     eval_batch=8192, probe=sp.test_x[:256])
 
 
 def _mixture_loss_fn(moe: MoE, t: Train):
