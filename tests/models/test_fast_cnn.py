@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moelab.errors import MoelabError
-from moelab.models.fast_cnn import ConvBlock, FastCNN
+from moelab.models.fast_cnn import ConvGroup, FastCNN
 from moelab.moe import CondConv2d
 
 
@@ -54,7 +54,7 @@ def test_conv_and_block_factories():
     class Twice(nn.Module):  # a block returning (y, aux) has its aux collected
         def __init__(self, c_in, c_out):
             super().__init__()
-            self.inner = ConvBlock(c_in, c_out)
+            self.inner = ConvGroup(c_in, c_out)
 
         def forward(self, x):
             return self.inner(x), type("Aux", (), {"loss": torch.tensor(0.25)})()

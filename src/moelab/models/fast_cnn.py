@@ -51,8 +51,9 @@ def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
 
 
-class ConvBlock(nn.Module):
-    """``conv3x3 - maxpool2 - BN - GELU - conv3x3 - BN - GELU``: (N, c_in, H, W) -> (N, c_out, H/2, W/2)."""
+class ConvGroup(nn.Module):
+    """airbench's ConvGroup, ``conv3x3 - maxpool2 - BN - GELU - conv3x3 - BN - GELU``: (N, c_in, H, W) ->
+    (N, c_out, H/2, W/2). (Not the residual expert block of the library, :class:`moelab.moe.conv_blocks.ConvBlock`.)"""
 
     def __init__(self, c_in: int, c_out: int, conv1: nn.Module | None = None, conv2: nn.Module | None = None):
         super().__init__()
@@ -104,7 +105,7 @@ class FastCNN(nn.Module):
             if block is None:
                 convs = [conv_factory(f"block{b}.conv{i}", ci, c_out) if conv_factory is not None else None
                          for i, ci in ((1, c_in), (2, c_out))]
-                block = ConvBlock(c_in, c_out, *convs)
+                block = ConvGroup(c_in, c_out, *convs)
             blocks.append(block)
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from moelab.experiments.cifar_moe.config import Model
 from moelab.experiments.router_recipe import loss_weights, recipe_options
-from moelab.models.fast_cnn import BlockThen, ConvBlock, FastCNN, batch_norm
+from moelab.models.fast_cnn import BlockThen, ConvGroup, FastCNN, batch_norm
 from moelab.moe import CondConv2d, ConvBlockExperts, MoE, TokenMoE2d
 from moelab.moe.routers import resolve
 from moelab.moe.routers.base import zero_gate
@@ -51,7 +51,7 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
             moe = TokenMoE2d(c_out, 1, k_active * hidden, router="dense", norm=batch_norm(c_out)) if twin else \
                 TokenMoE2d(c_out, e, hidden, router=m.router, k=k, norm=batch_norm(c_out), aux_loss_weights=weights,
                            router_options=options or None)
-            return BlockThen(ConvBlock(c_in, c_out), moe)
+            return BlockThen(ConvGroup(c_in, c_out), moe)
 
         return FastCNN(widths, num_classes, block_factory=token_block)
 
@@ -69,7 +69,7 @@ def build_model(m: Model, width: int | None = None, dense: bool = False, aux_sca
         if m.expert_block == "resnet":
             experts = ConvBlockExperts(c_in, c_out, e, stride=2)
         else:  # E copies of the dense block it replaces (each run on exactly its images)
-            experts = [ConvBlock(c_in, c_out) for _ in range(e)]
+            experts = [ConvGroup(c_in, c_out) for _ in range(e)]
         return MoE(None, e, router=m.router, k=k, router_options=block_options, gate=gate, experts=experts,
                    aux_loss_weights=weights)
 
