@@ -101,11 +101,9 @@ def family(name: str, defaults: dict | None = None, rules: dict[str, Rule] | Non
             with torch_threads(int((cfg.get("compute") or {}).get("threads", 0))):
                 return fn(typed(schema, cfg) if schema is not None else cfg, ctx)
 
-        if schema is not None:
-
-            if check is not None:
-                def chk(cfg: dict) -> None:
-                    check(typed(schema, cfg))
+        if schema is not None and check is not None:
+            def chk(cfg: dict) -> None:
+                check(typed(schema, cfg))
         _FAMILIES[name] = Family(name, defaults, run, dict(rules), chk, tuple(resumable), schema, module)
         return fn
 
