@@ -44,6 +44,34 @@ def test_failing_rank_stops_the_job(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing may be written"
 
 
+_TEARDOWN = """
+import os
+import torch
+import torch.distributed as dist
+from moelab.parallel import ddp
+ddp.init("gloo", timeout_s=30)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))  # its first use imports torch._dynamo
+model(torch.ones(2, 3)).sum().backward()
+del model
+dist.destroy_process_group()
+print(sorted(n for n in (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+             if "gloo" in n))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+def test_destroyed_group_leaves_no_gloo_thread():
+    """Once the group is destroyed its gloo threads are gone, also after DDP's first use imported torch._dynamo
+    (and with it torch.distributed.nn, whose ``group=group.WORLD`` defaults would hold the group for good). A
+    gloo thread left running into the interpreter's shut-down aborts the process now and then."""
+    from moelab.parallel.launch import free_port
+
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    p = subprocess.run([sys.executable, "-c", _TEARDOWN], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "[]", p.stdout
+
+
 # The balance loss is a batch statistic, computed per rank under DDP (as in every DDP code base): off here,
 # so that the sharded run must equal the single-process one.
 DIGITS = ["digits-jacobs", "--set", "train.epochs=2", "--set", "compute.bf16=false", "--set", "train.balance_weight=0",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +84,12 @@ def init(backend: str | None = None, timeout_s: float | None = None, **kw) -> Di
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(default_device())
+    # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, evaluated at its
+    # first import (DDP pulls it in, through torch._dynamo). Imported after init_process_group, they would
+    # hold the default group for good: destroy_process_group could not free it, gloo's worker threads would
+    # outlive the interpreter, and one freeing a collective's tensor during shut-down aborts the process
+    # ("terminate called without an active exception", SIGABRT, now and then). Imported first, they hold None.
+    importlib.import_module("torch.distributed.nn")
     timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else _timeout_s())
     dist.init_process_group(backend=backend, timeout=timeout, **kw)
     return current()
