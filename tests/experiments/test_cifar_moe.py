@@ -52,7 +52,8 @@ def test_condconv_model_multiplies_the_last_block_only():
 @pytest.mark.parametrize("expert_block", ["same", "resnet"])
 def test_block_moe_routes_images_to_k_experts(expert_block):
     m = dataclasses.replace(BASE, moe="blocks", num_experts=4, k=1, expert_block=expert_block)
-    net = build_model(m)
+    with pytest.warns(UserWarning, match="router 'topk' with k=1"):
+        net = build_model(m)
     assert isinstance(net.blocks[2], MoE)
     logits, aux, auxes = net.forward_with_aux(torch.randn(6, 3, 32, 32))
     assert logits.shape == (6, 10) and len(auxes) == 1 and float(aux.detach()) > 0  # the switch balance loss
@@ -261,7 +262,8 @@ def test_bench_cnn_rows_and_bad_variant(capsys):
     from moelab.experiments.bench_models import cnn_pair, parse_variant
 
     variants = ["condconv:E=2:blocks=3", "blocks:E=2:k=1", "tokens:E=4:k=1:hidden=2w"]
-    rows = bench_cnn(cnn_pair, variants, width=16, batch=8, repeats=1)
+    with pytest.warns(UserWarning, match="router 'topk' with k=1"):  # blocks:E=2:k=1
+        rows = bench_cnn(cnn_pair, variants, width=16, batch=8, repeats=1)
     probe = torch.randn(2, 3, 32, 32)
     for spec, r in zip(variants, rows):
         assert r["moe_img_s"] > 0 and r["dense_img_s"] > 0 and r["ratio"] == pytest.approx(
