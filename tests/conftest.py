@@ -30,6 +30,23 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def world_of_one():
+    """A one-process gloo group in this process (an in-memory store), joined as moelab joins (``ddp.init``, so
+    that destroying it afterwards frees it and stops its threads)."""
+    import torch.distributed as dist
+
+    from moelab.parallel import ddp
+
+    if dist.is_initialized():  # pragma: no cover - another test left a group behind
+        pytest.skip("a process group is already initialised in this process")
+    ddp.init("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
 def real_data_dir() -> Path:
     """The real data sets (MOELAB_DATA_DIR, else ../shared/datasets); skip when absent."""
     d = Path(os.environ.get("MOELAB_DATA_DIR", SHARED_DATA))

@@ -30,19 +30,6 @@ def no_fused_kernels():
         yield
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    if dist.is_initialized():  # pragma: no cover - another test left a group behind
-        pytest.skip("a process group is already initialised in this process")
-    from moelab.parallel import ddp
-
-    ddp.init("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as moelab joins (the group is freed after)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _layer(module_experts: bool) -> MoE:
     torch.manual_seed(0)
     if module_experts:
